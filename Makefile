@@ -1,0 +1,35 @@
+# Two commands for people: `make demo` and `make test`. Both set up .venv first (idempotent).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# PIP_CONSTRAINT overrides the machine's pip config so the CPU torch build on disk is used.
+export PIP_CONSTRAINT := $(CURDIR)/constraints/cpu.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-fast clean data
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: setup
+	$(VPY) scripts/build_corpus.py
+
+demo: setup data
+	$(VENV)/bin/raclora train configs/quickstart.yaml
+	$(VENV)/bin/raclora export runs/quickstart --format peft
+	$(VENV)/bin/raclora export runs/quickstart --format merged
+
+test: setup data
+	$(VPY) -m pytest tests -q
+
+test-fast: setup data
+	$(VPY) -m pytest tests -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

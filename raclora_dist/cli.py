@@ -1,0 +1,79 @@
+"""The ``raclora`` command line: train, validate, export, plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raclora", description="RAC-LoRA fine-tuning (Randomized Asymmetric Chain of LoRA).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a config (dotted overrides: train.lr=1e-4)")
+    t.add_argument("config", help="YAML config file, or a run folder (with --resume)")
+    t.add_argument("overrides", nargs="*", help="section.field=value")
+    t.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest checkpoint")
+    v = sub.add_parser("validate", help="check a config (fields, files, targets, rank) without training")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+    e = sub.add_parser("export", help="export a run as a PEFT adapter or a merged model")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--format", choices=["peft", "merged"], default="peft")
+    e.add_argument("--out", help="output folder (default RUN/export/FORMAT)")
+    e.add_argument("--rank", type=int, help="peft: compress the chain to this rank by SVD")
+    pl = sub.add_parser("plot", help="draw RUN/plot.png from RUN/metrics.jsonl")
+    pl.add_argument("run")
+    return p
+
+
+def _config_path(arg: str) -> str:
+    from pathlib import Path
+
+    return str(Path(arg) / "config.yaml") if Path(arg).is_dir() else arg
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from raclora_dist.config import check_paths, load_config
+
+    if args.command == "train":
+        from raclora_dist.train.run import run_training
+
+        cfg = load_config(_config_path(args.config), args.overrides)
+        if args.resume and __import__("pathlib").Path(args.config).is_dir() and not any(
+            o.startswith("run.dir=") for o in args.overrides
+        ):
+            cfg.run.dir = args.config
+        run_training(cfg, resume=args.resume)
+        print(f"run folder: {cfg.run.dir}")
+    elif args.command == "validate":
+        from raclora_dist.train.session import validate_model
+
+        cfg = load_config(args.config, args.overrides)
+        check_paths(cfg)
+        n = validate_model(cfg)
+        print(f"{args.config}: valid ({n} layers targeted, run folder {cfg.run.dir})")
+    elif args.command == "export":
+        from raclora_dist.train.export import export_merged, export_peft
+
+        out = export_peft(args.run, args.out, args.rank) if args.format == "peft" else export_merged(args.run, args.out)
+        print(f"exported {args.format}: {out}")
+    elif args.command == "plot":
+        from raclora_dist.train.plot import plot_run
+
+        print(plot_run(args.run))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from raclora_dist.config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as err:
+        print(f"raclora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The run config: one YAML file, validated on load, with dotted command-line overrides.
+
+Each layer of the system owns its section (``raclora`` comes from ``core``); this module
+composes them and turns every validation failure into a :class:`ConfigError` that names
+the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raclora_dist.core.config import RacLoraConfig
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message names the field(s), the value(s) and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Section):
+    dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
+
+
+class ModelSection(_Section):
+    name_or_path: str | None = Field(None, description="A local pretrained folder (no hub access is assumed).")
+    config: dict[str, Any] | None = Field(
+        None, description="A transformers config (with model_type) to build a fresh model from."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Base weight dtype.")
+    init_seed: int = Field(0, description="Seed for a model built from config.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError("set exactly one of model.name_or_path and model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a model_type (e.g. llama)")
+        return self
+
+
+class DataSection(_Section):
+    path: str = Field(..., description="A .txt (blank-line separated documents) or .jsonl file.")
+    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: by file extension.")
+    text_field: str = Field("text", description="JSONL field holding the text.")
+    tokenizer: str = Field("bytes", description="'bytes' (built-in byte-level) or a tokenizer folder.")
+    seq_len: int = Field(128, ge=8, description="Tokens per packed sequence.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out.")
+    max_documents: int | None = Field(None, ge=1, description="Use only the first N documents.")
+
+
+class TrainSection(_Section):
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of each link.")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up at the start of every link.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay within a link.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="LR at the end of a link, relative to lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; null disables.")
+    eval_batches: int = Field(4, ge=0, description="Eval micro-batches after every link (0: none).")
+    seed: int = Field(0, description="Data order seed.")
+
+
+class CheckpointSection(_Section):
+    every_links: int = Field(1, ge=1, description="Checkpoint every N links (and always at the end).")
+    keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
+
+
+class DistributedSection(_Section):
+    strategy: Literal["single"] = Field("single", description="Only single-process training for now.")
+
+
+class RunConfig(_Section):
+    """The whole run: one section per layer of the system."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    data: DataSection
+    raclora: RacLoraConfig = Field(default_factory=RacLoraConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields that may differ between a run and its resumption (they do not change the chain).
+RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "raclora.target_modules=[q_proj]"]`` -> nested dict (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = value
+    return out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping; a missing file or broken YAML is a :class:`ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validates a config mapping; all problems are reported together, each naming its field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [_describe(e) for e in err.errors()]
+        raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Reads, merges overrides into, and validates a config; sets ``run.dir`` if unset."""
+    data = _deep_merge(read_yaml(path), parse_overrides(overrides or []))
+    cfg = build_config(data, str(path))
+    if cfg.run.dir is None:
+        cfg.run.dir = str(Path("runs") / Path(path).stem)
+    return cfg
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Checks that the files a config names exist (the config itself is already valid)."""
+    if not Path(cfg.data.path).is_file():
+        raise ConfigError(f"data.path: file {cfg.data.path!r} does not exist")
+    if cfg.data.tokenizer != "bytes" and not Path(cfg.data.tokenizer).is_dir():
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is neither 'bytes' nor a folder")
+    if cfg.model.name_or_path is not None and not Path(cfg.model.name_or_path).is_dir():
+        raise ConfigError(
+            f"model.name_or_path: {cfg.model.name_or_path!r} is not a local folder (no hub access)"
+        )
+
+
+def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:
+    """Dotted fields whose values differ, excluding those a resumption may change."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            key = prefix[:-1]
+            if not any(key == c or key.startswith(c) for c in RESUMABLE_CHANGES):
+                out.append(f"{key}: run has {a!r}, config has {b!r}")
+
+    walk(saved.model_dump(mode="json"), given.model_dump(mode="json"), "")
+    return out
+
+
+def _describe(e: dict[str, Any]) -> str:
+    loc = ".".join(str(x) for x in e["loc"])
+    if e["type"] == "extra_forbidden":
+        parent = _section_model(e["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "?"
+        return f"{loc}: unknown field; allowed fields here: {allowed}"
+    if e["type"] == "missing":
+        return f"{loc}: required field is missing"
+    return f"{loc}: {e['msg']} (got {e.get('input')!r})" if loc else e["msg"]
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model

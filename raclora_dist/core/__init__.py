@@ -1,0 +1,29 @@
+"""Pure-torch RAC-LoRA: the layer, sketches, the chain and export math.
+
+Imports nothing heavier than torch and pydantic (no ray, deepspeed, bitsandbytes or
+transformers); a test checks this in a fresh interpreter.
+"""
+
+from raclora_dist.core.chain import (
+    ChainState,
+    Comm,
+    LinkRecord,
+    LocalComm,
+    NonFiniteFactorError,
+    RacLoraChain,
+    SketchMismatchError,
+    link_factors,
+)
+from raclora_dist.core.config import RacLoraConfig
+from raclora_dist.core.export import compress_lora, concat_links
+from raclora_dist.core.inject import RankError, TargetError, inject, match_targets, register_dispatcher
+from raclora_dist.core.layer import LayerSpec, RacLoraLinear, lora_scale, merge_into_weight, resolve_side
+from raclora_dist.core.sketch import sample_sketch, sketch_seed, tensor_fingerprint
+
+__all__ = [
+    "ChainState", "Comm", "LayerSpec", "LinkRecord", "LocalComm", "NonFiniteFactorError", "RacLoraChain",
+    "RacLoraConfig", "RacLoraLinear", "RankError", "SketchMismatchError", "TargetError",
+    "compress_lora", "concat_links", "inject", "link_factors", "lora_scale", "match_targets",
+    "merge_into_weight", "register_dispatcher", "resolve_side", "sample_sketch", "sketch_seed",
+    "tensor_fingerprint",
+]

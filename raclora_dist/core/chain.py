@@ -1,0 +1,218 @@
+"""The chain: link lifecycle and the coordinated merge/resample protocol (DESIGN.md).
+
+``RacLoraChain`` owns the wrapped layers and the record of merged links. The boundary is
+split in two calls that the trainer makes between two optimizer steps:
+
+* :meth:`RacLoraChain.end_link` -- guard (all-reduced finiteness), optional averaging,
+  merge, record;
+* :meth:`RacLoraChain.start_link` -- deterministic resample, zero factors, all-reduced
+  fingerprint check.
+
+Collectives go through a tiny :class:`Comm` protocol, so the same code runs in one process
+(:class:`LocalComm`) and under any distributed backend.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from raclora_dist.core.layer import LayerSpec, RacLoraLinear
+from raclora_dist.core.sketch import sample_sketch
+
+
+class Comm(Protocol):
+    """The collectives the chain needs; each returns the reduced tensor (may be in place)."""
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalComm:
+    """One process: every reduction is the identity."""
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class SketchMismatchError(RuntimeError):
+    """Ranks hold different sketches for the same link: the chain is inconsistent."""
+
+
+class NonFiniteFactorError(FloatingPointError):
+    """A trainable factor is non-finite at a boundary and the config says stop."""
+
+
+@dataclass
+class LinkRecord:
+    """What one link boundary did (one line of ``metrics.jsonl`` with ``type: link``)."""
+
+    link: int
+    merged: bool
+    update_norm: float = 0.0  # ||sum over modules of s B_t A_t||_F (root of summed squares)
+    cumulative_update_norm: float = 0.0  # sum of update norms: an upper bound on ||W - W0||_F
+    merge_time_s: float = 0.0
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return {"type": "link", **asdict(self)}
+
+
+@dataclass
+class ChainState:
+    """Everything needed to rebuild the chain on a fresh base (sketches are regenerated)."""
+
+    merged: list[int] = field(default_factory=list)  # link indices merged, in order
+    skipped: list[int] = field(default_factory=list)  # links discarded by the finite guard
+    factors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # link -> name -> CPU factor
+    cumulative_update_norm: float = 0.0
+
+
+class RacLoraChain:
+    """The chain over a model's wrapped layers.
+
+    Args:
+        layers: wrapped layers by qualified name (from :func:`inject`), in model order.
+        on_nonfinite: ``skip_link`` discards a link whose factor is not finite on some rank;
+            ``stop`` raises :class:`NonFiniteFactorError`.
+    """
+
+    def __init__(self, layers: dict[str, RacLoraLinear], on_nonfinite: str = "skip_link") -> None:
+        if not layers:
+            raise ValueError("a chain needs at least one wrapped layer")
+        self.layers = layers
+        self.on_nonfinite = on_nonfinite
+        self.state = ChainState()
+        self.link = -1
+
+    # -- parameters ---------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable factors, one per layer, in model order."""
+        return [layer.factor for layer in self.layers.values()]
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # -- boundary, second half: resample + verify ---------------------------------------
+    def start_link(self, link: int, comm: Comm | None = None) -> None:
+        """Draws every layer's sketch for ``link``, zeroes the factors, checks agreement.
+
+        In place on every layer. The model's output is unchanged by this call.
+
+        Raises:
+            SketchMismatchError: the ranks' sketches differ; names the first module.
+        """
+        for layer in self.layers.values():
+            layer.resample(link)
+        self.link = link
+        self.verify_sketches(comm or LocalComm())
+
+    def fingerprints(self) -> torch.Tensor:
+        """Per-layer sketch hashes, int64, shape (num_layers,)."""
+        return torch.tensor([layer.fingerprint() for layer in self.layers.values()], dtype=torch.int64)
+
+    def verify_sketches(self, comm: Comm) -> None:
+        """All-reduces (max and min) the fingerprints; any difference is an error."""
+        fp = self.fingerprints()
+        hi, lo = comm.all_reduce_max(fp.clone()), comm.all_reduce_min(fp.clone())
+        bad = (hi != lo).nonzero().flatten().tolist()
+        if bad:
+            names = list(self.layers)
+            raise SketchMismatchError(
+                f"link {self.link}: ranks hold different sketches for module {names[bad[0]]!r} "
+                f"({len(bad)} module(s) differ); every rank must use the same raclora.seed"
+            )
+
+    # -- boundary, first half: guard + (average) + merge + record ------------------------
+    def all_finite(self, comm: Comm | None = None) -> bool:
+        """Whether every factor on every rank is finite (one all-reduce of a flag)."""
+        ok = torch.tensor([int(all(layer.is_finite() for layer in self.layers.values()))])
+        return bool((comm or LocalComm()).all_reduce_min(ok).item())
+
+    def end_link(self, comm: Comm | None = None, average: bool = False) -> LinkRecord:
+        """Ends the current link on this rank: guard, optionally average, merge, record.
+
+        Args:
+            comm: collectives; every rank must call this at the same step.
+            average: all-reduce-mean the factors first (link-sync data parallel: exact,
+                because all ranks share the sketch).
+
+        Returns:
+            The link's record. A link discarded by the guard merges nothing anywhere.
+        """
+        comm = comm or LocalComm()
+        t0 = time.perf_counter()
+        if not self.all_finite(comm):
+            if self.on_nonfinite == "stop":
+                raise NonFiniteFactorError(
+                    f"link {self.link}: a trainable factor is non-finite on some rank; nothing merged"
+                )
+            self.state.skipped.append(self.link)
+            return LinkRecord(self.link, merged=False, reason="non-finite factor; link discarded",
+                              cumulative_update_norm=self.state.cumulative_update_norm)
+        if average:
+            with torch.no_grad():
+                for p in self.trainable_parameters():
+                    p.copy_(comm.all_reduce_mean(p.detach().clone()))
+        sq = 0.0
+        factors: dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            factors[name] = layer.factor.detach().to("cpu", copy=True)
+            sq += layer.merge() ** 2
+        return self._record(self.link, factors, sq**0.5, time.perf_counter() - t0)
+
+    def _record(self, link: int, factors: dict[str, torch.Tensor], norm: float, secs: float) -> LinkRecord:
+        self.state.merged.append(link)
+        self.state.factors[link] = factors
+        self.state.cumulative_update_norm += norm
+        return LinkRecord(link, merged=True, update_norm=norm, merge_time_s=secs,
+                          cumulative_update_norm=self.state.cumulative_update_norm)
+
+    # -- rebuild and export ----------------------------------------------------------------
+    def replay(self, state: ChainState) -> None:
+        """Re-applies a recorded chain to a fresh base, in the original order (in place).
+
+        Deterministic: on CPU the resulting weights are bitwise those of the original run.
+        """
+        for link in state.merged:
+            for name, layer in self.layers.items():
+                layer.resample(link)
+                layer.merge(state.factors[link][name])
+        self.state = ChainState(
+            merged=list(state.merged), skipped=list(state.skipped),
+            factors=dict(state.factors), cumulative_update_norm=state.cumulative_update_norm,
+        )
+
+    def link_factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(B_t, A_t)`` of every merged link of one layer, unscaled, on CPU (fp32)."""
+        return link_factors(self.layers[name].spec, self.state)
+
+
+def link_factors(layer: LayerSpec, state: ChainState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rebuilds ``(B_t (m, r), A_t (r, n))`` of a layer's merged links from the record.
+
+    Args:
+        layer: the layer's spec (``RacLoraLinear.spec``, or one read from a checkpoint).
+        state: the chain record holding each merged link's trained factor.
+
+    The sketches are regenerated from ``(seed, link, name)``.
+    """
+    d = layer.in_features if layer.side == "right" else layer.out_features
+    out = []
+    for link in state.merged:
+        sk = sample_sketch(layer.dist, layer.rank, d, seed=layer.seed, link=link, name=layer.name)
+        f = state.factors[link][layer.name].float()
+        out.append((f, sk) if layer.side == "right" else (sk.T, f))
+    return out

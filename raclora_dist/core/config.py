@@ -1,0 +1,55 @@
+"""The ``raclora`` section of the run config: everything the chain itself needs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RacLoraConfig(BaseModel):
+    """RAC-LoRA chain settings (validated on construction)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, description="r: rank of each link.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; scale alpha/r (alpha/sqrt(r) with rslora).")
+    rslora: bool = Field(False, description="Use rsLoRA's scale alpha/sqrt(r).")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="PEFT conventions: a list of name suffixes, or one regex matching whole names.",
+    )
+    sketch_side: Literal["left", "right", "auto"] = Field(
+        "auto", description="Which factor is the frozen random sketch; auto sketches the smaller dimension."
+    )
+    sketch_dist: Literal["orthogonal", "gaussian", "kaiming_uniform"] = Field(
+        "orthogonal", description="Distribution of each link's sketch."
+    )
+    links: int = Field(4, ge=1, description="T: number of links in the chain.")
+    steps_per_link: int = Field(50, ge=1, description="K: optimizer steps per link.")
+    merge_mode: Literal["into_base", "factored"] = Field(
+        "into_base", description="Merge links into the base weight, or keep them as frozen factors."
+    )
+    max_chain_rank: int | None = Field(
+        None, ge=1, description="factored mode: cap on kept chain rank (recompressed by SVD past it)."
+    )
+    optimizer_state: Literal["reset", "keep"] = Field(
+        "reset", description="At each link boundary, reset the optimizer state of the factor or keep it."
+    )
+    on_nonfinite: Literal["skip_link", "stop"] = Field(
+        "skip_link", description="A non-finite factor at a boundary: discard the link, or stop the run."
+    )
+    seed: int = Field(0, description="Chain seed: sketches are a pure function of (seed, link, module name).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RacLoraConfig":
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        if self.max_chain_rank is not None and self.max_chain_rank < self.rank:
+            raise ValueError(f"max_chain_rank ({self.max_chain_rank}) must be >= rank ({self.rank})")
+        return self
+
+    def chain_capacity(self) -> int:
+        """Chain columns preallocated per layer in factored mode (links*r, or the cap)."""
+        full = self.links * self.rank
+        return min(full, self.max_chain_rank) if self.max_chain_rank else full

@@ -1,0 +1,60 @@
+"""Export math: T merged links of rank r are one LoRA of rank T*r.
+
+``B_cat = [s B_1 | ... | s B_T]`` (m, T r), ``A_cat = [A_1; ...; A_T]`` (T r, n), so
+``B_cat @ A_cat = sum_t s B_t A_t``. The scale is folded into ``B_cat``; an exported PEFT
+adapter therefore uses ``lora_alpha = r_total`` (PEFT scale 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def concat_links(
+    links: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks per-link factors into one LoRA.
+
+    Args:
+        links: ``(B_t (m, r), A_t (r, n))`` per merged link, unscaled.
+        scale: s, folded into the returned B.
+
+    Returns:
+        ``(B_cat (m, T r), A_cat (T r, n))`` with ``B_cat @ A_cat = s * sum_t B_t @ A_t``.
+    """
+    if not links:
+        raise ValueError("the chain has no merged links to export")
+    B_cat = torch.cat([scale * B for B, _ in links], dim=1)
+    A_cat = torch.cat([A for _, A in links], dim=0)
+    return B_cat, A_cat
+
+
+def compress_lora(
+    B: torch.Tensor, A: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` approximation of ``B @ A`` without forming it.
+
+    QR of both factors reduces the problem to an SVD of a small (R x R) core:
+    ``B = Qb Rb``, ``A^T = Qa Ra``, ``B A = Qb (Rb Ra^T) Qa^T``.
+
+    Args:
+        B: (m, R). A: (R, n). rank: k <= R.
+
+    Returns:
+        ``(B_k (m, k), A_k (k, n), discarded)``, with ``discarded`` the fraction of the
+        squared Frobenius norm (energy) of ``B @ A`` that the truncation drops.
+    """
+    R = B.shape[1]
+    if rank >= R:
+        return B.clone(), A.clone(), 0.0
+    dtype = B.dtype
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    total = float((s**2).sum())
+    discarded = float((s[rank:] ** 2).sum()) / total if total > 0 else 0.0
+    B_k = (qb @ u[:, :rank]) * s[:rank]
+    A_k = vh[:rank] @ qa.T
+    return B_k.to(dtype), A_k.to(dtype), discarded

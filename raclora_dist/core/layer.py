@@ -1,0 +1,254 @@
+"""``RacLoraLinear``: one link of the chain around a base linear layer.
+
+Shapes (``W`` is the base weight, ``(m, n) = (out_features, in_features)``):
+
+* right sketch: ``A`` (r, n) is the frozen sketch (a buffer), ``B`` (m, r) trains;
+* left sketch:  ``B`` (m, r) is the frozen sketch (a buffer), ``A`` (r, n) trains.
+
+The update of the current link is ``s * B @ A``; forward multiplies through rank r and
+never forms it. Merged links either go into the base weight (``into_base``) or are kept as
+frozen factors ``chain_B (m, R)``, ``chain_A (R, n)`` with the scale folded into
+``chain_B`` (``factored``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from raclora_dist.core.sketch import sample_sketch, tensor_fingerprint
+
+Side = Literal["left", "right"]
+MergeMode = Literal["into_base", "factored"]
+
+
+def resolve_side(side: str, out_features: int, in_features: int) -> Side:
+    """Picks the sketched side; ``auto`` sketches the smaller dimension (right on a tie).
+
+    The convergence rate scales with r/d of the sketched side (ALGORITHM.md), so the
+    smaller d wins: a left sketch has d = m (out), a right sketch d = n (in).
+    """
+    if side == "auto":
+        return "left" if out_features < in_features else "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"sketch side must be left, right or auto, got {side!r}")
+    return side  # type: ignore[return-value]
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r``, or rsLoRA's ``alpha / sqrt(r)``."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What rebuilds a layer's sketches and exports its chain, without the layer itself."""
+
+    name: str
+    side: Side
+    rank: int
+    dist: str
+    seed: int
+    scale: float
+    out_features: int
+    in_features: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RacLoraLinear(nn.Module):
+    """Wraps a base linear layer with one trainable RAC-LoRA factor and a frozen sketch.
+
+    Args:
+        base_layer: the wrapped layer; must expose ``weight`` of shape (m, n) and
+            ``in_features``/``out_features``. Its parameters are frozen here.
+        name: the module's qualified name in the model: part of the sketch key.
+        rank: r. Must not exceed the sketched side's dimension.
+        alpha: LoRA alpha; the scale is ``alpha / r`` (``alpha / sqrt(r)`` with rslora).
+        side: ``left`` or ``right`` (resolve ``auto`` with :func:`resolve_side` first).
+        dist: the sketch distribution (see :func:`sample_sketch`).
+        seed: the chain's seed.
+        merge_mode: ``into_base`` or ``factored``.
+        chain_capacity: for ``factored``, the most chain columns kept (R_max); merging past
+            it recompresses the chain by SVD. Ignored for ``into_base``.
+        factor_dtype: dtype of the trainable factor, sketch and chain (fp32 by default).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        name: str,
+        *,
+        rank: int,
+        alpha: float,
+        side: Side,
+        dist: str = "orthogonal",
+        seed: int = 0,
+        rslora: bool = False,
+        merge_mode: MergeMode = "into_base",
+        chain_capacity: int = 0,
+        factor_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        m, n = base_layer.out_features, base_layer.in_features
+        d = n if side == "right" else m
+        if rank > d:
+            raise ValueError(
+                f"rank {rank} exceeds the sketched dimension {d} of module {name!r} "
+                f"(weight shape ({m}, {n}), {side} sketch)"
+            )
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.name, self.rank, self.side, self.dist, self.seed = name, rank, side, dist, seed
+        self.scale = lora_scale(alpha, rank, rslora)
+        self.merge_mode = merge_mode
+        self.out_features, self.in_features = m, n
+        dev = base_layer.weight.device
+        sketch_shape = (rank, n) if side == "right" else (m, rank)
+        factor_shape = (m, rank) if side == "right" else (rank, n)
+        # The sketch is a buffer: sharding engines must not shard, reduce or optimize it.
+        # Not persistent: it is regenerated from (seed, link, name), never stored.
+        self.register_buffer(
+            "sketch", torch.zeros(sketch_shape, dtype=factor_dtype, device=dev), persistent=False
+        )
+        self.factor = nn.Parameter(torch.zeros(factor_shape, dtype=factor_dtype, device=dev))
+        cap = chain_capacity if merge_mode == "factored" else 0
+        self.register_buffer(
+            "chain_B", torch.zeros(m, cap, dtype=factor_dtype, device=dev), persistent=False
+        )
+        self.register_buffer(
+            "chain_A", torch.zeros(cap, n, dtype=factor_dtype, device=dev), persistent=False
+        )
+        self.chain_rank = 0
+        self.link = -1
+
+    @property
+    def spec(self) -> LayerSpec:
+        return LayerSpec(self.name, self.side, self.rank, self.dist, self.seed, self.scale,
+                         self.out_features, self.in_features)
+
+    # -- the two factors, whichever side is sketched ---------------------------------
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """``A`` (r, n): the sketch for a right sketch, the trainable factor for a left one."""
+        return self.sketch if self.side == "right" else self.factor
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """``B`` (m, r): the trainable factor for a right sketch, the sketch for a left one."""
+        return self.factor if self.side == "right" else self.sketch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = base(x) + x A_chain^T B_chain^T + s (x A^T) B^T``; x: (..., n) -> (..., m)."""
+        y = self.base_layer(x)
+        xa = x.to(self.factor.dtype)
+        if self.chain_rank:
+            R = self.chain_rank
+            y = y + ((xa @ self.chain_A[:R].T) @ self.chain_B[:, :R].T).to(y.dtype)
+        # Through rank r: (..., n) @ (n, r) -> (..., r) @ (r, m). Only the rank-r
+        # intermediate is needed for a right sketch's backward.
+        return y + (self.scale * ((xa @ self.lora_A.T) @ self.lora_B.T)).to(y.dtype)
+
+    # -- link lifecycle ---------------------------------------------------------------
+    @torch.no_grad()
+    def resample(self, link: int) -> None:
+        """Starts link ``link``: draws its sketch and zeroes the trainable factor (in place).
+
+        With the factor at zero the layer's output equals that before the call.
+        """
+        d = self.in_features if self.side == "right" else self.out_features
+        s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.name)
+        self.sketch.copy_(s if self.side == "right" else s.T)
+        self.factor.zero_()
+        self.link = link
+
+    def fingerprint(self) -> int:
+        """A 62-bit hash of the current sketch, for the cross-rank consistency check."""
+        return tensor_fingerprint(self.sketch)
+
+    def delta(self) -> torch.Tensor:
+        """The current link's dense update ``s * B @ A``, shape (m, n), in factor dtype."""
+        return self.scale * (self.lora_B.detach() @ self.lora_A.detach())
+
+    def is_finite(self) -> bool:
+        """Whether the trainable factor holds only finite values."""
+        return bool(torch.isfinite(self.factor).all())
+
+    @torch.no_grad()
+    def merge(self, factor: torch.Tensor | None = None) -> float:
+        """Merges the link ``s * B @ A`` (in place) and returns ``||s B A||_F``.
+
+        The merged factor is consumed: ``self.factor`` is zeroed afterwards, so the layer's
+        output equals the merged model's (no update is counted twice).
+
+        Args:
+            factor: the trained factor to merge; defaults to ``self.factor``. Replaying a
+                chain from a checkpoint passes the stored factor of each link.
+
+        Raises:
+            FloatingPointError: if the factor holds a non-finite value; nothing is merged.
+        """
+        f = self.factor if factor is None else factor.to(self.factor)
+        if not torch.isfinite(f).all():
+            raise FloatingPointError(f"refusing to merge a non-finite factor in {self.name!r}")
+        B, A = (f, self.sketch) if self.side == "right" else (self.sketch, f)
+        if self.merge_mode == "into_base":
+            merge_into_weight(self.base_layer.weight, B, A, self.scale)
+        else:
+            self._append_to_chain(self.scale * B, A)
+        norm = self.scale * lowrank_fro_norm(B, A)
+        self.factor.zero_()
+        return norm
+
+    def _append_to_chain(self, sB: torch.Tensor, A: torch.Tensor) -> None:
+        """Appends ``sB (m, r)``, ``A (r, n)`` to the factored chain, recompressing if full."""
+        R, r, cap = self.chain_rank, A.shape[0], self.chain_A.shape[0]
+        if R + r <= cap:
+            self.chain_B[:, R : R + r] = sB
+            self.chain_A[R : R + r] = A
+            self.chain_rank = R + r
+            return
+        from raclora_dist.core.export import compress_lora
+
+        B_all = torch.cat([self.chain_B[:, :R], sB], dim=1)
+        A_all = torch.cat([self.chain_A[:R], A], dim=0)
+        B_new, A_new, _ = compress_lora(B_all, A_all, cap)
+        self.chain_B.copy_(B_new)
+        self.chain_A.copy_(A_new)
+        self.chain_rank = cap
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, side={self.side}, dist={self.dist}, scale={self.scale:g}, "
+            f"merge_mode={self.merge_mode}"
+        )
+
+
+@torch.no_grad()
+def merge_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
+    """``weight += scale * B @ A`` in place, rounding once to the weight's dtype.
+
+    Args:
+        weight: (m, n) dense weight (or a local row shard of it, with B's matching rows).
+        B: (m, r). A: (r, n).
+    """
+    if weight.dtype == B.dtype:
+        weight.addmm_(B, A, alpha=scale)
+    else:
+        weight.copy_(weight.float().addmm_(B.float(), A.float(), alpha=scale))
+
+
+def lowrank_fro_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """``||B @ A||_F`` from r x r Gram matrices, without forming the (m, n) product.
+
+    ``||BA||_F^2 = trace(B^T B A A^T)``; both Grams are symmetric, so the trace is the sum
+    of their elementwise product.
+    """
+    B64, A64 = B.double(), A.double()
+    return float(((B64.T @ B64) * (A64 @ A64.T)).sum().clamp_min(0).sqrt())

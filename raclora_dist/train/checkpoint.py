@@ -1,0 +1,172 @@
+"""Atomic checkpoints of the chain, taken at link boundaries (DESIGN.md "Checkpoints").
+
+Layout: ``RUN/checkpoints/link-00003/`` holds
+
+* ``chain.safetensors`` -- each merged link's trained factor (``link.<t>.<module>``);
+  sketches are regenerated from the seed, their fingerprints are in ``meta.json``;
+* ``optimizer.pt`` and ``rng.pt`` -- tensors only, loaded with ``weights_only=True``;
+* ``meta.json`` -- written last: its presence marks the checkpoint complete.
+
+A checkpoint is written into a temporary folder, fsynced, then renamed into place, and
+``RUN/checkpoints/latest`` is replaced atomically afterwards: a crash at any point leaves
+the previous checkpoint valid. The base model is not stored; resuming replays the merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from raclora_dist.core.chain import ChainState
+from raclora_dist.core.layer import LayerSpec
+from raclora_dist.train.faults import crash_in_checkpoint
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    meta: dict
+    chain: ChainState
+    optimizer: dict
+    rng: torch.Tensor
+
+    @property
+    def next_link(self) -> int:
+        return int(self.meta["next_link"])
+
+    @property
+    def global_step(self) -> int:
+        return int(self.meta["global_step"])
+
+    def layer_specs(self) -> list[LayerSpec]:
+        return [LayerSpec(**d) for d in self.meta["layers"]]
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ckpt_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, chain: ChainState, optimizer: dict, meta: dict, keep: int) -> Path:
+    """Writes a complete checkpoint atomically and prunes all but the newest ``keep``.
+
+    Args:
+        run_dir: the run folder.
+        chain: the chain record (merged links and their factors).
+        optimizer: ``optimizer.state_dict()``.
+        meta: JSON-able facts; must hold ``next_link`` and ``global_step``.
+        keep: how many complete checkpoints to keep.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = ckpt_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
+    save_file(tensors, tmp / "chain.safetensors")
+    crash_in_checkpoint()
+    torch.save(optimizer, tmp / "optimizer.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    full_meta = {
+        "format": FORMAT_VERSION,
+        **meta,
+        "merged": chain.merged,
+        "skipped": chain.skipped,
+        "cumulative_update_norm": chain.cumulative_update_norm,
+    }
+    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    final = root / name
+    if final.exists():  # the same step saved again (a resumed run): swap it out whole
+        trash = root / f".old-{name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    _fsync_file(latest_tmp)
+    os.replace(latest_tmp, root / "latest")
+    _prune(root, keep, protect=final)
+    return final
+
+
+def _complete(root: Path) -> list[Path]:
+    """Complete checkpoints (with ``meta.json``), oldest first."""
+    return sorted(p for p in root.glob("link-*") if (p / "meta.json").is_file())
+
+
+def _prune(root: Path, keep: int, protect: Path) -> None:
+    for p in root.glob(".tmp-*"):  # leftovers of crashed writes
+        shutil.rmtree(p, ignore_errors=True)
+    done = [p for p in _complete(root) if p != protect]
+    for p in done[: max(0, len(done) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    Trusts ``latest`` when it names a complete checkpoint, else scans (a crash between the
+    rename and the pointer update leaves the pointer one behind, which is still valid).
+    """
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return None
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "meta.json").is_file():
+            return named
+    done = _complete(root)
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Loads a checkpoint folder (tensors only; no pickled code is executed)."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    factors: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(path / "chain.safetensors").items():
+        _, link, name = key.split(".", 2)
+        factors.setdefault(int(link), {})[name] = t
+    chain = ChainState(
+        merged=list(meta["merged"]),
+        skipped=list(meta["skipped"]),
+        factors={t: factors[t] for t in meta["merged"]},
+        cumulative_update_norm=float(meta["cumulative_update_norm"]),
+    )
+    optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    return Checkpoint(path, meta, chain, optimizer, rng)

@@ -1,0 +1,57 @@
+"""Bad input: a clear error naming the field, exit code 2, and no run folder damaged."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from raclora_dist.cli import main
+from tests.conftest import tiny_config, write_config
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_data):
+    d = tmp_path_factory.mktemp("good")
+    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "run", raclora={"links": 1}))
+    assert main(["train", str(cfg)]) == 0
+    return cfg, d / "run"
+
+
+CASES = {
+    "broken_yaml": ([], "invalid YAML at line"),
+    "unknown_field": (["raclora.rankk=4"], "raclora.rankk: unknown field"),
+    "rank_too_large": (["raclora.rank=64", "raclora.sketch_side=right"], "raclora.rank=64: rank 64 exceeds"),
+    "missing_data": (["data.path=/no/such.jsonl"], "data.path: file '/no/such.jsonl' does not exist"),
+    "unmatched_target": (["raclora.target_modules=[qkv]"], "'qkv' matched no module; candidates: q_proj"),
+    "fresh_run_over_checkpoint": ([], "already holds a checkpoint; pass --resume"),
+    "resume_with_other_seed": (["raclora.seed=5", "--resume"], "raclora.seed: run has 0, config has 5"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_named_and_loses_nothing(case, finished_run, tmp_path, capsys):
+    cfg, run = finished_run
+    before = snapshot(run)
+    overrides, expected = CASES[case]
+    path = cfg
+    if case == "broken_yaml":
+        path = tmp_path / "broken.yaml"
+        path.write_text(cfg.read_text().replace("model:", "model: [", 1))
+    args = ["train", str(path), *[o for o in overrides if o != "--resume"]]
+    if "--resume" in overrides:
+        args.append("--resume")
+    assert main(args) == 2
+    assert expected in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_validate_command(finished_run, capsys):
+    cfg, _ = finished_run
+    assert main(["validate", str(cfg)]) == 0
+    assert "valid (8 layers targeted" in capsys.readouterr().out
+    assert main(["validate", str(cfg), "raclora.target_modules=[nope]"]) == 2

@@ -1,0 +1,80 @@
+"""Training through the real CLI; crash-and-resume ends bitwise equal to an uninterrupted run."""
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from raclora_dist.cli import main
+from raclora_dist.train.checkpoint import find_latest
+from tests.conftest import read_jsonl, run_cli, tiny_config, write_config
+
+
+def chain_tensors(run_dir: Path) -> dict:
+    return load_file(find_latest(run_dir) / "chain.safetensors")
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_data):
+    """An uninterrupted 3-link run (in process)."""
+    d = tmp_path_factory.mktemp("ref")
+    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "run"))
+    assert main(["train", str(cfg)]) == 0
+    return d / "run"
+
+
+def test_run_folder_contents_and_learning(reference):
+    recs = read_jsonl(reference / "metrics.jsonl")
+    links = [r for r in recs if r["type"] == "link"]
+    assert [r["link"] for r in links] == [0, 1, 2] and all(r["merged"] for r in links)
+    assert len([r for r in recs if r["type"] == "step"]) == 9
+    start = next(r for r in recs if r["type"] == "eval")["eval_loss"]
+    assert links[-1]["eval_loss"] < start  # the chain learned something
+    assert (reference / "plot.png").stat().st_size > 10_000
+    assert (reference / "base" / "model.safetensors").is_file()
+    ckpts = sorted(p.name for p in (reference / "checkpoints").glob("link-*"))
+    assert ckpts == ["link-00002-step-0000006", "link-00003-step-0000009"]  # keep: 2
+    assert set(chain_tensors(reference)) == {
+        f"link.{t}.model.layers.{i}.{m}" for t in range(3) for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+
+
+@pytest.mark.slow
+def test_crash_mid_link_then_resume_is_bitwise_equal(reference, tmp_path, small_data):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run"))
+    crashed = run_cli("train", str(cfg), env={"RACLORA_FAULT_AT_STEP": "5"})  # mid link 2
+    assert crashed.returncode == 17, crashed.stderr
+    assert find_latest(tmp_path / "run").name == "link-00001-step-0000003"
+    resumed = run_cli("train", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert step_losses(tmp_path / "run") == step_losses(reference)  # steps 4-5 rewritten, not doubled
+
+
+@pytest.mark.slow
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path, small_data):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run"))
+    crashed = run_cli("train", str(cfg), env={"RACLORA_FAULT_IN_CHECKPOINT": "2"})
+    assert crashed.returncode == 17
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in root.glob(".tmp-*")], "the half-written checkpoint stays in its temp folder"
+    assert find_latest(tmp_path / "run").name == "link-00001-step-0000003"
+    assert main(["train", str(tmp_path / "run"), "--resume"]) == 0  # a run folder works as the config too
+    a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
+    assert all(a[k].equal(b[k]) for k in a)
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_extending_the_chain_resumes_from_the_last_link(reference, tmp_path, small_data):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run", raclora={"links": 2}))
+    assert main(["train", str(cfg)]) == 0
+    assert main(["train", str(cfg), "raclora.links=3", "--resume"]) == 0
+    a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
+    assert all(a[k].equal(b[k]) for k in a)

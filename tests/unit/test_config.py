@@ -1,0 +1,71 @@
+"""Config loading: every bad input is a ConfigError that names the field and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from raclora_dist.config import ConfigError, check_paths, load_config, parse_overrides
+from tests.conftest import tiny_config, write_config
+
+
+@pytest.fixture
+def cfg_file(tmp_path, small_data) -> Path:
+    return write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run"))
+
+
+def test_valid_config_and_overrides(cfg_file):
+    cfg = load_config(cfg_file, ["train.lr=1e-4", "raclora.target_modules=[q_proj]", "raclora.sketch_side=left"])
+    assert cfg.train.lr == 1e-4 and cfg.raclora.target_modules == ["q_proj"] and cfg.raclora.sketch_side == "left"
+    assert cfg.raclora.links == 3
+
+
+def test_default_run_dir_is_named_after_the_config(tmp_path, small_data):
+    data = tiny_config(small_data, tmp_path)
+    del data["run"]
+    cfg = load_config(write_config(tmp_path / "my_exp.yaml", data))
+    assert cfg.run.dir == str(Path("runs") / "my_exp")
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  config: {model_type: llama\ndata: [\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+, column \d+"):
+        load_config(p)
+
+
+def test_unknown_field_lists_the_allowed_ones(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["train.lrr=0.1"])
+    assert "train.lrr: unknown field" in str(e.value) and "lr, betas" in str(e.value)
+
+
+def test_bad_choice_names_field_value_and_choices(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["raclora.sketch_side=middle"])
+    msg = str(e.value)
+    assert "raclora.sketch_side" in msg and "'middle'" in msg and "'left', 'right' or 'auto'" in msg
+
+
+def test_several_errors_are_reported_together(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["raclora.rank=0", "train.optimizer=adam"])
+    assert "raclora.rank" in str(e.value) and "train.optimizer" in str(e.value)
+
+
+def test_model_needs_exactly_one_source(cfg_file):
+    with pytest.raises(ConfigError, match="exactly one of model.name_or_path and model.config"):
+        load_config(cfg_file, ["model.name_or_path=/nowhere"])
+
+
+def test_missing_files_are_named(cfg_file):
+    cfg = load_config(cfg_file, ["data.path=/no/such/file.jsonl"])
+    with pytest.raises(ConfigError, match="data.path: file '/no/such/file.jsonl' does not exist"):
+        check_paths(cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(cfg_file.parent / "missing.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        parse_overrides(["train.lr"])
+    assert parse_overrides(["a.b.c=[1, 2]", "a.d=x"]) == {"a": {"b": {"c": [1, 2]}, "d": "x"}}

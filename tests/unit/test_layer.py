@@ -1,0 +1,151 @@
+"""RacLoraLinear and the chain on tiny tensors: forward, zero-init, merge exactness, guard."""
+
+import pytest
+import torch
+from torch import nn
+
+from raclora_dist.core import (
+    LocalComm,
+    NonFiniteFactorError,
+    RacLoraChain,
+    RacLoraConfig,
+    RacLoraLinear,
+    SketchMismatchError,
+    inject,
+    link_factors,
+    lora_scale,
+    resolve_side,
+)
+
+
+def make(side="right", mode="into_base", rank=2, m=6, n=10, cap=None, links=4, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(n, m))
+    cfg = RacLoraConfig(rank=rank, alpha=3.0, target_modules=["lin"], sketch_side=side,
+                        merge_mode=mode, links=links, max_chain_rank=cap, **kw)
+    layers = inject(model, cfg)
+    return model, RacLoraChain(layers, cfg.on_nonfinite), layers["lin"]
+
+
+def perturb(layer):
+    with torch.no_grad():
+        layer.factor.normal_()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_forward_equals_dense_formula(side):
+    model, chain, layer = make(side)
+    chain.start_link(0)
+    perturb(layer)
+    x = torch.randn(3, 5, 10)
+    W = layer.base_layer.weight + layer.scale * layer.lora_B @ layer.lora_A
+    assert torch.allclose(model(x), x @ W.T + layer.base_layer.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", ["into_base", "factored"])
+def test_output_unchanged_at_the_start_of_every_link(side, mode):
+    model, chain, layer = make(side, mode)
+    x = torch.randn(7, 10)
+    chain.start_link(0)
+    for link in range(1, 5):
+        perturb(layer)
+        chain.end_link()
+        before = model(x)
+        chain.start_link(link)
+        assert torch.count_nonzero(layer.factor) == 0
+        assert torch.allclose(model(x), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", ["into_base", "factored"])
+def test_merge_is_exact(side, mode):
+    model, chain, layer = make(side, mode)
+    W0, b = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach()
+    x = torch.randn(7, 10)
+    updates = []
+    for link in range(4):
+        chain.start_link(link)
+        perturb(layer)
+        updates.append(layer.scale * layer.lora_B.detach() @ layer.lora_A.detach())
+        chain.end_link()
+    chain.start_link(4)
+    expected = x @ (W0 + sum(updates)).T + b
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    if mode == "factored":
+        assert torch.equal(layer.base_layer.weight, W0) and layer.chain_rank == 8
+    # the record rebuilds the same updates from (seed, link, name)
+    rebuilt = [layer.scale * B @ A for B, A in link_factors(layer.spec, chain.state)]
+    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(updates, rebuilt))
+
+
+def test_factored_cap_recompresses_to_the_best_approximation():
+    model, chain, layer = make("right", "factored", rank=2, cap=4, links=4)
+    total = torch.zeros(6, 10)
+    for link in range(3):
+        chain.start_link(link)
+        perturb(layer)
+        total += layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
+        chain.end_link()
+    assert layer.chain_rank == 4
+    kept = layer.chain_B[:, :4] @ layer.chain_A[:4]
+    U, S, Vh = torch.linalg.svd(total)
+    best = (U[:, :4] * S[:4]) @ Vh[:4]
+    assert torch.allclose(kept, best, atol=1e-4)
+
+
+def test_nonfinite_factor_is_never_merged():
+    model, chain, layer = make("right")
+    chain.start_link(0)
+    W0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.factor[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        layer.merge()
+    rec = chain.end_link()
+    assert not rec.merged and chain.state.merged == [] and chain.state.skipped == [0]
+    assert torch.equal(layer.base_layer.weight, W0)
+
+
+def test_nonfinite_stop_policy_raises():
+    model, chain, layer = make("right", on_nonfinite="stop")
+    chain.start_link(0)
+    with torch.no_grad():
+        layer.factor[0, 0] = float("inf")
+    with pytest.raises(NonFiniteFactorError):
+        chain.end_link()
+
+
+class SkewedComm(LocalComm):
+    """Reports another rank's different fingerprint for module index 0."""
+
+    def all_reduce_max(self, t):
+        t = t.clone()
+        t[0] += 1
+        return t
+
+
+def test_fingerprint_mismatch_names_the_module():
+    model, chain, layer = make("right")
+    with pytest.raises(SketchMismatchError, match="'lin'"):
+        chain.start_link(0, SkewedComm())
+
+
+def test_sketch_is_a_buffer_and_only_the_factor_trains():
+    model, chain, layer = make("right")
+    chain.start_link(0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lin.factor"]
+    assert "lin.sketch" not in model.state_dict()  # regenerated, never stored
+    assert "sketch" in dict(layer.named_buffers())
+    model(torch.randn(2, 10)).sum().backward()
+    assert layer.factor.grad is not None and layer.base_layer.weight.grad is None
+
+
+def test_side_resolution_and_scales():
+    assert resolve_side("auto", 64, 784) == "left"   # sketch the smaller (out) side
+    assert resolve_side("auto", 784, 64) == "right"
+    assert resolve_side("auto", 32, 32) == "right"  # tie
+    assert lora_scale(16, 4, False) == 4 and lora_scale(16, 4, True) == 8
+    with pytest.raises(ValueError, match="exceeds the sketched dimension"):
+        RacLoraLinear(nn.Linear(3, 5), "x", rank=4, alpha=1, side="right")
