@@ -59,10 +59,10 @@ class DataSection(_Section):
 class TrainSection(_Section):
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer of the trainable factor.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of each link.")
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on the factor (biases toward small updates).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up at the start of every link.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay within a link.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="LR at the end of a link, relative to lr.")

@@ -69,3 +69,14 @@ def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="expected section.field=value"):
         parse_overrides(["train.lr"])
     assert parse_overrides(["a.b.c=[1, 2]", "a.d=x"]) == {"a": {"b": {"c": [1, 2]}, "d": "x"}}
+
+
+def test_config_reference_doc_is_current():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py")], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    assert (ROOT / "docs" / "config.md").read_text() == out.stdout, "regenerate docs/config.md"

@@ -1,0 +1,29 @@
+"""The shipped configs: each validates, and a shortened quickstart run learns."""
+
+from pathlib import Path
+
+import pytest
+
+from raclora_dist.cli import main
+from tests.conftest import ROOT, read_jsonl
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_validates_and_says_how_to_launch(config: Path, corpus, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert config.read_text().startswith("#"), "each config starts with a comment on how to launch it"
+    assert main(["validate", str(config)]) == 0
+
+
+@pytest.mark.slow
+def test_shortened_quickstart_lowers_the_eval_loss(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "qs"
+    assert main(["train", "configs/quickstart.yaml", f"run.dir={run}", "raclora.links=2",
+                 "raclora.steps_per_link=15", "train.warmup_steps=2"]) == 0
+    recs = read_jsonl(run / "metrics.jsonl")
+    start = next(r["eval_loss"] for r in recs if r["type"] == "eval")
+    end = [r for r in recs if r["type"] == "link"][-1]["eval_loss"]
+    assert end < start - 0.5, (start, end)
