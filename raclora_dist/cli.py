@@ -32,19 +32,38 @@ def _config_path(arg: str) -> str:
     return str(Path(arg) / "config.yaml") if Path(arg).is_dir() else arg
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raclora_dist.config import check_paths, load_config
+    from raclora_dist.train.launch import launch_torchrun, under_launcher
+
+    overrides = list(args.overrides)
+    if Path(args.config).is_dir() and not any(o.startswith("run.dir=") for o in overrides):
+        overrides.append(f"run.dir={args.config}")  # a run folder given as the config
+    cfg = load_config(_config_path(args.config), overrides)
+    check_paths(cfg)
+    if cfg.distributed.strategy != "single" and not under_launcher():
+        # Engines need a process group even for one worker: start torchrun, which re-runs
+        # this same command in each worker (checked above, so bad input fails here, once).
+        argv = ["train", _config_path(args.config), *overrides] + (["--resume"] if args.resume else [])
+        code = launch_torchrun(argv, cfg.distributed.workers)
+        if code == 0:
+            print(f"run folder: {cfg.run.dir}")
+        return code
+    from raclora_dist.train.run import run_training
+
+    run_training(cfg, resume=args.resume)
+    if not under_launcher():  # under torchrun the launching command prints it, once
+        print(f"run folder: {cfg.run.dir}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from raclora_dist.config import check_paths, load_config
 
     if args.command == "train":
-        from raclora_dist.train.run import run_training
-
-        cfg = load_config(_config_path(args.config), args.overrides)
-        if args.resume and __import__("pathlib").Path(args.config).is_dir() and not any(
-            o.startswith("run.dir=") for o in args.overrides
-        ):
-            cfg.run.dir = args.config
-        run_training(cfg, resume=args.resume)
-        print(f"run folder: {cfg.run.dir}")
+        return _train(args)
     elif args.command == "validate":
         from raclora_dist.train.session import validate_model
 

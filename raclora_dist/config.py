@@ -77,7 +77,27 @@ class CheckpointSection(_Section):
 
 
 class DistributedSection(_Section):
-    strategy: Literal["single"] = Field("single", description="Only single-process training for now.")
+    strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = Field(
+        "single", description="One process, or a data-parallel / sharded engine over workers."
+    )
+    workers: int = Field(1, ge=1, description="Processes (one per GPU, or CPU workers); >1 needs an engine.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Collectives: auto = nccl on GPU, gloo on CPU.")
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none", description="bf16 parameters with fp32 reduction (fsdp2) or DeepSpeed bf16; none = fp32 (CPU default)."
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=lambda: {"zero_optimization": {"stage": 2}},
+        description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistributedSection":
+        if self.strategy == "single" and self.workers > 1:
+            raise ValueError("strategy 'single' runs one worker; use ddp, fsdp2 or deepspeed for workers > 1")
+        stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        if self.strategy == "deepspeed" and stage not in (2, 3):
+            raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")
+        return self
 
 
 class RunConfig(_Section):
@@ -91,12 +111,24 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
 
+    @model_validator(mode="after")
+    def _check_batch(self) -> "RunConfig":
+        if self.train.batch_size % self.distributed.workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
+                f"({self.distributed.workers}): each worker takes an equal slice of every batch"
+            )
+        if self.distributed.strategy in ("fsdp2", "deepspeed") and self.raclora.merge_mode != "into_base":
+            raise ValueError(f"raclora.merge_mode={self.raclora.merge_mode!r} is not supported with "
+                             f"distributed.strategy={self.distributed.strategy!r} yet; use into_base")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 # Fields that may differ between a run and its resumption (they do not change the chain).
-RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches")
+RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "distributed.")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ transformers); a test checks this in a fresh interpreter.
 from raclora_dist.core.chain import (
     ChainState,
     Comm,
+    DenseAccess,
+    FactorAccess,
     LinkRecord,
     LocalComm,
     NonFiniteFactorError,
@@ -21,7 +23,7 @@ from raclora_dist.core.layer import LayerSpec, RacLoraLinear, lora_scale, merge_
 from raclora_dist.core.sketch import sample_sketch, sketch_seed, tensor_fingerprint
 
 __all__ = [
-    "ChainState", "Comm", "LayerSpec", "LinkRecord", "LocalComm", "NonFiniteFactorError", "RacLoraChain",
+    "ChainState", "Comm", "DenseAccess", "FactorAccess", "LayerSpec", "LinkRecord", "LocalComm", "NonFiniteFactorError", "RacLoraChain",
     "RacLoraConfig", "RacLoraLinear", "RankError", "SketchMismatchError", "TargetError",
     "compress_lora", "concat_links", "inject", "link_factors", "lora_scale", "match_targets",
     "merge_into_weight", "register_dispatcher", "resolve_side", "sample_sketch", "sketch_seed",

@@ -47,6 +47,49 @@ class LocalComm:
         return t
 
 
+class FactorAccess(Protocol):
+    """How the chain reaches a layer's factor and weight under a given engine.
+
+    Sharding engines keep the trainable factor and the base weight as shards (FSDP2) or
+    partitions with optimizer master copies (DeepSpeed ZeRO); each backend supplies an
+    implementation. Every method may be collective: all ranks call it, in layer order.
+    """
+
+    def local_finite(self, layer: RacLoraLinear) -> bool:
+        """Whether this rank's part of the trainable factor is finite."""
+        ...
+
+    def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        """The whole trainable factor (B (m, r) or A (r, n)), identical on every rank."""
+        ...
+
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
+        """Adds ``s B A`` into this rank's part of the weight (or chain), in place; returns
+        ``||s B A||_F``. ``factor`` is the whole trainable factor (from ``full_factor``)."""
+        ...
+
+    def zero_factor(self, layer: RacLoraLinear) -> None:
+        """Zeroes the trainable factor everywhere it lives (incl. optimizer master copies)."""
+        ...
+
+
+class DenseAccess:
+    """Unsharded layers (one process, DDP, ZeRO-less): the factor and weight are plain tensors."""
+
+    def local_finite(self, layer: RacLoraLinear) -> bool:
+        return layer.is_finite()
+
+    def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        return layer.factor.detach()
+
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
+        return layer.merge(factor)
+
+    @torch.no_grad()
+    def zero_factor(self, layer: RacLoraLinear) -> None:
+        layer.factor.zero_()
+
+
 class SketchMismatchError(RuntimeError):
     """Ranks hold different sketches for the same link: the chain is inconsistent."""
 
@@ -87,13 +130,16 @@ class RacLoraChain:
         layers: wrapped layers by qualified name (from :func:`inject`), in model order.
         on_nonfinite: ``skip_link`` discards a link whose factor is not finite on some rank;
             ``stop`` raises :class:`NonFiniteFactorError`.
+        access: how factors and weights are reached (a backend sets it; dense by default).
     """
 
-    def __init__(self, layers: dict[str, RacLoraLinear], on_nonfinite: str = "skip_link") -> None:
+    def __init__(self, layers: dict[str, RacLoraLinear], on_nonfinite: str = "skip_link",
+                 access: FactorAccess | None = None) -> None:
         if not layers:
             raise ValueError("a chain needs at least one wrapped layer")
         self.layers = layers
         self.on_nonfinite = on_nonfinite
+        self.access: FactorAccess = access or DenseAccess()
         self.state = ChainState()
         self.link = -1
 
@@ -115,7 +161,8 @@ class RacLoraChain:
             SketchMismatchError: the ranks' sketches differ; names the first module.
         """
         for layer in self.layers.values():
-            layer.resample(link)
+            layer.draw_sketch(link)
+            self.access.zero_factor(layer)
         self.link = link
         self.verify_sketches(comm or LocalComm())
 
@@ -138,7 +185,7 @@ class RacLoraChain:
     # -- boundary, first half: guard + (average) + merge + record ------------------------
     def all_finite(self, comm: Comm | None = None) -> bool:
         """Whether every factor on every rank is finite (one all-reduce of a flag)."""
-        ok = torch.tensor([int(all(layer.is_finite() for layer in self.layers.values()))])
+        ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
     def end_link(self, comm: Comm | None = None, average: bool = False) -> LinkRecord:
@@ -169,8 +216,9 @@ class RacLoraChain:
         sq = 0.0
         factors: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
-            factors[name] = layer.factor.detach().to("cpu", copy=True)
-            sq += layer.merge() ** 2
+            full = self.access.full_factor(layer)
+            factors[name] = full.detach().to("cpu", torch.float32, copy=True)
+            sq += self.access.merge(layer, full) ** 2
         return self._record(self.link, factors, sq**0.5, time.perf_counter() - t0)
 
     def _record(self, link: int, factors: dict[str, torch.Tensor], norm: float, secs: float) -> LinkRecord:

@@ -157,16 +157,26 @@ class RacLoraLinear(nn.Module):
 
     # -- link lifecycle ---------------------------------------------------------------
     @torch.no_grad()
+    def draw_sketch(self, link: int) -> None:
+        """Sets the sketch buffer to link ``link``'s sketch (in place); the factor is untouched."""
+        d = self.in_features if self.side == "right" else self.out_features
+        s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.name)
+        self.sketch.copy_(s if self.side == "right" else s.T)
+        self.link = link
+
+    @torch.no_grad()
     def resample(self, link: int) -> None:
         """Starts link ``link``: draws its sketch and zeroes the trainable factor (in place).
 
         With the factor at zero the layer's output equals that before the call.
         """
-        d = self.in_features if self.side == "right" else self.out_features
-        s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.name)
-        self.sketch.copy_(s if self.side == "right" else s.T)
+        self.draw_sketch(link)
         self.factor.zero_()
-        self.link = link
+
+    def factors_with(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B (m, r), A (r, n))`` for a given full trainable factor and the current sketch."""
+        f = factor.to(self.sketch)
+        return (f, self.sketch) if self.side == "right" else (self.sketch, f)
 
     def fingerprint(self) -> int:
         """A 62-bit hash of the current sketch, for the cross-rank consistency check."""
@@ -197,7 +207,7 @@ class RacLoraLinear(nn.Module):
         f = self.factor if factor is None else factor.to(self.factor)
         if not torch.isfinite(f).all():
             raise FloatingPointError(f"refusing to merge a non-finite factor in {self.name!r}")
-        B, A = (f, self.sketch) if self.side == "right" else (self.sketch, f)
+        B, A = self.factors_with(f)
         if self.merge_mode == "into_base":
             merge_into_weight(self.base_layer.weight, B, A, self.scale)
         else:

@@ -4,7 +4,8 @@ Layout: ``RUN/checkpoints/link-00003/`` holds
 
 * ``chain.safetensors`` -- each merged link's trained factor (``link.<t>.<module>``);
   sketches are regenerated from the seed, their fingerprints are in ``meta.json``;
-* ``optimizer.pt`` and ``rng.pt`` -- tensors only, loaded with ``weights_only=True``;
+* ``optimizer.pt`` (or ``deepspeed/``) -- the backend's optimizer state; ``rng.pt``.
+  Tensors only, loaded with ``weights_only=True``;
 * ``meta.json`` -- written last: its presence marks the checkpoint complete.
 
 A checkpoint is written into a temporary folder, fsynced, then renamed into place, and
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,7 @@ class Checkpoint:
     path: Path
     meta: dict
     chain: ChainState
-    optimizer: dict
-    rng: torch.Tensor
+    rng: torch.Tensor  # optimizer/engine state stays in the folder for the backend to load
 
     @property
     def next_link(self) -> int:
@@ -70,27 +70,48 @@ def ckpt_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, chain: ChainState, optimizer: dict, meta: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
+                    write_state: Callable[[Path], None], is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
     """Writes a complete checkpoint atomically and prunes all but the newest ``keep``.
+
+    Every rank calls this at the same point. Rank 0 prepares the temporary folder, every
+    rank writes its own state into it (``write_state``: optimizer state, engine shards),
+    then rank 0 adds the chain, fsyncs and renames the folder into place.
 
     Args:
         run_dir: the run folder.
         chain: the chain record (merged links and their factors).
-        optimizer: ``optimizer.state_dict()``.
         meta: JSON-able facts; must hold ``next_link`` and ``global_step``.
         keep: how many complete checkpoints to keep.
+        write_state: called on every rank with the temporary folder.
+        is_main: whether this is rank 0. barrier: a cross-rank barrier.
 
     Returns:
         The checkpoint folder.
     """
     root = ckpt_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    tmp = root / f".tmp-{name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    write_state(tmp)
+    barrier()
+    final = root / name
+    if is_main:
+        _commit(tmp, final, chain, meta, keep)
+    barrier()
+    return final
+
+
+def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int) -> None:
+    root = final.parent
     tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
     save_file(tensors, tmp / "chain.safetensors")
     crash_in_checkpoint()
-    torch.save(optimizer, tmp / "optimizer.pt")
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
     full_meta = {
         "format": FORMAT_VERSION,
@@ -100,12 +121,12 @@ def save_checkpoint(run_dir: Path, chain: ChainState, optimizer: dict, meta: dic
         "cumulative_update_norm": chain.cumulative_update_norm,
     }
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
     _fsync_dir(tmp)
-    final = root / name
     if final.exists():  # the same step saved again (a resumed run): swap it out whole
-        trash = root / f".old-{name}"
+        trash = root / f".old-{final.name}"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -114,11 +135,10 @@ def save_checkpoint(run_dir: Path, chain: ChainState, optimizer: dict, meta: dic
         os.replace(tmp, final)
     _fsync_dir(root)
     latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
+    latest_tmp.write_text(final.name + "\n")
     _fsync_file(latest_tmp)
     os.replace(latest_tmp, root / "latest")
     _prune(root, keep, protect=final)
-    return final
 
 
 def _complete(root: Path) -> list[Path]:
@@ -167,6 +187,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
         factors={t: factors[t] for t in meta["merged"]},
         cumulative_update_norm=float(meta["cumulative_update_norm"]),
     )
-    optimizer = torch.load(path / "optimizer.pt", weights_only=True)
     rng = torch.load(path / "rng.pt", weights_only=True)
-    return Checkpoint(path, meta, chain, optimizer, rng)
+    return Checkpoint(path, meta, chain, rng)

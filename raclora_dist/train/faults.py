@@ -5,11 +5,17 @@ Controlled by environment variables so no test-only field pollutes the user's co
 ``RACLORA_FAULT_IN_CHECKPOINT=N`` exits halfway through writing this process's N-th
 checkpoint (after the chain file, before ``meta.json``).
 ``os._exit`` skips every cleanup handler, as a SIGKILL would.
+
+Distributed test hooks: ``RACLORA_TEST_DESYNC_RANK=R`` gives rank R another chain seed from
+link 1 on (its sketches then differ from the other ranks'); ``RACLORA_TEST_NAN_RANK=R`` with
+``RACLORA_TEST_NAN_LINK=T`` writes a NaN into rank R's first factor at the end of link T.
 """
 
 from __future__ import annotations
 
 import os
+
+import torch
 
 FAULT_EXIT_CODE = 17
 
@@ -29,3 +35,20 @@ def crash_in_checkpoint() -> None:
     at = os.environ.get("RACLORA_FAULT_IN_CHECKPOINT")
     if at is not None and int(at) == _checkpoints_written:
         os._exit(FAULT_EXIT_CODE)
+
+
+def desync_hook(layers: dict, rank: int, link: int) -> None:
+    at = os.environ.get("RACLORA_TEST_DESYNC_RANK")
+    if at is not None and int(at) == rank and link == 1:
+        for layer in layers.values():
+            layer.seed += 1
+
+
+@torch.no_grad()
+def nan_hook(layers: dict, rank: int, link: int) -> None:
+    r, t = os.environ.get("RACLORA_TEST_NAN_RANK"), os.environ.get("RACLORA_TEST_NAN_LINK")
+    if r is not None and t is not None and int(r) == rank and int(t) == link:
+        f = next(iter(layers.values())).factor
+        local = f.to_local() if hasattr(f, "to_local") else f
+        if local.numel():
+            local.view(-1)[0] = float("nan")

@@ -2,7 +2,9 @@
 
 Reads top to bottom: ``fit`` runs links; ``_train_link`` runs a link's steps; ``_boundary``
 does the merge/resample protocol between two optimizer steps, then evaluates, records and
-checkpoints.
+checkpoints. The same loop runs in one process and on every rank of a distributed run:
+the backend supplies the engine-specific pieces, and every rank reaches each boundary at
+the same step because the schedule is deterministic.
 """
 
 from __future__ import annotations
@@ -13,55 +15,52 @@ from pathlib import Path
 
 import torch
 
+from raclora_dist.backends import Backend
 from raclora_dist.config import RunConfig
-from raclora_dist.core import Comm, LocalComm
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
-from raclora_dist.train.faults import crash_after_step
+from raclora_dist.train.faults import crash_after_step, desync_hook, nan_hook
 from raclora_dist.train.metrics import MetricsWriter, progress_bar, rss_mb
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
 
-def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-
-
 class Trainer:
-    """Runs the chain's links on one process (distributed backends supply ``comm``).
+    """Runs the chain's links on this rank.
 
     Args:
-        cfg: the run config. session: model and chain. data: packed batches.
-        run_dir: where metrics and checkpoints go.
-        comm: collectives for the boundary protocol (identity in one process).
-        log: where per-link summary lines go.
+        cfg: the run config. session: model and chain (the backend has set the model up).
+        data: packed batches. run_dir: where rank 0 writes metrics and checkpoints.
+        backend: the engine (single, ddp, fsdp2, deepspeed). log: per-link summary lines.
     """
 
     def __init__(self, cfg: RunConfig, session: Session, data: PackedData, run_dir: Path,
-                 comm: Comm | None = None, log: Callable[[str], None] = print) -> None:
+                 backend: Backend, log: Callable[[str], None] = print) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
-        self.comm = comm or LocalComm()
-        self.log = log
-        self.params = session.chain.trainable_parameters()
-        self.optimizer = make_optimizer(cfg, self.params)
+        self.backend, self.comm = backend, backend.comm
+        self.is_main = backend.info.is_main
+        self.log = log if self.is_main else (lambda _: None)
         self.global_step = 0
-        self.metrics = MetricsWriter(self.run_dir)
+        self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
         self.history: list[dict] = []
+        self._grad_norm = float("nan")
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     def fit(self, start_link: int = 0) -> list[dict]:
         """Trains links ``start_link .. links-1``; returns the link records written."""
         rc = self.cfg.raclora
         total = rc.links * rc.steps_per_link
-        self._bar = progress_bar(total, self.global_step)
-        self.s.model.train()
+        self._bar = progress_bar(total, self.global_step) if self.is_main else None
+        self.backend.model.train()
         if start_link == 0 and self.global_step == 0:
-            self.metrics.write({"type": "eval", "step": 0, "eval_loss": self.evaluate()})
+            self._write({"type": "eval", "step": 0, "eval_loss": self.evaluate()})
         try:
             for link in range(start_link, rc.links):
                 if self.s.chain.link != link:
+                    desync_hook(self.s.layers, self.backend.info.rank, link)
                     self.s.chain.start_link(link, self.comm)
                 t0 = time.perf_counter()
                 loss = self._train_link(link)
@@ -69,7 +68,8 @@ class Trainer:
         finally:
             if self._bar is not None:
                 self._bar.close()
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         return self.history
 
     def _train_link(self, link: int) -> float:
@@ -78,8 +78,7 @@ class Trainer:
         losses = []
         for k in range(rc.steps_per_link):
             lr = link_lr(tc, k, rc.steps_per_link)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self.backend.set_lr(lr)
             t0 = time.perf_counter()
             loss = self._step()
             self.global_step += 1
@@ -87,7 +86,7 @@ class Trainer:
             tokens = tc.batch_size * tc.grad_accum * self.data.train.shape[1]
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
                    "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb()}
-            self.metrics.write(rec)
+            self._write(rec)
             losses.append(loss)
             if self._bar is not None:
                 self._bar.update(1)
@@ -96,31 +95,34 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def _step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
-        tc = self.cfg.train
+        """One optimizer step over ``grad_accum`` global micro-batches; returns the mean loss.
+
+        Each rank takes its equal slice of every global micro-batch, so the averaged
+        gradient equals the one-process gradient of the same global batch.
+        """
+        tc, b = self.cfg.train, self.backend
         total = 0.0
         for micro in range(tc.grad_accum):
             batch = self.data.train_batch(self.global_step * tc.grad_accum + micro)  # (B, T)
-            loss = self.s.model(input_ids=batch, labels=batch).loss
-            (loss / tc.grad_accum).backward()
+            loss = b.forward(b.local_batch(batch))  # (B / world, T) on this rank
+            b.backward(loss, tc.grad_accum)
             total += loss.item()
-        clip = tc.grad_clip if tc.grad_clip is not None else float("inf")
-        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total / tc.grad_accum
+        self._grad_norm = b.step(tc.grad_clip)
+        # Logged loss: the mean over ranks (one scalar all-reduce; identity in one process).
+        return float(self.comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
 
     def _boundary(self, link: int, train_loss: float, link_time: float) -> None:
         """Guard + merge (in the chain), optimizer reset, eval, record, checkpoint."""
         chain, rc = self.s.chain, self.cfg.raclora
+        nan_hook(self.s.layers, self.backend.info.rank, link)
         record = chain.end_link(self.comm)
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the
             # next link's subspace.
-            self.optimizer.state.clear()
+            self.backend.reset_optimizer()
         rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": self.evaluate(),
                "link_time_s": link_time, "step": self.global_step}
-        self.metrics.write(rec)
+        self._write(rec)
         self.history.append(rec)
         self.log(f"link {link + 1}/{rc.links}  train_loss {train_loss:.4f}  eval_loss "
                  f"{rec['eval_loss']:.4f}  |sBA| {record.update_norm:.4g}  "
@@ -131,20 +133,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed eval batches (NaN when there are none)."""
+        """Mean loss over the fixed eval batches, each on every rank (NaN when none)."""
         batches = self.data.eval_batches(self.cfg.train.eval_batches)
         if not batches:
             return float("nan")
-        self.s.model.eval()
-        losses = [self.s.model(input_ids=b, labels=b).loss.item() for b in batches]
-        self.s.model.train()
+        model = self.backend.model
+        model.eval()
+        losses = [self.backend.forward(b).item() for b in batches]
+        model.train()
         return sum(losses) / len(losses)
 
     def checkpoint(self, next_link: int) -> Path:
         chain = self.s.chain
         meta = {"next_link": next_link, "global_step": self.global_step,
+                "strategy": self.cfg.distributed.strategy, "world_size": self.backend.info.world_size,
                 "layers": [layer.spec.to_dict() for layer in self.s.layers.values()],
                 "fingerprint_link": chain.link,
                 "fingerprints": [str(x) for x in chain.fingerprints().tolist()]}
-        return save_checkpoint(self.run_dir, self.s.chain.state, self.optimizer.state_dict(),
-                               meta, self.cfg.checkpoint.keep)
+        return save_checkpoint(self.run_dir, chain.state, meta, self.cfg.checkpoint.keep,
+                               write_state=self.backend.save_state, is_main=self.is_main,
+                               barrier=self.backend.barrier)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from raclora_dist.backends import make_backend
+from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
 from raclora_dist.config import ConfigError, RunConfig, build_config, check_paths, diff_configs, read_yaml
 from raclora_dist.train.checkpoint import Checkpoint, find_latest, load_checkpoint
 from raclora_dist.train.data import PackedData, pack, read_documents
@@ -51,17 +53,17 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
-def restore(session: Session, ckpt: Checkpoint, trainer: Trainer | None = None) -> None:
-    """Replays a checkpoint's chain onto a fresh base, then starts its next link (in place).
+def restore_chain(session: Session, ckpt: Checkpoint) -> None:
+    """Replays a checkpoint's chain onto a fresh, unwrapped base (in place).
+
+    Runs before the backend wraps or shards the model, so the merges are plain dense ones,
+    bitwise those of the original run on CPU.
 
     Raises:
-        ConfigError: the regenerated sketches' fingerprints differ from the stored ones.
+        ConfigError: the checkpoint's layers differ from the model's targets, or the
+            regenerated sketches' fingerprints differ from the stored ones.
     """
     session.chain.replay(ckpt.chain)
-    if trainer is not None:
-        trainer.optimizer.load_state_dict(ckpt.optimizer)
-        trainer.global_step = ckpt.global_step
-        torch.set_rng_state(ckpt.rng)
     names = [d["name"] for d in ckpt.meta.get("layers", [])]
     if names != list(session.layers):
         raise ConfigError(f"{ckpt.path}: the checkpoint's layers differ from the model's targets")
@@ -79,36 +81,83 @@ def restore(session: Session, ckpt: Checkpoint, trainer: Trainer | None = None) 
         )
 
 
+def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:
+    if info.world_size != cfg.distributed.workers:
+        raise ConfigError(
+            f"distributed.workers={cfg.distributed.workers} but the launcher started "
+            f"{info.world_size} processes (WORLD_SIZE)"
+        )
+    if ckpt_path is not None:
+        import json
+
+        meta = json.loads((ckpt_path / "meta.json").read_text())
+        was_ds, is_ds = meta.get("strategy") == "deepspeed", cfg.distributed.strategy == "deepspeed"
+        if (was_ds or is_ds) and (meta.get("strategy"), meta.get("world_size")) != (
+            cfg.distributed.strategy, info.world_size
+        ):
+            raise ConfigError(
+                f"--resume: {ckpt_path.name} was written by {meta.get('strategy')} with "
+                f"{meta.get('world_size')} workers; DeepSpeed state resumes only with the same "
+                "strategy and distributed.workers"
+            )
+
+
 def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
-    """Trains ``cfg`` into ``cfg.run.dir``; returns the link records of this invocation."""
+    """Trains ``cfg`` into ``cfg.run.dir`` on this rank; returns the link records.
+
+    Under torchrun (``WORLD_SIZE`` > 1, or any engine strategy) every rank calls this; rank 0
+    alone writes the run folder.
+    """
     run_dir = Path(cfg.run.dir)
+    info = init_distributed(cfg.distributed.backend) if cfg.distributed.strategy != "single" else DistInfo()
+    try:
+        return _run(cfg, run_dir, info, resume, log if info.is_main else (lambda _: None))
+    finally:
+        shutdown()
+
+
+def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Callable[[str], None]) -> list[dict]:
     check_paths(cfg)
     validate_model(cfg)  # targets and rank, on the meta device
     ckpt_path = _check_resume(cfg, run_dir, resume)
+    _check_world(cfg, info, ckpt_path)
     data = load_data(cfg)
-    # Inputs are good: from here on the run folder may be written.
-    run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank passed the checks before anything is written
+    # Inputs are good: from here on the run folder may be written (by rank 0).
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     fresh_base = cfg.model.config is not None and ckpt_path is None
     base = base_folder(cfg, run_dir)
     session = build_session(
         cfg,
         source=base if cfg.model.config is not None and not fresh_base else None,
-        save_base_to=base if fresh_base else None,
+        save_base_to=base if fresh_base and info.is_main else None,
     )
-    _write_config(cfg, run_dir)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if info.is_main:
+        _write_config(cfg, run_dir)
+        if ckpt is not None:
+            truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
+    if ckpt is not None:
+        restore_chain(session, ckpt)
+    backend = make_backend(cfg, info)
+    backend.setup(session.model)
+    session.chain.access = backend.access
+    trainer = Trainer(cfg, session, data, run_dir, backend, log=log)
     start_link = 0
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-        truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
-    trainer = Trainer(cfg, session, data, run_dir, log=log)
-    if ckpt_path is not None:
-        restore(session, ckpt, trainer)
+    if ckpt is not None:
+        backend.load_state(ckpt.path)
+        trainer.global_step = ckpt.global_step
+        torch.set_rng_state(ckpt.rng)
         start_link = ckpt.next_link
         log(f"resumed {run_dir} at link {start_link} (step {ckpt.global_step})")
     log(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
-        f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps")
+        f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
+        f"{cfg.distributed.strategy} x {info.world_size}")
     history = trainer.fit(start_link)
-    from raclora_dist.train.plot import plot_run
+    if info.is_main:
+        from raclora_dist.train.plot import plot_run
 
-    plot_run(run_dir)
+        plot_run(run_dir)
+    barrier()
     return history

@@ -78,3 +78,12 @@ def test_extending_the_chain_resumes_from_the_last_link(reference, tmp_path, sma
     assert main(["train", str(cfg), "raclora.links=3", "--resume"]) == 0
     a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_checkpointing_does_not_touch_a_reset_optimizer(tmp_path, small_data):
+    """A checkpoint right after the reset must leave Adam's state empty (a regression: torch's
+    get_optimizer_state_dict initialises empty state with a zero-gradient step)."""
+    every = write_config(tmp_path / "a.yaml", tiny_config(small_data, tmp_path / "a"))
+    rarely = write_config(tmp_path / "b.yaml", tiny_config(small_data, tmp_path / "b", checkpoint={"every_links": 10}))
+    assert main(["train", str(every)]) == 0 and main(["train", str(rarely)]) == 0
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")

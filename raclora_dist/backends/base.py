@@ -1,0 +1,110 @@
+"""The backend surface the trainer uses, and the single-process backend it defaults to.
+
+A backend owns: how the model is wrapped or sharded, the optimizer, backward and step,
+where the trainable factors and base weights live (its :class:`FactorAccess`), the
+collectives (its :class:`Comm`), and how optimizer state is saved and loaded. Siblings
+override what differs; the engines are imported inside the subclasses that need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raclora_dist.backends.dist import DistInfo, barrier
+from raclora_dist.config import RunConfig
+from raclora_dist.core import Comm, DenseAccess, FactorAccess, LocalComm
+
+
+class Backend:
+    """One process, no engine: the reference every distributed backend must match.
+
+    Args:
+        cfg: the run config. info: this process's rank, world size and device.
+    """
+
+    name = "single"
+
+    def __init__(self, cfg: RunConfig, info: DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.comm: Comm = LocalComm()
+        self.access: FactorAccess = DenseAccess()
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- setup ------------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> None:
+        """Wraps/shards ``model`` and builds the optimizer over its trainable factors."""
+        self.model = model.to(self.info.device)
+        self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+
+    # -- the step -----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Causal-LM loss of one micro-batch (B, T) on this rank."""
+        ids = input_ids.to(self.info.device)
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        (loss / accum).backward()
+
+    def step(self, clip: float | None) -> float:
+        """Clips (global norm), steps, zeroes grads; returns the pre-clip grad norm."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        """Forgets the optimizer state of the factors (their old sketch's coordinates)."""
+        self.optimizer.state.clear()
+
+    def local_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's equal slice of a global micro-batch (B, T) -> (B / world, T)."""
+        return batch.chunk(self.info.world_size)[self.info.rank]
+
+    # -- state --------------------------------------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        """Writes the optimizer state into a checkpoint folder (called on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if not self.optimizer.state:
+            # Just reset at the boundary. get_optimizer_state_dict would initialise the empty
+            # state with a zero-gradient step (Adam's step counter -> 1), silently turning the
+            # next link's first step into a second one.
+            if self.info.is_main:
+                torch.save({"state": {}}, folder / "optimizer.pt")
+            return
+        # A full (unsharded) state dict keyed by parameter name: the factors are small, and
+        # the file then loads at any world size.
+        state = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.info.is_main:
+            torch.save(state, folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(folder / "optimizer.pt", weights_only=True)
+        if not state.get("state"):
+            return  # a reset at the boundary: the fresh optimizer is already right
+        set_optimizer_state_dict(self.model, self.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def barrier(self) -> None:
+        barrier()

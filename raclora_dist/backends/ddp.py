@@ -1,0 +1,30 @@
+"""DDP: replicated weights and factors; gradients all-reduced every step; dense merges."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from raclora_dist.backends.base import Backend
+from raclora_dist.backends.dist import DistComm
+
+
+class DDPBackend(Backend):
+    name = "ddp"
+
+    def __init__(self, cfg, info) -> None:
+        super().__init__(cfg, info)
+        self.comm = DistComm(info.device)
+
+    def setup(self, model: nn.Module) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = model.to(self.info.device)
+        # broadcast_buffers=False: every rank draws the sketches itself; broadcasting rank
+        # 0's would hide a desynchronised rank from the fingerprint check (and cost a
+        # broadcast per forward).
+        self.model = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
+                         broadcast_buffers=False)
+        self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def eval_model(self) -> nn.Module:
+        return self.model.module

@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO-2/3. The user's DeepSpeed dict is passed through; batch sizes, clipping and
+precision are filled from the run config where the dict leaves them unset.
+
+ZeRO keeps each trainable factor twice: the working copy the forward uses (replicated in
+ZeRO-2, partitioned in ZeRO-3) and an fp32 master partition in the optimizer. Reading a
+factor goes through ``safe_get_full_fp32_param``; zeroing it sets both copies. Under ZeRO-3
+the frozen base weight is partitioned too: the merge gathers it with ``GatheredParameters``
+and rank 0's in-place edit is re-partitioned on exit (the same math as a dense merge, so a
+replay on resume reproduces it).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raclora_dist.backends.base import Backend
+from raclora_dist.backends.dist import DistComm
+from raclora_dist.core import RacLoraLinear
+from raclora_dist.core.layer import lowrank_fro_norm, merge_into_weight
+
+TAG = "state"
+
+
+class DeepSpeedAccess:
+    def __init__(self, rank: int, stage: int) -> None:
+        self.rank, self.stage = rank, stage
+
+    def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(layer.factor)  # collective under ZeRO-3
+
+    def local_finite(self, layer: RacLoraLinear) -> bool:
+        return bool(torch.isfinite(self.full_factor(layer)).all())
+
+    @torch.no_grad()
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
+        if layer.merge_mode != "into_base":
+            raise NotImplementedError("deepspeed supports raclora.merge_mode=into_base")
+        if not torch.isfinite(factor).all():
+            raise FloatingPointError(f"refusing to merge a non-finite factor in {layer.name!r}")
+        B, A = layer.factors_with(factor)
+        weight = layer.base_layer.weight
+        if self.stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+                if self.rank == 0:
+                    merge_into_weight(weight.data, B, A, layer.scale)
+        else:
+            merge_into_weight(weight.data, B, A, layer.scale)
+        self.zero_factor(layer)
+        return layer.scale * lowrank_fro_norm(B, A)
+
+    @torch.no_grad()
+    def zero_factor(self, layer: RacLoraLinear) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        p = layer.factor
+        safe_set_full_fp32_param(p, torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape,
+                                                dtype=torch.float32, device=p.device))
+        if self.stage == 3:
+            import deepspeed
+
+            # Through GatheredParameters rather than the local partition: ZeRO-3 keeps small
+            # parameters (below stage3_param_persistence_threshold) as full copies on every
+            # rank, and a forward before the next step would still see the old factor.
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if self.rank == 0:
+                    p.data.zero_()
+        else:
+            p.data.zero_()
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg, info) -> None:
+        super().__init__(cfg, info)
+        self.comm = DistComm(info.device)
+        self.ds_config = self._ds_config()
+        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.access = DeepSpeedAccess(info.rank, self.stage)
+
+    def _ds_config(self) -> dict:
+        t = self.cfg.train
+        ds = copy.deepcopy(self.cfg.distributed.deepspeed)
+        ds.setdefault("train_micro_batch_size_per_gpu", t.batch_size // self.info.world_size)
+        ds.setdefault("gradient_accumulation_steps", t.grad_accum)
+        ds.setdefault("gradient_clipping", t.grad_clip or 0.0)
+        # Our torch optimizer (AdamW/SGD) avoids compiling DeepSpeed's fused Adam ops.
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        ds.setdefault("steps_per_print", 10**9)
+        if self.cfg.distributed.mixed_precision == "bf16":
+            ds.setdefault("bf16", {"enabled": True})
+        return ds
+
+    def setup(self, model: nn.Module) -> None:
+        import deepspeed
+
+        model = model.to(self.info.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=self._make_optimizer(params), config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.model, self.optimizer, self.engine = engine, optimizer, engine
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.engine.device)
+        return self.engine(input_ids=ids, labels=ids).loss
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # a non-boundary step only advances DeepSpeed's micro-step count
+
+    def step(self, clip: float | None) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self) -> None:
+        # ZeRO wraps our torch optimizer; its state is keyed by the flat fp32 partitions.
+        self.engine.optimizer.optimizer.state.clear()
+
+    def save_state(self, folder: Path) -> None:
+        # DeepSpeed's own (per-rank partitioned) checkpoint; the frozen base is not stored.
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG, exclude_frozen_parameters=True,
+                                    save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed state with tag {TAG!r}")
+
+    def eval_model(self) -> nn.Module:
+        return self.engine

@@ -1,0 +1,82 @@
+"""torch.distributed plumbing: process-group setup from torchrun's environment, collectives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun (or Ray Train) set it; 1 outside a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Joins the process group torchrun described in the environment (idempotent).
+
+    Args:
+        backend: ``gloo``, ``nccl`` or ``auto`` (nccl when CUDA is available, else gloo).
+    """
+    world = env_world_size()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        pg = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=pg)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+class DistComm:
+    """The chain's :class:`~raclora_dist.core.chain.Comm` over the default process group.
+
+    Tensors are reduced on the collective's device (CPU for gloo, the GPU for nccl) and
+    returned on the caller's device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        buf = t.to(self.device)
+        dist.all_reduce(buf, op=op)
+        return buf.to(t.device)
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, dist.ReduceOp.MIN)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, dist.ReduceOp.SUM) / dist.get_world_size()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
