@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -39,6 +40,8 @@ def _train(args: argparse.Namespace) -> int:
     from raclora_dist.train.launch import launch_torchrun, under_launcher
 
     overrides = list(args.overrides)
+    if under_launcher() and not any(o.startswith("distributed.workers=") for o in overrides):
+        overrides.append(f"distributed.workers={os.environ.get('WORLD_SIZE', '1')}")  # plain torchrun
     if Path(args.config).is_dir() and not any(o.startswith("run.dir=") for o in overrides):
         overrides.append(f"run.dir={args.config}")  # a run folder given as the config
     cfg = load_config(_config_path(args.config), overrides)

@@ -1,0 +1,158 @@
+"""Every engine with 2 gloo processes on CPU, through `raclora train` (which starts torchrun),
+compared with the one-process run on the same global batches.
+
+Tolerance: fp32 throughout. With 2 ranks the gradient is the mean of two half-batch means
+(a different summation order than one full-batch mean), so values agree to ~1e-7 relative
+per step; Adam's first step divides by |g| and can amplify that near g ~ 0, so factors are
+compared at rtol 1e-4 / atol 1e-6 (measured differences are ~1e-8) and losses at 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raclora_dist.train.checkpoint import find_latest
+from tests.conftest import read_jsonl, run_cli, tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+ENGINES = {
+    "ddp": ["distributed.strategy=ddp"],
+    "fsdp2": ["distributed.strategy=fsdp2"],
+    "zero2": ["distributed.strategy=deepspeed", "distributed.deepspeed={zero_optimization: {stage: 2}}"],
+    "zero3": ["distributed.strategy=deepspeed",
+              "distributed.deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}"],
+}
+
+
+def shm_files() -> set[str]:
+    return {p for p in os.listdir("/dev/shm") if "deepspeed" in p} if os.path.isdir("/dev/shm") else set()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions ``text`` (leftover workers of a run)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and int(pid) != os.getpid():
+            pids.append(int(pid))
+    return pids
+
+
+def train(cfg: Path, run: Path, *overrides: str, env: dict | None = None, resume: bool = False):
+    """`raclora train` with 2 workers by default; checks nothing is left behind."""
+    before = shm_files()
+    args = ["train", str(cfg), f"run.dir={run}", "distributed.workers=2", *overrides]
+    proc = run_cli(*args, *(["--resume"] if resume else []), env={"OMP_NUM_THREADS": "1", **(env or {})})
+    assert not processes_mentioning(str(run)), "worker processes outlived the run"
+    assert shm_files() <= before, "shared-memory files left behind"
+    return proc
+
+
+def chain(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(find_latest(run) / "chain.safetensors")
+
+
+def meta(run: Path) -> dict:
+    return json.loads((find_latest(run) / "meta.json").read_text())
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
+
+
+def assert_chains_close(a: Path, b: Path, rtol=1e-4, atol=1e-6) -> None:
+    ca, cb = chain(a), chain(b)
+    assert ca.keys() == cb.keys()
+    for k in ca:
+        assert torch.allclose(ca[k], cb[k], rtol=rtol, atol=atol), (k, (ca[k] - cb[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_data):
+    d = tmp_path_factory.mktemp("dist")
+    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "unused"))
+    single = d / "single"
+    proc = run_cli("train", str(cfg), f"run.dir={single}")
+    assert proc.returncode == 0, proc.stderr
+    return d, cfg, single
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
+    d, cfg, single = setup
+    run = d / engine
+    proc = train(cfg, run, *ENGINES[engine])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the trained chain equals the one-process chain, link by link (3 links merged)
+    assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == 2
+    assert_chains_close(single, run)
+    assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
+    # every rank held the one-process sketches: their all-reduced fingerprints were checked
+    # at each link, and they equal the ones the single run stored
+    assert meta(run)["fingerprints"] == meta(single)["fingerprints"]
+
+    crashed = d / f"{engine}-crash"
+    proc = train(cfg, crashed, *ENGINES[engine], env={"RACLORA_FAULT_AT_STEP": "5"})
+    assert proc.returncode != 0
+    assert find_latest(crashed).name == "link-00001-step-0000003"
+    proc = train(cfg, crashed, *ENGINES[engine], resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_chains_close(run, crashed, rtol=1e-6, atol=1e-8)  # ends where the uninterrupted run ends
+    assert losses(crashed) == pytest.approx(losses(run), abs=1e-6)
+
+
+def test_fsdp2_resumes_with_a_different_number_of_workers(setup):
+    d, cfg, single = setup
+    run = d / "fsdp2-2to1"
+    assert train(cfg, run, *ENGINES["fsdp2"], env={"RACLORA_FAULT_AT_STEP": "5"}).returncode != 0
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.workers=1", resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert meta(run)["world_size"] == 1 and meta(run)["merged"] == [0, 1, 2]
+    assert_chains_close(single, run)
+
+
+def test_desynchronised_sketch_stops_the_run_naming_the_module(setup):
+    """Also the plain torchrun launch: the worker count comes from WORLD_SIZE."""
+    d, cfg, _ = setup
+    run = d / "desync"
+    before = shm_files()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "raclora_dist",
+         "train", str(cfg), f"run.dir={run}", *ENGINES["ddp"]],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RACLORA_TEST_DESYNC_RANK": "1"},
+    )
+    assert proc.returncode != 0
+    assert "link 1: ranks hold different sketches for module 'model.layers.0.self_attn.q_proj'" in proc.stderr
+    assert meta(run)["merged"] == [0] and meta(run)["world_size"] == 2  # link 0's checkpoint intact
+    assert not processes_mentioning(str(run)) and shm_files() <= before
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_nonfinite_factor_on_one_rank_merges_nothing_anywhere(engine, setup):
+    d, cfg, _ = setup
+    nan = {"RACLORA_TEST_NAN_LINK": "1"}
+    ref = d / f"nan-single-{engine}"
+    proc = run_cli("train", str(cfg), f"run.dir={ref}", env={**nan, "RACLORA_TEST_NAN_RANK": "0"})
+    assert proc.returncode == 0, proc.stderr
+    run = d / f"nan-{engine}"
+    proc = train(cfg, run, *ENGINES[engine], env={**nan, "RACLORA_TEST_NAN_RANK": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    links = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"]
+    assert [r["merged"] for r in links] == [True, False, True]
+    assert meta(run)["merged"] == [0, 2] and meta(run)["skipped"] == [1]
+    # Had rank 1 merged its NaN, its weights (and every later gradient) would be NaN, and
+    # link 2 would not match the one-process run that discarded link 1.
+    assert_chains_close(ref, run)
