@@ -147,13 +147,16 @@ class RacLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``y = base(x) + x A_chain^T B_chain^T + s (x A^T) B^T``; x: (..., n) -> (..., m)."""
         y = self.base_layer(x)
-        xa = x.to(self.factor.dtype)
+        # The factor's dtype as the engine presents it (bf16 under FSDP2 mixed precision,
+        # which casts parameters but not buffers): sketch and chain follow it. No-op in fp32.
+        dt = self.factor.dtype
+        xa = x.to(dt)
         if self.chain_rank:
             R = self.chain_rank
-            y = y + ((xa @ self.chain_A[:R].T) @ self.chain_B[:, :R].T).to(y.dtype)
+            y = y + ((xa @ self.chain_A[:R].T.to(dt)) @ self.chain_B[:, :R].T.to(dt)).to(y.dtype)
         # Through rank r: (..., n) @ (n, r) -> (..., r) @ (r, m). Only the rank-r
         # intermediate is needed for a right sketch's backward.
-        return y + (self.scale * ((xa @ self.lora_A.T) @ self.lora_B.T)).to(y.dtype)
+        return y + (self.scale * ((xa @ self.lora_A.T.to(dt)) @ self.lora_B.T.to(dt))).to(y.dtype)
 
     # -- link lifecycle ---------------------------------------------------------------
     @torch.no_grad()

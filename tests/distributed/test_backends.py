@@ -156,3 +156,16 @@ def test_nonfinite_factor_on_one_rank_merges_nothing_anywhere(engine, setup):
     # Had rank 1 merged its NaN, its weights (and every later gradient) would be NaN, and
     # link 2 would not match the one-process run that discarded link 1.
     assert_chains_close(ref, run)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
+def test_bf16_mixed_precision_tracks_the_fp32_run(engine, setup):
+    """bf16 parameters (fp32 reduction / master weights): the forward casts the fp32 sketch
+    buffer to the factor's bf16; losses stay within bf16 rounding of the fp32 run's."""
+    d, cfg, single = setup
+    run = d / f"{engine}-bf16"
+    proc = train(cfg, run, *ENGINES[engine], "distributed.mixed_precision=bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert meta(run)["merged"] == [0, 1, 2]
+    assert losses(run) == pytest.approx(losses(single), abs=5e-3)
+    assert losses(run) != losses(single)  # it really ran in bf16
