@@ -24,6 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--rank", type=int, help="peft: compress the chain to this rank by SVD")
     pl = sub.add_parser("plot", help="draw RUN/plot.png from RUN/metrics.jsonl")
     pl.add_argument("run")
+    sb = sub.add_parser("submit", help="submit training as a Ray job (uploads the working directory)")
+    sb.add_argument("config")
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--address", required=True, help="the Ray job server, e.g. http://HEAD:8265")
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sb.add_argument("--submission-id", help="a job id of your choosing")
+    for verb, text in (("status", "a Ray job's status"), ("logs", "a Ray job's logs"), ("stop", "stop a Ray job")):
+        j = sub.add_parser(verb, help=text)
+        j.add_argument("job_id")
+        j.add_argument("--address", required=True)
     return p
 
 
@@ -46,6 +56,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"run.dir={args.config}")  # a run folder given as the config
     cfg = load_config(_config_path(args.config), overrides)
     check_paths(cfg)
+    if cfg.ray.enabled and not under_launcher():
+        return _train_on_ray(cfg, args.resume)
     if cfg.distributed.strategy != "single" and not under_launcher():
         # Engines need a process group even for one worker: start torchrun, which re-runs
         # this same command in each worker (checked above, so bad input fails here, once).
@@ -62,11 +74,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_on_ray(cfg, resume: bool) -> int:
+    from raclora_dist.config import absolutize
+    from raclora_dist.train.session import validate_model
+
+    absolutize(cfg)
+    validate_model(cfg)  # targets and rank: fail here, before any Ray worker starts
+    from raclora_dist.orchestration.ray_train import fit
+
+    try:
+        result = fit(cfg, resume=resume)
+    except RuntimeError as err:
+        print(f"raclora: error: {err}", file=sys.stderr)
+        return 1
+    print(f"run folder: {cfg.run.dir}\nray checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from raclora_dist.orchestration import jobs
+
+    if args.command == "submit":
+        # The config is validated by the job itself, against the cluster's files: a bad one
+        # fails there within seconds, with the error in the job's logs, and this exits 1.
+        job = jobs.submit(args.address, args.config, args.overrides,
+                          working_dir=jobs.default_working_dir(args.config), submission_id=args.submission_id)
+        print(f"submitted job {job}")
+        if args.no_wait:
+            return 0
+        final = jobs.follow(args.address, job)
+        print(f"job {job}: {final}")
+        return 0 if final == "SUCCEEDED" else 1
+    if args.command == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.command == "logs":
+        print(jobs.logs(args.address, args.job_id), end="")
+    else:
+        print("stopped" if jobs.stop(args.address, args.job_id) else "not running")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from raclora_dist.config import check_paths, load_config
 
     if args.command == "train":
         return _train(args)
+    if args.command in ("submit", "status", "logs", "stop"):
+        return _jobs(args)
     elif args.command == "validate":
         from raclora_dist.train.session import validate_model
 

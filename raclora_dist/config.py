@@ -100,6 +100,19 @@ class DistributedSection(_Section):
         return self
 
 
+class RaySection(_Section):
+    enabled: bool = Field(False, description="Run the workers under Ray Train (TorchTrainer); distributed.workers of them.")
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://HOST:10001'); unset: start an embedded local Ray.")
+    name: str | None = Field(None, description="Ray Train run name; default: the run folder's name. Same name + storage resumes.")
+    storage_path: str | None = Field(
+        None, description="Where Ray keeps checkpoints (a folder or a pyarrow URI such as s3://...); default <run.dir>/ray."
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray allows (-1: unlimited); each resumes from the latest checkpoint.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker.")
+    dashboard: bool = Field(False, description="Embedded Ray only: start the dashboard (bound to 127.0.0.1).")
+
+
 class RunConfig(_Section):
     """The whole run: one section per layer of the system."""
 
@@ -110,6 +123,7 @@ class RunConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    ray: RaySection = Field(default_factory=RaySection)
 
     @model_validator(mode="after")
     def _check_batch(self) -> "RunConfig":
@@ -128,7 +142,8 @@ class RunConfig(_Section):
 
 
 # Fields that may differ between a run and its resumption (they do not change the chain).
-RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "distributed.")
+RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "distributed.", "ray.")
+PATH_FIELDS = ("data.path", "data.tokenizer", "model.name_or_path")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -195,6 +210,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return cfg
 
 
+def absolutize(cfg: RunConfig) -> RunConfig:
+    """Makes the config's local paths absolute (in place): Ray workers run elsewhere."""
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.data.tokenizer != "bytes":
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
+    if cfg.model.name_or_path is not None:
+        cfg.model.name_or_path = str(Path(cfg.model.name_or_path).resolve())
+    if cfg.ray.storage_path is None:
+        cfg.ray.storage_path = str(Path(cfg.run.dir) / "ray")
+    elif "://" not in cfg.ray.storage_path:
+        cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
+    if cfg.ray.name is None:
+        cfg.ray.name = Path(cfg.run.dir).name
+    return cfg
+
+
 def check_paths(cfg: RunConfig) -> None:
     """Checks that the files a config names exist (the config itself is already valid)."""
     if not Path(cfg.data.path).is_file():
@@ -217,6 +249,8 @@ def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:
                 walk(a.get(k), b.get(k), f"{prefix}{k}.")
         elif a != b:
             key = prefix[:-1]
+            if key in PATH_FIELDS and a and b and a != "bytes" and Path(a).resolve() == Path(b).resolve():
+                return
             if not any(key == c or key.startswith(c) for c in RESUMABLE_CHANGES):
                 out.append(f"{key}: run has {a!r}, config has {b!r}")
 

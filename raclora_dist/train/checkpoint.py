@@ -109,6 +109,9 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
 
 def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int) -> None:
     root = final.parent
+    config = root.parent / "config.yaml"
+    if config.is_file():  # travels with the checkpoint (Ray storage, another node)
+        shutil.copyfile(config, tmp / "config.yaml")
     tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
     save_file(tensors, tmp / "chain.safetensors")
     crash_in_checkpoint()
@@ -170,6 +173,30 @@ def find_latest(run_dir: Path) -> Path | None:
             return named
     done = _complete(root)
     return done[-1] if done else None
+
+
+def install_checkpoint(src: Path, run_dir: Path) -> Path:
+    """Makes a checkpoint folder from elsewhere (Ray storage) the run's latest (rank 0 only).
+
+    Copies it under ``run_dir/checkpoints`` unless the same checkpoint is already there,
+    restores ``config.yaml`` when the run folder lacks it, and points ``latest`` at it.
+    """
+    meta = json.loads((Path(src) / "meta.json").read_text())
+    root = ckpt_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
+    final = root / name
+    if not (final / "meta.json").is_file():
+        tmp = root / f".tmp-install-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, final)
+    if not (Path(run_dir) / "config.yaml").is_file() and (final / "config.yaml").is_file():
+        shutil.copyfile(final / "config.yaml", Path(run_dir) / "config.yaml")
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    return final
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

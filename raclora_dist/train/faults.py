@@ -6,6 +6,10 @@ Controlled by environment variables so no test-only field pollutes the user's co
 checkpoint (after the chain file, before ``meta.json``).
 ``os._exit`` skips every cleanup handler, as a SIGKILL would.
 
+Ray test hooks: ``RACLORA_TEST_PID_DIR=D`` makes each worker write ``D/rank<R>.pid`` when it
+starts (so a test can kill one by PID); ``RACLORA_TEST_STEP_SLEEP=S`` sleeps S seconds per step
+(so a kill lands mid-link).
+
 Distributed test hooks: ``RACLORA_TEST_DESYNC_RANK=R`` gives rank R another chain seed from
 link 1 on (its sketches then differ from the other ranks'); ``RACLORA_TEST_NAN_RANK=R`` with
 ``RACLORA_TEST_NAN_LINK=T`` writes a NaN into rank R's first factor at the end of link T.
@@ -20,7 +24,20 @@ import torch
 FAULT_EXIT_CODE = 17
 
 
+def write_pid(rank: int) -> None:
+    folder = os.environ.get("RACLORA_TEST_PID_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
 def crash_after_step(global_step: int) -> None:
+    delay = os.environ.get("RACLORA_TEST_STEP_SLEEP")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
     at = os.environ.get("RACLORA_FAULT_AT_STEP")
     if at is not None and int(at) == global_step:
         os._exit(FAULT_EXIT_CODE)

@@ -35,7 +35,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, session: Session, data: PackedData, run_dir: Path,
-                 backend: Backend, log: Callable[[str], None] = print) -> None:
+                 backend: Backend, log: Callable[[str], None] = print,
+                 on_checkpoint: Callable[[Path, dict], None] | None = None) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
         self.backend, self.comm = backend, backend.comm
         self.is_main = backend.info.is_main
@@ -44,6 +45,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
         self.history: list[dict] = []
         self._grad_norm = float("nan")
+        self.on_checkpoint = on_checkpoint
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:
@@ -124,12 +126,15 @@ class Trainer:
                "link_time_s": link_time, "step": self.global_step}
         self._write(rec)
         self.history.append(rec)
-        self.log(f"link {link + 1}/{rc.links}  train_loss {train_loss:.4f}  eval_loss "
-                 f"{rec['eval_loss']:.4f}  |sBA| {record.update_norm:.4g}  "
+        tokens = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.data.train.shape[1] * rc.steps_per_link
+        self.log(f"link {link + 1}/{rc.links}  step {self.global_step}  train_loss {train_loss:.4f}  eval_loss "
+                 f"{rec['eval_loss']:.4f}  tokens/s {tokens / link_time:.0f}  |sBA| {record.update_norm:.4g}  "
                  f"merge {record.merge_time_s * 1e3:.1f} ms" + ("" if record.merged else "  (discarded)"))
         last = link + 1 == rc.links
         if last or (link + 1) % self.cfg.checkpoint.every_links == 0:
-            self.checkpoint(link + 1)
+            path = self.checkpoint(link + 1)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path, rec)
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from raclora_dist.backends import make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
@@ -102,21 +103,30 @@ def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None
             )
 
 
-def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print,
+                 on_checkpoint: Callable[[Path, dict], None] | None = None) -> list[dict]:
     """Trains ``cfg`` into ``cfg.run.dir`` on this rank; returns the link records.
 
-    Under torchrun (``WORLD_SIZE`` > 1, or any engine strategy) every rank calls this; rank 0
-    alone writes the run folder.
+    Under torchrun or Ray Train every rank calls this; rank 0 alone writes the run folder.
+
+    Args:
+        cfg: the run config. resume: continue from the run folder's latest checkpoint.
+        log: per-link progress lines (rank 0).
+        on_checkpoint: called on every rank after each checkpoint with its folder and the
+            link record (Ray Train reports it to storage).
     """
     run_dir = Path(cfg.run.dir)
+    owns_group = not dist.is_initialized()
     info = init_distributed(cfg.distributed.backend) if cfg.distributed.strategy != "single" else DistInfo()
     try:
-        return _run(cfg, run_dir, info, resume, log if info.is_main else (lambda _: None))
+        return _run(cfg, run_dir, info, resume, log if info.is_main else (lambda _: None), on_checkpoint)
     finally:
-        shutdown()
+        if owns_group:  # Ray Train made the group and tears it down itself
+            shutdown()
 
 
-def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Callable[[str], None]) -> list[dict]:
+def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Callable[[str], None],
+         on_checkpoint: Callable[[Path, dict], None] | None) -> list[dict]:
     check_paths(cfg)
     validate_model(cfg)  # targets and rank, on the meta device
     ckpt_path = _check_resume(cfg, run_dir, resume)
@@ -126,8 +136,10 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     # Inputs are good: from here on the run folder may be written (by rank 0).
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    fresh_base = cfg.model.config is not None and ckpt_path is None
     base = base_folder(cfg, run_dir)
+    # A config-built base is a pure function of (config, init_seed): rebuild it when the
+    # run folder lacks it (a fresh node resuming from remote storage) and save it again.
+    fresh_base = cfg.model.config is not None and (ckpt_path is None or not (base / "config.json").is_file())
     session = build_session(
         cfg,
         source=base if cfg.model.config is not None and not fresh_base else None,
@@ -143,7 +155,7 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     backend = make_backend(cfg, info)
     backend.setup(session.model)
     session.chain.access = backend.access
-    trainer = Trainer(cfg, session, data, run_dir, backend, log=log)
+    trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint)
     start_link = 0
     if ckpt is not None:
         backend.load_state(ckpt.path)

@@ -1,0 +1,106 @@
+"""Ray Train: the same training loop in each Ray worker (the only package importing ray).
+
+The driver builds a ``TorchTrainer`` from the run config; each worker rebuilds the typed
+config and calls :func:`raclora_dist.train.run.run_training`, exactly what torchrun runs.
+Checkpoints taken at link boundaries are reported to Ray, which copies them to
+``ray.storage_path``. When Ray restarts the worker group (a lost worker, within
+``ray.max_failures``) or the driver is started again with the same ``ray.name`` and
+storage, each worker gets the latest reported checkpoint back and resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from raclora_dist.config import RunConfig
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """A Ray worker: resume from Ray's latest checkpoint if there is one, then train."""
+    import ray.train
+    import torch.distributed as dist
+
+    from raclora_dist.train.checkpoint import install_checkpoint
+    from raclora_dist.train.run import run_training
+
+    from raclora_dist.train.faults import write_pid
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    write_pid(ray.train.get_context().get_world_rank())
+    resume = bool(config.get("resume"))
+    ckpt = ray.train.get_checkpoint()
+    stored = config.get("resume_from")
+    if ckpt is not None or stored:
+        if ray.train.get_context().get_world_rank() == 0:
+            if ckpt is not None:
+                with ckpt.as_directory() as folder:
+                    install_checkpoint(Path(folder), Path(cfg.run.dir))
+            else:
+                install_checkpoint(Path(stored), Path(cfg.run.dir))
+        dist.barrier()
+        resume = True
+
+    def report(path: Path, record: dict) -> None:
+        # Every worker reports (a Ray Train sync point); rank 0 hands over the folder.
+        metrics = {k: record[k] for k in ("link", "step", "train_loss", "eval_loss", "update_norm")}
+        is_main = ray.train.get_context().get_world_rank() == 0
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if is_main else None)
+
+    run_training(cfg, resume=resume, on_checkpoint=report)
+
+
+def latest_in_storage(cfg: RunConfig) -> Path | None:
+    """The newest complete raclora checkpoint this run (same name) left in local storage.
+
+    Ray hands a restarted worker group its latest checkpoint itself; a driver started again
+    after a *failed* run may get none back, so the driver looks in storage too. (For remote
+    URIs only Ray's own record is used.)
+    """
+    if cfg.ray.storage_path is None or "://" in cfg.ray.storage_path:
+        return None
+    root = Path(cfg.ray.storage_path) / str(cfg.ray.name)
+    found = []
+    for meta in root.glob("checkpoint_*/meta.json"):
+        m = json.loads(meta.read_text())
+        found.append(((m["next_link"], m["global_step"]), meta.parent))
+    return max(found)[1] if found else None
+
+
+def fit(cfg: RunConfig, resume: bool = False):
+    """Runs ``cfg`` under Ray Train from the driver; returns Ray's ``Result``.
+
+    Starts an embedded local Ray (dashboard off, or bound to 127.0.0.1) unless
+    ``ray.address`` names a cluster or this process is already connected (a Ray job).
+
+    Raises:
+        RuntimeError: the run failed after Ray's allowed restarts (the worker error attached).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=cfg.ray.address)  # a cluster (inside a Ray job, RAY_ADDRESS names it)
+        else:
+            ray.init(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
+    stored = latest_in_storage(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume,
+                           "resume_from": str(stored) if stored else None},
+        scaling_config=ScalingConfig(num_workers=cfg.distributed.workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=dict(cfg.ray.resources_per_worker)),
+        run_config=RayRunConfig(
+            name=cfg.ray.name, storage_path=cfg.ray.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"Ray Train run {cfg.ray.name!r} failed: {result.error}") from result.error
+    return result

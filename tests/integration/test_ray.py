@@ -1,0 +1,163 @@
+"""Ray Train and Ray jobs for real: an embedded local Ray, a head started with `ray start` on
+127.0.0.1, a worker killed by PID, a driver started again. Results are compared with the
+one-process run on the same global batches (tolerance as in tests/distributed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raclora_dist.train.checkpoint import find_latest
+from tests.conftest import ROOT, run_cli, tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+STRATEGIES = {
+    "fsdp2": ["distributed.strategy=fsdp2"],
+    "deepspeed": ["distributed.strategy=deepspeed", "distributed.deepspeed={zero_optimization: {stage: 3}}"],
+}
+
+
+def chain(run: Path) -> dict:
+    return load_file(find_latest(run) / "chain.safetensors")
+
+
+def assert_chain_equals(reference: Path, run: Path) -> None:
+    a, b = chain(reference), chain(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def storage_checkpoints(storage: Path) -> list[Path]:
+    return sorted(p for p in storage.rglob("checkpoint_*") if (p / "meta.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_data):
+    d = tmp_path_factory.mktemp("ray")
+    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "unused", ray={"enabled": True}))
+    single = d / "single"
+    proc = run_cli("train", str(cfg), f"run.dir={single}", "ray.enabled=false")
+    assert proc.returncode == 0, proc.stderr
+    return d, cfg, single
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_ray_train_with_two_workers_equals_the_one_process_run(strategy, setup):
+    d, cfg, single = setup
+    run = d / f"ray-{strategy}"
+    proc = run_cli("train", str(cfg), f"run.dir={run}", "distributed.workers=2", *STRATEGIES[strategy])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_chain_equals(single, run)
+    stored = storage_checkpoints(run / "ray")  # the default storage: <run.dir>/ray
+    assert stored, "no checkpoint reached Ray storage"
+    assert json.loads((stored[-1] / "meta.json").read_text())["merged"] == [0, 1, 2]
+
+
+def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrupted(setup):
+    d, cfg, single = setup
+    run, pids = d / "ray-killed", d / "pids"
+    env = {**os.environ, "RACLORA_TEST_PID_DIR": str(pids), "RACLORA_TEST_STEP_SLEEP": "1.0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}",
+                             "distributed.workers=2", "ray.max_failures=1", *STRATEGIES["fsdp2"]],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoints" / "latest").is_file():  # link 1 done
+            time.sleep(0.2)
+        time.sleep(1.5)  # ~1.5 steps into link 2
+        victim = int((pids / "rank1.pid").read_text())
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert int((pids / "rank1.pid").read_text()) != victim, "Ray did not restart the worker group"
+    assert "resumed" in out
+    assert_chain_equals(single, run)
+
+
+def test_a_restarted_driver_resumes_from_storage(setup):
+    d, cfg, single = setup
+    run = d / "ray-driver"
+    args = ["train", str(cfg), f"run.dir={run}", "distributed.workers=2", *STRATEGIES["fsdp2"]]
+    first = run_cli(*args, env={"RACLORA_FAULT_AT_STEP": "5"})  # dies mid link 2; no restarts allowed
+    assert first.returncode != 0
+    second = run_cli(*args)  # same name and storage: Ray hands back the latest checkpoint
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed" in second.stdout + second.stderr and "at link 1 (step 3)" in second.stdout + second.stderr
+    assert_chain_equals(single, run)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head started with `ray start --head` on 127.0.0.1 (random free ports); stopped after."""
+    tmp = tmp_path_factory.mktemp("head")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_TMPDIR": str(tmp)}
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={tmp}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submission_to_a_head_started_with_ray_start(head, setup, tmp_path):
+    address, env = head
+    d, cfg, single = setup
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "data.jsonl").write_text(Path(yaml_data_path(cfg)).read_text())
+    job_cfg = write_config(work / "job.yaml", tiny_config(Path("data.jsonl"), Path("runs/job"), ray={"enabled": True}))
+    storage = tmp_path / "storage"
+    proc = subprocess.run([sys.executable, "-m", "raclora_dist", "submit", "job.yaml", "distributed.workers=2",
+                           "distributed.strategy=ddp", f"ray.storage_path={storage}", "--address", address,
+                           "--submission-id", "raclora-test-ok"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "job raclora-test-ok: SUCCEEDED" in proc.stdout
+    status = subprocess.run([sys.executable, "-m", "raclora_dist", "status", "raclora-test-ok", "--address", address],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert status.stdout.strip() == "SUCCEEDED"
+    stored = storage_checkpoints(storage)
+    assert stored and json.loads((stored[-1] / "meta.json").read_text())["merged"] == [0, 1, 2]
+
+    # an invalid config fails fast in the job, with the validation error in its logs
+    t0 = time.time()
+    bad = subprocess.run([sys.executable, "-m", "raclora_dist", "submit", "job.yaml", "raclora.sketch_side=middle",
+                          "--address", address, "--submission-id", "raclora-test-bad"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "job raclora-test-bad: FAILED" in bad.stdout
+    assert "raclora.sketch_side" in bad.stdout and "'left', 'right' or 'auto'" in bad.stdout
+    logs = subprocess.run([sys.executable, "-m", "raclora_dist", "logs", "raclora-test-bad", "--address", address],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert "raclora.sketch_side" in logs.stdout
+
+
+def yaml_data_path(cfg: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(cfg.read_text())["data"]["path"]
