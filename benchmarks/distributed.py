@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 CASES = [
-    ("single", 1, []),
+    ("single", 1, ["distributed.strategy=single"]),
     ("ddp", 2, ["distributed.strategy=ddp"]),
     ("fsdp2", 1, ["distributed.strategy=fsdp2"]),
     ("fsdp2", 2, ["distributed.strategy=fsdp2"]),
@@ -53,7 +53,7 @@ def main() -> None:
             run = Path(tmp) / f"{name}-{workers}"
             cmd = [sys.executable, "-m", "raclora_dist", "train", "configs/quickstart.yaml", f"run.dir={run}",
                    f"raclora.links={args.links}", f"raclora.steps_per_link={args.steps}",
-                   f"distributed.workers={workers}", *extra]
+                   f"distributed.workers={workers}", "ray.enabled=false", *extra]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} x{workers} failed:\n{proc.stderr[-3000:]}")

@@ -49,7 +49,9 @@ def _train_plain(model, params, data, steps: int, lr: float, warmup: int) -> lis
 
 
 def experiment(overrides: list[str] | None = None, ft_lr: float = 1e-3) -> dict:
-    cfg = load_config(CONFIG, overrides or [])
+    # one process, like the PEFT and full fine-tuning loops it is compared with
+    single = ["ray.enabled=false", "distributed.strategy=single", "distributed.workers=1"]
+    cfg = load_config(CONFIG, single + (overrides or []))
     steps = cfg.raclora.links * cfg.raclora.steps_per_link
     data = load_data(cfg)
     out: dict = {"config": CONFIG, "overrides": overrides or [], "steps": steps, "methods": {}}
