@@ -30,6 +30,17 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--address", required=True, help="the Ray job server, e.g. http://HEAD:8265")
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sb.add_argument("--submission-id", help="a job id of your choosing")
+    k = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
+    ksub = k.add_subparsers(dest="k8s_command", required=True)
+    r = ksub.add_parser("render", help="print a ConfigMap + RayJob for a config (kubectl apply -f -)")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.add_argument("--gpu", action="store_true", help="GPU workers (one GPU each, tolerations, nccl)")
+    r.add_argument("--image", help="container image with raclora-dist installed")
+    r.add_argument("--name", help="RayJob and Ray run name (default raclora-<config name>)")
+    r.add_argument("--workers", type=int, help="worker pods (default distributed.workers)")
+    r.add_argument("--storage-uri", help="object-store URI for checkpoints (default: a ReadWriteMany PVC)")
+    r.add_argument("--kind", choices=["rayjob", "raycluster"], default="rayjob")
     for verb, text in (("status", "a Ray job's status"), ("logs", "a Ray job's logs"), ("stop", "stop a Ray job")):
         j = sub.add_parser(verb, help=text)
         j.add_argument("job_id")
@@ -121,6 +132,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _train(args)
     if args.command in ("submit", "status", "logs", "stop"):
         return _jobs(args)
+    if args.command == "k8s":
+        from pathlib import Path
+
+        from raclora_dist.orchestration import k8s
+
+        cfg = load_config(args.config, args.overrides)
+        fn = k8s.render if args.kind == "rayjob" else k8s.render_cluster
+        docs = fn(cfg, name=args.name or f"raclora-{Path(args.config).stem}".replace("_", "-"),
+                          image=args.image or k8s.DEFAULT_IMAGE, gpu=args.gpu, workers=args.workers,
+                          storage_uri=args.storage_uri)
+        print(k8s.to_yaml(docs), end="")
+        return 0
     elif args.command == "validate":
         from raclora_dist.train.session import validate_model
 

@@ -1,0 +1,155 @@
+"""KubeRay manifests from a run config: ``raclora k8s render CFG`` -> ConfigMap + RayJob.
+
+The training config travels in a ConfigMap mounted at ``/etc/raclora``; the RayJob's
+entrypoint is exactly ``raclora train /etc/raclora/train.yaml``. Run folder and Ray storage
+go to durable storage: a ReadWriteMany PVC mounted on every pod (default), or an
+object-store URI whose credentials come from a Secret by reference. A retried job (each
+retry a new Ray cluster) then finds the previous attempt's checkpoints under the same
+``ray.name`` and resumes. Pods run as non-root with no privilege escalation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from raclora_dist import __version__
+from raclora_dist.config import RunConfig
+
+DEFAULT_IMAGE = f"ghcr.io/raclora/raclora-dist:{__version__}"
+CONFIG_DIR = "/etc/raclora"
+CONFIG_KEY = "train.yaml"
+STORAGE_DIR = "/mnt/raclora"
+IMAGE_DATA = "/opt/raclora/data/stdlib_docstrings.jsonl"  # built into the image (k8s/Dockerfile)
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
+def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None) -> RunConfig:
+    """The config as the cluster runs it: paths inside the pods, Ray on, durable storage."""
+    c = cfg.model_copy(deep=True)
+    c.ray.enabled = True
+    c.ray.address = None  # the RayJob's own cluster (RAY_ADDRESS inside the job)
+    c.ray.name = name
+    if storage_uri:
+        c.run.dir = f"/tmp/raclora/runs/{name}"
+        c.ray.storage_path = storage_uri
+    else:
+        c.run.dir = f"{STORAGE_DIR}/runs/{name}"
+        c.ray.storage_path = f"{STORAGE_DIR}/ray"
+    if c.data.path.endswith("stdlib_docstrings.jsonl"):
+        c.data.path = IMAGE_DATA
+    if c.distributed.strategy == "single":
+        c.distributed.strategy = "fsdp2"
+    return c
+
+
+def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: list, mounts: list) -> dict:
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    return {"name": name, "image": image, "imagePullPolicy": "IfNotPresent",
+            "resources": {"requests": dict(limits), "limits": limits},
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY), "env": env, "volumeMounts": mounts}
+
+
+def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEFAULT_IMAGE, gpu: bool = False,
+           workers: int | None = None, storage_uri: str | None = None, credentials_secret: str = "raclora-storage-credentials",
+           pvc: str = "raclora-storage") -> list[dict]:
+    """ConfigMap (+ PVC) + RayJob for ``cfg``.
+
+    Args:
+        cfg: the run config. name: the RayJob's (and Ray run's) name.
+        image: container image with raclora-dist installed. gpu: one GPU per worker.
+        workers: worker pods (default ``distributed.workers``).
+        storage_uri: an object-store URI for checkpoints (credentials from
+            ``credentials_secret`` by reference); default a ReadWriteMany PVC ``pvc``.
+    """
+    n = workers or cfg.distributed.workers
+    c = cluster_config(cfg, name, storage_uri)
+    c.distributed.workers = n
+    c.ray.use_gpu = gpu
+    c.ray.resources_per_worker = {"GPU": 1.0} if gpu else {"CPU": 1.0}
+    if gpu:
+        c.distributed.backend = "nccl"
+        c.distributed.mixed_precision = "bf16"
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
+                  "data": {CONFIG_KEY: c.to_yaml()}}
+    env = [{"name": "OMP_NUM_THREADS", "value": "1"}]
+    if storage_uri:
+        env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}} for k in CREDENTIAL_KEYS]
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes: list[dict] = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
+    if not storage_uri:
+        mounts.append({"name": "storage", "mountPath": STORAGE_DIR})
+        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": pvc}})
+
+    def pod(container: dict, extra: dict | None = None) -> dict:
+        spec = {"securityContext": copy.deepcopy(POD_SECURITY), "containers": [container], "volumes": copy.deepcopy(volumes)}
+        return {"spec": {**spec, **(extra or {})}}
+
+    head = _container("ray-head", image, "1", "4Gi", 0, env, mounts)
+    head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                     {"containerPort": 10001, "name": "client"}]
+    worker = _container("ray-worker", image, "8" if gpu else "2", "32Gi" if gpu else "6Gi", 1 if gpu else 0, env, mounts)
+    worker_extra = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]} if gpu else None
+    submitter = _container("ray-job-submitter", image, "500m", "512Mi", 0, [], [])
+    rayjob = {
+        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "raclora", "app.kubernetes.io/instance": name}},
+        "spec": {
+            "entrypoint": f"raclora train {CONFIG_DIR}/{CONFIG_KEY}",
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "activeDeadlineSeconds": 86400 if gpu else 7200,
+            "backoffLimit": 2,  # each retry is a new cluster; it resumes from durable storage
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                                  "template": pod(head)},
+                "workerGroupSpecs": [{"groupName": "gpu-workers" if gpu else "workers", "replicas": n,
+                                      "minReplicas": n, "maxReplicas": n,
+                                      "rayStartParams": {"num-gpus": "1"} if gpu else {"num-cpus": "1"},
+                                      "template": pod(worker, worker_extra)}],
+            },
+            "submitterPodTemplate": pod(submitter, {"restartPolicy": "Never"}),
+        },
+    }
+    docs = [config_map]
+    if not storage_uri:
+        docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": pvc},
+                     "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}})
+    return docs + [rayjob]
+
+
+def render_cluster(cfg: RunConfig, **kw) -> list[dict]:
+    """A long-lived RayCluster (same pods, storage and config) for ``raclora submit``."""
+    docs = render(cfg, **kw)
+    job = docs[-1]
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+               "metadata": {**job["metadata"], "name": job["metadata"]["name"] + "-cluster"},
+               "spec": job["spec"]["rayClusterSpec"]}
+    return docs[:-1] + [cluster]
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None  # the embedded config stays readable YAML
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(docs: list[dict]) -> str:
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)

@@ -1,0 +1,150 @@
+"""KubeRay manifests, offline: rendered by kustomize and by `raclora k8s render`, validated
+against the Kubernetes schemas (kubernetes-validate) and the KubeRay CRDs (../shared)."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from raclora_dist.config import build_config, parse_overrides
+from tests.conftest import ROOT
+
+K8S = ROOT / "k8s"
+CRDS = ROOT.parent / "shared" / "k8s-crds"
+FOLDERS = ["quickstart-cpu", "gpu", "raycluster"]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+K8S_VERSION = "1.32"
+SECRETISH = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
+
+
+def crd_schema(kind: str) -> dict:
+    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
+    crd = yaml.safe_load(path.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def kustomize(folder: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render k8s/ offline"
+    out = subprocess.run([kubectl, "kustomize", str(K8S / folder)], capture_output=True, text=True, check=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def render(*args: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "raclora_dist", "k8s", "render", *args], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def manifest_sets() -> dict[str, list[dict]]:
+    sets = {f"kustomize:{f}": kustomize(f) for f in FOLDERS}
+    for c in CONFIGS:
+        rel = str(c.relative_to(ROOT))
+        sets[f"render:{c.name}"] = render(rel)
+        sets[f"render:{c.name}:gpu"] = render(rel, "--gpu", "--storage-uri", "s3://bucket/ray")
+    return sets
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return manifest_sets()
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec", spec)
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
+    if "submitterPodTemplate" in spec:
+        pods.append(spec["submitterPodTemplate"]["spec"])
+    return pods
+
+
+def test_every_manifest_validates(sets):
+    for name, docs in sets.items():
+        kinds = [d["kind"] for d in docs]
+        assert "RayJob" in kinds or "RayCluster" in kinds, name
+        for doc in docs:
+            if doc["apiVersion"] == "ray.io/v1":
+                jsonschema.validate(doc, crd_schema(doc["kind"]))
+            else:
+                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_schema_validation_catches_a_broken_rayjob(sets):
+    job = copy.deepcopy(next(d for d in sets["kustomize:quickstart-cpu"] if d["kind"] == "RayJob"))
+    job["spec"]["backoffLimit"] = "twice"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(job, crd_schema("RayJob"))
+
+
+def test_entrypoint_is_raclora_train_on_the_mounted_config(sets):
+    assert 'raclora = "raclora_dist.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    for name, docs in sets.items():
+        for job in (d for d in docs if d["kind"] == "RayJob"):
+            argv = shlex.split(job["spec"]["entrypoint"])
+            assert argv[:2] == ["raclora", "train"], name
+            config_path = Path(argv[2])
+            overrides = parse_overrides(argv[3:])
+            pods = pod_specs(job)
+            head = pods[0]
+            vols = {v["name"]: v for v in head["volumes"]}
+            mount = next(m for m in head["containers"][0]["volumeMounts"] if Path(m["mountPath"]) == config_path.parent)
+            cm_name = vols[mount["name"]]["configMap"]["name"]
+            cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_name)
+            data = yaml.safe_load(cm["data"][config_path.name])
+            cfg = build_config({**data, **overrides}, name)  # the mounted config is a valid run config
+            assert cfg.ray.enabled and cfg.ray.name == job["metadata"]["name"]
+            # durable storage: a PVC mounted where the checkpoints go, or an object-store URI
+            if "://" not in cfg.ray.storage_path:
+                assert any(v.get("persistentVolumeClaim") for v in head["volumes"])
+                assert any(cfg.ray.storage_path.startswith(m["mountPath"]) for m in head["containers"][0]["volumeMounts"])
+            spec = job["spec"]
+            assert spec["shutdownAfterJobFinishes"] and spec["ttlSecondsAfterFinished"] > 0
+            assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
+
+
+def test_no_root_no_privilege_no_inline_secret(sets):
+    for name, docs in sets.items():
+        assert not [d for d in docs if d["kind"] == "Secret"], f"{name}: secrets are referenced, never shipped"
+        for doc in (d for d in docs if d["kind"] in ("RayJob", "RayCluster")):
+            for pod in pod_specs(doc):
+                for c in pod["containers"]:
+                    sc = c["securityContext"]
+                    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+                    assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
+                    assert c["resources"]["requests"] and c["resources"]["limits"], (name, c["name"])
+                    for env in c.get("env", []):
+                        if any(s in env["name"].upper() for s in SECRETISH):
+                            assert "value" not in env and "secretKeyRef" in env["valueFrom"], (name, env["name"])
+
+
+def test_gpu_manifest_requests_gpus_and_tolerates_gpu_nodes(sets):
+    job = next(d for d in sets["kustomize:gpu"] if d["kind"] == "RayJob")
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_image_is_set_in_one_place(sets):
+    images = {c["image"] for name, docs in sets.items() if name.startswith("kustomize:")
+              for d in docs if d["kind"] in ("RayJob", "RayCluster") for p in pod_specs(d) for c in p["containers"]}
+    component = yaml.safe_load((K8S / "components" / "image" / "kustomization.yaml").read_text())["images"][0]
+    assert images == {f"{component['newName']}:{component['newTag']}"}
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_committed_manifests_are_the_renderer_output(folder):
+    text = (K8S / folder / "manifests.yaml").read_text()
+    first = text.splitlines()[0]
+    args = shlex.split(first.split("raclora k8s render", 1)[1].split("(a test", 1)[0])
+    assert [d for d in yaml.safe_load_all(text) if d] == render(*args), f"regenerate k8s/{folder}/manifests.yaml"
