@@ -45,9 +45,7 @@ class FSDP2Access:
     def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
         if layer.merge_mode != "into_base":
             raise NotImplementedError("fsdp2 supports raclora.merge_mode=into_base")
-        if not torch.isfinite(factor).all():
-            raise FloatingPointError(f"refusing to merge a non-finite factor in {layer.name!r}")
-        B, A = layer.factors_with(factor)
+        B, A = layer.factors_with(factor)  # refuses a non-finite factor
         W_local = _local(layer.base_layer.weight)  # (rows, n): this rank's row chunk
         start = _row_offset(layer.out_features, self.rank, self.world)
         rows = W_local.shape[0]

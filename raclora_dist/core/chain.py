@@ -185,16 +185,15 @@ class RacLoraChain:
     # -- boundary, first half: guard + (average) + merge + record ------------------------
     def all_finite(self, comm: Comm | None = None) -> bool:
         """Whether every factor on every rank is finite (one all-reduce of a flag)."""
+        # A list, not a generator: all() would stop early and skip a collective on some ranks.
         ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
-    def end_link(self, comm: Comm | None = None, average: bool = False) -> LinkRecord:
-        """Ends the current link on this rank: guard, optionally average, merge, record.
+    def end_link(self, comm: Comm | None = None) -> LinkRecord:
+        """Ends the current link on this rank: guard, merge, record.
 
         Args:
             comm: collectives; every rank must call this at the same step.
-            average: all-reduce-mean the factors first (link-sync data parallel: exact,
-                because all ranks share the sketch).
 
         Returns:
             The link's record. A link discarded by the guard merges nothing anywhere.
@@ -209,10 +208,6 @@ class RacLoraChain:
             self.state.skipped.append(self.link)
             return LinkRecord(self.link, merged=False, reason="non-finite factor; link discarded",
                               cumulative_update_norm=self.state.cumulative_update_norm)
-        if average:
-            with torch.no_grad():
-                for p in self.trainable_parameters():
-                    p.copy_(comm.all_reduce_mean(p.detach().clone()))
         sq = 0.0
         factors: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
@@ -242,10 +237,6 @@ class RacLoraChain:
             merged=list(state.merged), skipped=list(state.skipped),
             factors=dict(state.factors), cumulative_update_norm=state.cumulative_update_norm,
         )
-
-    def link_factors(self, name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(B_t, A_t)`` of every merged link of one layer, unscaled, on CPU (fp32)."""
-        return link_factors(self.layers[name].spec, self.state)
 
 
 def link_factors(layer: LayerSpec, state: ChainState) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -177,7 +177,13 @@ class RacLoraLinear(nn.Module):
         self.factor.zero_()
 
     def factors_with(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B (m, r), A (r, n))`` for a given full trainable factor and the current sketch."""
+        """``(B (m, r), A (r, n))`` for a full trainable factor and the current sketch.
+
+        Raises:
+            FloatingPointError: the factor holds a non-finite value (it must never be merged).
+        """
+        if not torch.isfinite(factor).all():
+            raise FloatingPointError(f"refusing to merge a non-finite factor in {self.name!r}")
         f = factor.to(self.sketch)
         return (f, self.sketch) if self.side == "right" else (self.sketch, f)
 
@@ -207,10 +213,7 @@ class RacLoraLinear(nn.Module):
         Raises:
             FloatingPointError: if the factor holds a non-finite value; nothing is merged.
         """
-        f = self.factor if factor is None else factor.to(self.factor)
-        if not torch.isfinite(f).all():
-            raise FloatingPointError(f"refusing to merge a non-finite factor in {self.name!r}")
-        B, A = self.factors_with(f)
+        B, A = self.factors_with(self.factor if factor is None else factor)
         if self.merge_mode == "into_base":
             merge_into_weight(self.base_layer.weight, B, A, self.scale)
         else:
