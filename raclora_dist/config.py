@@ -73,6 +73,9 @@ class TrainSection(_Section):
 
 class CheckpointSection(_Section):
     every_links: int = Field(1, ge=1, description="Checkpoint every N links (and always at the end).")
+    every_steps: int | None = Field(
+        None, ge=1, description="Also checkpoint every N optimizer steps inside a link (resumable mid-link)."
+    )
     keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
 
 

@@ -65,7 +65,7 @@ def latest_in_storage(cfg: RunConfig) -> Path | None:
     found = []
     for meta in root.glob("checkpoint_*/meta.json"):
         m = json.loads(meta.read_text())
-        found.append(((m["next_link"], m["global_step"]), meta.parent))
+        found.append((m["global_step"], meta.parent))
     return max(found)[1] if found else None
 
 

@@ -2,7 +2,8 @@
 
 Layout: ``RUN/checkpoints/link-00003/`` holds
 
-* ``chain.safetensors`` -- each merged link's trained factor (``link.<t>.<module>``);
+* ``chain.safetensors`` -- each merged link's trained factor (``link.<t>.<module>``) and,
+  for a mid-link checkpoint, the current link's factors so far (``current.<module>``);
   sketches are regenerated from the seed, their fingerprints are in ``meta.json``;
 * ``optimizer.pt`` (or ``deepspeed/``) -- the backend's optimizer state; ``rng.pt``.
   Tensors only, loaded with ``weights_only=True``;
@@ -40,6 +41,12 @@ class Checkpoint:
     meta: dict
     chain: ChainState
     rng: torch.Tensor  # optimizer/engine state stays in the folder for the backend to load
+    current: dict[str, torch.Tensor]  # mid-link: the link's trainable factors so far
+
+    @property
+    def step_in_link(self) -> int:
+        """Steps of ``next_link`` already done (0 at a link boundary)."""
+        return int(self.meta.get("step_in_link", 0))
 
     @property
     def next_link(self) -> int:
@@ -72,7 +79,8 @@ def ckpt_root(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
                     write_state: Callable[[Path], None], is_main: bool = True,
-                    barrier: Callable[[], None] = lambda: None) -> Path:
+                    barrier: Callable[[], None] = lambda: None,
+                    current: dict[str, torch.Tensor] | None = None) -> Path:
     """Writes a complete checkpoint atomically and prunes all but the newest ``keep``.
 
     Every rank calls this at the same point. Rank 0 prepares the temporary folder, every
@@ -86,6 +94,7 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
         keep: how many complete checkpoints to keep.
         write_state: called on every rank with the temporary folder.
         is_main: whether this is rank 0. barrier: a cross-rank barrier.
+        current: mid-link only: the link's full trainable factors so far, by module.
 
     Returns:
         The checkpoint folder.
@@ -102,17 +111,19 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
     barrier()
     final = root / name
     if is_main:
-        _commit(tmp, final, chain, meta, keep)
+        _commit(tmp, final, chain, meta, keep, current or {})
     barrier()
     return final
 
 
-def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int) -> None:
+def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
+            current: dict[str, torch.Tensor]) -> None:
     root = final.parent
     config = root.parent / "config.yaml"
     if config.is_file():  # travels with the checkpoint (Ray storage, another node)
         shutil.copyfile(config, tmp / "config.yaml")
     tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
+    tensors.update({f"current.{n}": f.detach().to("cpu", torch.float32).contiguous() for n, f in current.items()})
     save_file(tensors, tmp / "chain.safetensors")
     crash_in_checkpoint()
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
@@ -205,7 +216,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     factors: dict[int, dict[str, torch.Tensor]] = {}
+    current: dict[str, torch.Tensor] = {}
     for key, t in load_file(path / "chain.safetensors").items():
+        if key.startswith("current."):
+            current[key.split(".", 1)[1]] = t
+            continue
         _, link, name = key.split(".", 2)
         factors.setdefault(int(link), {})[name] = t
     chain = ChainState(
@@ -215,4 +230,4 @@ def load_checkpoint(path: Path) -> Checkpoint:
         cumulative_update_norm=float(meta["cumulative_update_norm"]),
     )
     rng = torch.load(path / "rng.pt", weights_only=True)
-    return Checkpoint(path, meta, chain, rng)
+    return Checkpoint(path, meta, chain, rng, current)

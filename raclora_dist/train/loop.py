@@ -51,8 +51,11 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(record)
 
-    def fit(self, start_link: int = 0) -> list[dict]:
-        """Trains links ``start_link .. links-1``; returns the link records written."""
+    def fit(self, start_link: int = 0, start_step: int = 0) -> list[dict]:
+        """Trains links ``start_link .. links-1``; returns the link records written.
+
+        ``start_step`` > 0 resumes ``start_link`` mid-link (its factors already restored).
+        """
         rc = self.cfg.raclora
         total = rc.links * rc.steps_per_link
         self._bar = progress_bar(total, self.global_step) if self.is_main else None
@@ -65,7 +68,7 @@ class Trainer:
                     desync_hook(self.s.layers, self.backend.info.rank, link)
                     self.s.chain.start_link(link, self.comm)
                 t0 = time.perf_counter()
-                loss = self._train_link(link)
+                loss = self._train_link(link, start_step if link == start_link else 0)
                 self._boundary(link, loss, time.perf_counter() - t0)
         finally:
             if self._bar is not None:
@@ -74,11 +77,12 @@ class Trainer:
                 self.metrics.close()
         return self.history
 
-    def _train_link(self, link: int) -> float:
-        """K optimizer steps on the current sketch; returns the link's mean training loss."""
+    def _train_link(self, link: int, start: int = 0) -> float:
+        """Steps ``start .. K-1`` on the current sketch; returns their mean training loss."""
         rc, tc = self.cfg.raclora, self.cfg.train
+        every = self.cfg.checkpoint.every_steps
         losses = []
-        for k in range(rc.steps_per_link):
+        for k in range(start, rc.steps_per_link):
             lr = link_lr(tc, k, rc.steps_per_link)
             self.backend.set_lr(lr)
             t0 = time.perf_counter()
@@ -93,6 +97,11 @@ class Trainer:
             if self._bar is not None:
                 self._bar.update(1)
                 self._bar.set_postfix(link=link, loss=f"{loss:.3f}")
+            if every and self.global_step % every == 0 and k + 1 < rc.steps_per_link:
+                path = self.checkpoint(link, step_in_link=k + 1)
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(path, {"link": link, "step": self.global_step, "train_loss": loss,
+                                              "eval_loss": float("nan"), "update_norm": 0.0})
             crash_after_step(self.global_step)
         return sum(losses) / len(losses)
 
@@ -148,13 +157,18 @@ class Trainer:
         model.train()
         return sum(losses) / len(losses)
 
-    def checkpoint(self, next_link: int) -> Path:
+    def checkpoint(self, next_link: int, step_in_link: int = 0) -> Path:
+        """Checkpoints at a boundary (``next_link`` to start) or mid-link (``step_in_link`` > 0
+        steps of ``next_link`` done; its factors so far are saved too)."""
         chain = self.s.chain
-        meta = {"next_link": next_link, "global_step": self.global_step,
+        current = None
+        if step_in_link:  # gathered on every rank (collective), written by rank 0
+            current = {n: chain.access.full_factor(layer) for n, layer in self.s.layers.items()}
+        meta = {"next_link": next_link, "step_in_link": step_in_link, "global_step": self.global_step,
                 "strategy": self.cfg.distributed.strategy, "world_size": self.backend.info.world_size,
                 "layers": [layer.spec.to_dict() for layer in self.s.layers.values()],
                 "fingerprint_link": chain.link,
                 "fingerprints": [str(x) for x in chain.fingerprints().tolist()]}
         return save_checkpoint(self.run_dir, chain.state, meta, self.cfg.checkpoint.keep,
                                write_state=self.backend.save_state, is_main=self.is_main,
-                               barrier=self.backend.barrier)
+                               barrier=self.backend.barrier, current=current)

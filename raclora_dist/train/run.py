@@ -80,6 +80,9 @@ def restore_chain(session: Session, ckpt: Checkpoint) -> None:
             f"{ckpt.path}: regenerated sketches of link {link} differ from the checkpoint's "
             f"(first: {bad[0]!r}); was raclora.seed or the sketch code changed?"
         )
+    with torch.no_grad():  # mid-link: the link's factors so far
+        for name, factor in ckpt.current.items():
+            session.layers[name].factor.copy_(factor)
 
 
 def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:
@@ -156,17 +159,17 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     backend.setup(session.model)
     session.chain.access = backend.access
     trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint)
-    start_link = 0
+    start_link = start_step = 0
     if ckpt is not None:
         backend.load_state(ckpt.path)
         trainer.global_step = ckpt.global_step
         torch.set_rng_state(ckpt.rng)
-        start_link = ckpt.next_link
+        start_link, start_step = ckpt.next_link, ckpt.step_in_link
         log(f"resumed {run_dir} at link {start_link} (step {ckpt.global_step})")
     log(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
         f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
         f"{cfg.distributed.strategy} x {info.world_size}")
-    history = trainer.fit(start_link)
+    history = trainer.fit(start_link, start_step)
     if info.is_main:
         from raclora_dist.train.plot import plot_run
 

@@ -169,3 +169,18 @@ def test_bf16_mixed_precision_tracks_the_fp32_run(engine, setup):
     assert meta(run)["merged"] == [0, 1, 2]
     assert losses(run) == pytest.approx(losses(single), abs=5e-3)
     assert losses(run) != losses(single)  # it really ran in bf16
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2"])
+def test_mid_link_checkpoint_resumes_with_optimizer_state(engine, setup):
+    """checkpoint.every_steps=2: the crash after step 5 resumes from step 4, inside link 2,
+    with the link's factors and the engine's (non-empty) Adam state restored."""
+    d, cfg, single = setup
+    run = d / f"{engine}-midlink"
+    args = (*ENGINES[engine], "checkpoint.every_steps=2")
+    assert train(cfg, run, *args, env={"RACLORA_FAULT_AT_STEP": "5"}).returncode != 0
+    assert find_latest(run).name == "link-00001-step-0000004"
+    proc = train(cfg, run, *args, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_chains_close(single, run)
+    assert losses(run) == pytest.approx(losses(single), abs=1e-5)

@@ -87,3 +87,19 @@ def test_checkpointing_does_not_touch_a_reset_optimizer(tmp_path, small_data):
     rarely = write_config(tmp_path / "b.yaml", tiny_config(small_data, tmp_path / "b", checkpoint={"every_links": 10}))
     assert main(["train", str(every)]) == 0 and main(["train", str(rarely)]) == 0
     assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_mid_link_checkpoint_resumes_bitwise_equal(reference, tmp_path, small_data):
+    """checkpoint.every_steps: a crash after step 5 resumes from step 4, inside link 2."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run", checkpoint={"every_steps": 2}))
+    crashed = run_cli("train", str(cfg), env={"RACLORA_FAULT_AT_STEP": "5"})
+    assert crashed.returncode == 17, crashed.stderr
+    latest = find_latest(tmp_path / "run")
+    assert latest.name == "link-00001-step-0000004"  # link 2 (index 1), 1 of its 3 steps done
+    assert any(k.startswith("current.") for k in load_file(latest / "chain.safetensors"))
+    resumed = run_cli("train", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert step_losses(tmp_path / "run") == step_losses(reference)
