@@ -103,8 +103,5 @@ class Backend:
         set_optimizer_state_dict(self.model, self.optimizer, state,
                                  options=StateDictOptions(full_state_dict=True))
 
-    def eval_model(self) -> nn.Module:
-        return self.model
-
     def barrier(self) -> None:
         barrier()

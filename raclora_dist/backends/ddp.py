@@ -25,6 +25,3 @@ class DDPBackend(Backend):
         self.model = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
                          broadcast_buffers=False)
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
-
-    def eval_model(self) -> nn.Module:
-        return self.model.module

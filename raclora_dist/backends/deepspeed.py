@@ -140,6 +140,3 @@ class DeepSpeedBackend(Backend):
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed state with tag {TAG!r}")
-
-    def eval_model(self) -> nn.Module:
-        return self.engine

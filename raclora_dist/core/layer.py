@@ -126,7 +126,6 @@ class RacLoraLinear(nn.Module):
             "chain_A", torch.zeros(cap, n, dtype=factor_dtype, device=dev), persistent=False
         )
         self.chain_rank = 0
-        self.link = -1
 
     @property
     def spec(self) -> LayerSpec:
@@ -165,7 +164,6 @@ class RacLoraLinear(nn.Module):
         d = self.in_features if self.side == "right" else self.out_features
         s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.name)
         self.sketch.copy_(s if self.side == "right" else s.T)
-        self.link = link
 
     @torch.no_grad()
     def resample(self, link: int) -> None:

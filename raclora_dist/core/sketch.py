@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Literal
-
 import torch
 
-SketchDist = Literal["orthogonal", "gaussian", "kaiming_uniform"]
 SKETCH_DISTS: tuple[str, ...] = ("orthogonal", "gaussian", "kaiming_uniform")
 
 

@@ -32,7 +32,8 @@ def write_pid(rank: int) -> None:
             f.write(str(os.getpid()))
 
 
-def crash_after_step(global_step: int) -> None:
+def after_step(global_step: int) -> None:
+    """Test hooks run after every optimizer step: an optional sleep, an optional crash."""
     delay = os.environ.get("RACLORA_TEST_STEP_SLEEP")
     if delay:
         import time

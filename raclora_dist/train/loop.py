@@ -19,7 +19,7 @@ from raclora_dist.backends import Backend
 from raclora_dist.config import RunConfig
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
-from raclora_dist.train.faults import crash_after_step, desync_hook, nan_hook
+from raclora_dist.train.faults import after_step, desync_hook, nan_hook
 from raclora_dist.train.metrics import MetricsWriter, progress_bar, rss_mb
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
@@ -102,7 +102,7 @@ class Trainer:
                 if self.on_checkpoint is not None:
                     self.on_checkpoint(path, {"link": link, "step": self.global_step, "train_loss": loss,
                                               "eval_loss": float("nan"), "update_norm": 0.0})
-            crash_after_step(self.global_step)
+            after_step(self.global_step)
         return sum(losses) / len(losses)
 
     def _step(self) -> float:

@@ -130,7 +130,7 @@ def test_job_submission_to_a_head_started_with_ray_start(head, setup, tmp_path):
     work = tmp_path / "job"
     work.mkdir()
     (work / "data.jsonl").write_text(Path(yaml_data_path(cfg)).read_text())
-    job_cfg = write_config(work / "job.yaml", tiny_config(Path("data.jsonl"), Path("runs/job"), ray={"enabled": True}))
+    write_config(work / "job.yaml", tiny_config(Path("data.jsonl"), Path("runs/job"), ray={"enabled": True}))
     storage = tmp_path / "storage"
     proc = subprocess.run([sys.executable, "-m", "raclora_dist", "submit", "job.yaml", "distributed.workers=2",
                            "distributed.strategy=ddp", f"ray.storage_path={storage}", "--address", address,
@@ -145,7 +145,6 @@ def test_job_submission_to_a_head_started_with_ray_start(head, setup, tmp_path):
     assert stored and json.loads((stored[-1] / "meta.json").read_text())["merged"] == [0, 1, 2]
 
     # an invalid config fails fast in the job, with the validation error in its logs
-    t0 = time.time()
     bad = subprocess.run([sys.executable, "-m", "raclora_dist", "submit", "job.yaml", "raclora.sketch_side=middle",
                           "--address", address, "--submission-id", "raclora-test-bad"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
