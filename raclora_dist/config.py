@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raclora_dist.core.config import RacLoraConfig
+from raclora_dist.quant.config import QuantizationConfig
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,10 @@ class ModelSection(_Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Base weight dtype.")
     init_seed: int = Field(0, description="Seed for a model built from config.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig,
+        description="Hold the base's linear layers in 4 bits (bitsandbytes); 'nf4' is short for {method: nf4}.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -135,9 +140,10 @@ class RunConfig(_Section):
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
                 f"({self.distributed.workers}): each worker takes an equal slice of every batch"
             )
-        if self.distributed.strategy in ("fsdp2", "deepspeed") and self.raclora.merge_mode != "into_base":
-            raise ValueError(f"raclora.merge_mode={self.raclora.merge_mode!r} is not supported with "
-                             f"distributed.strategy={self.distributed.strategy!r} yet; use into_base")
+        rc = self.raclora
+        if (rc.master_weights != "none" or rc.stochastic_rounding) and not self.model.quantization.enabled:
+            raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to 4-bit bases; "
+                             "set model.quantization (nf4 or fp4) or leave them unset")
         return self
 
     def to_yaml(self) -> str:

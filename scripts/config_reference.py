@@ -29,17 +29,27 @@ def render() -> str:
         "as `section.field=value` (YAML syntax for the value), e.g. `raclora train CFG train.lr=1e-4`.",
         "",
     ]
+    def table(prefix: str, model: type[BaseModel]) -> None:
+        nested = []
+        out.extend([f"## `{prefix}`", "", "| field | type | default | meaning |", "|---|---|---|---|"])
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((f"{prefix}.{name}", ann))
+                out.append(f"| `{prefix}.{name}` | section | see below | {f.description or ''} |")
+                continue
+            default = "required" if f.is_required() else (
+                "(computed)" if f.default_factory is not None and prefix != "raclora" else repr(f.get_default(call_default_factory=True))
+            )
+            out.append(f"| `{prefix}.{name}` | {_type(ann)} | `{default}` | {f.description or ''} |")
+        out.append("")
+        for sub, ann in nested:
+            table(sub, ann)
+
     for section, field in RunConfig.model_fields.items():
         model = field.annotation
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            continue
-        out += [f"## `{section}`", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-        for name, f in model.model_fields.items():
-            default = "required" if f.is_required() else (
-                "(computed)" if f.default_factory is not None and section != "raclora" else repr(f.get_default(call_default_factory=True))
-            )
-            out.append(f"| `{section}.{name}` | {_type(f.annotation)} | `{default}` | {f.description or ''} |")
-        out.append("")
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            table(section, model)
     return "\n".join(out)
 
 

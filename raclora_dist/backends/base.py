@@ -105,3 +105,10 @@ class Backend:
 
     def barrier(self) -> None:
         barrier()
+
+
+def shard_masters(model: nn.Module, rank: int, world: int) -> None:
+    """Keeps each 4-bit layer's master copy (if any) as this rank's slice only."""
+    for module in model.modules():
+        if hasattr(module, "shard_master"):
+            module.shard_master(rank, world)

@@ -6,6 +6,7 @@ from torch import nn
 
 from raclora_dist.backends.base import Backend
 from raclora_dist.backends.dist import DistComm
+from raclora_dist.core import DenseAccess
 
 
 class DDPBackend(Backend):
@@ -14,6 +15,7 @@ class DDPBackend(Backend):
     def __init__(self, cfg, info) -> None:
         super().__init__(cfg, info)
         self.comm = DistComm(info.device)
+        self.access = DenseAccess(owner=info.is_main)  # replicated: rank 0 reports what landed
 
     def setup(self, model: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP

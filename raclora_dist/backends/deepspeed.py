@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend
+from raclora_dist.backends.base import Backend, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.core import RacLoraLinear
-from raclora_dist.core.layer import lowrank_fro_norm, merge_into_weight
+from raclora_dist.core.layer import MergeResult
 
 TAG = "state"
 
 
 class DeepSpeedAccess:
-    def __init__(self, rank: int, stage: int) -> None:
-        self.rank, self.stage = rank, stage
+    def __init__(self, rank: int, stage: int, comm: DistComm) -> None:
+        self.rank, self.stage, self.comm = rank, stage, comm
 
     def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -38,21 +38,31 @@ class DeepSpeedAccess:
         return bool(torch.isfinite(self.full_factor(layer)).all())
 
     @torch.no_grad()
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
-        if layer.merge_mode != "into_base":
-            raise NotImplementedError("deepspeed supports raclora.merge_mode=into_base")
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
         B, A = layer.factors_with(factor)  # refuses a non-finite factor
-        weight = layer.base_layer.weight
-        if self.stage == 3:
+        if self.stage != 3:  # ZeRO-2: the weights (and chain) are replicated; merge the copy
+            res = layer.merge_into_chain(layer.chain_B, layer.chain_A, B, A) if layer.merge_mode == "factored" \
+                else layer.merge_into_base(B, A)
+        else:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
-                if self.rank == 0:
-                    merge_into_weight(weight.data, B, A, layer.scale)
-        else:
-            merge_into_weight(weight.data, B, A, layer.scale)
+            factored = layer.merge_mode == "factored"
+            params = [layer.chain_B, layer.chain_A] if factored else [layer.base_layer.weight]
+            # Every rank computes the same merge (4-bit layers must all set their new quant
+            # state); rank 0's result is what is re-partitioned on exit.
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if factored:
+                    res = layer.merge_into_chain(layer.chain_B.data, layer.chain_A.data, B, A)
+                elif getattr(layer, "packed_base", False):
+                    weight = layer.base_layer.weight
+                    packed, res = layer.requantize(weight.data, B, A, gather=self.comm.all_gather_flat)
+                    weight.data.copy_(packed)
+                else:
+                    res = layer.merge_into_base(B, A)
+        if self.rank:  # replicated or gathered: rank 0 reports what landed
+            res.landed = torch.zeros(3, dtype=torch.float64)
         self.zero_factor(layer)
-        return layer.scale * lowrank_fro_norm(B, A)
+        return res
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -82,7 +92,7 @@ class DeepSpeedBackend(Backend):
         self.comm = DistComm(info.device)
         self.ds_config = self._ds_config()
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.access = DeepSpeedAccess(info.rank, self.stage)
+        self.access = DeepSpeedAccess(info.rank, self.stage, self.comm)
 
     def _ds_config(self) -> dict:
         t = self.cfg.train
@@ -101,6 +111,8 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         model = model.to(self.info.device)
+        if self.stage == 3:
+            shard_masters(model, self.info.rank, self.info.world_size)
         params = [p for p in model.parameters() if p.requires_grad]
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self._make_optimizer(params), config=self.ds_config,

@@ -71,6 +71,23 @@ class DistComm:
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, dist.ReduceOp.SUM) / dist.get_world_size()
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def all_gather_flat(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """Concatenates every rank's slice of a flat tensor of ``total`` elements.
+
+        Slices are the equal ``ceil(total / world)`` chunks in rank order (the last may be
+        short); returned on ``local``'s device.
+        """
+        world = dist.get_world_size()
+        chunk = -(-total // world)
+        buf = torch.zeros(chunk, dtype=local.dtype, device=self.device)
+        buf[: local.numel()] = local.flatten().to(self.device)
+        parts = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(parts, buf)
+        return torch.cat(parts)[:total].to(local.device)
+
 
 def barrier() -> None:
     if dist.is_initialized():

@@ -4,6 +4,12 @@
 so the merge ``W_local += s * B_local @ A`` needs no communication. A left sketch's
 trainable ``A (r, n)`` is small and is gathered first; each rank then adds its rows
 ``s * B[rows] @ A``. The sketch is a buffer: FSDP never shards, reduces or optimizes it.
+
+A 4-bit base is sharded as its packed codes (a flat (P, 1) tensor), whose chunks do not
+follow W's rows or quantization blocks; its merge gathers the codes, requantizes the whole
+layer identically on every rank, and keeps the rank's chunk. A factored chain's frozen
+``chain_B (m, cap)`` / ``chain_A (cap, n)`` are sharded on dim 0 too and are gathered,
+appended to, and re-sliced the same way (both are small next to W).
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ import math
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend
+from raclora_dist.backends.base import Backend, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.core import RacLoraLinear
-from raclora_dist.core.layer import lowrank_fro_norm, merge_into_weight
+from raclora_dist.core.layer import MergeResult, lowrank_fro_norm, merge_rows_into_weight
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -28,11 +34,19 @@ def _row_offset(full_rows: int, rank: int, world: int) -> int:
     return min(full_rows, rank * math.ceil(full_rows / world))
 
 
+def _write_shard(param: torch.Tensor, full: torch.Tensor, rank: int, world: int) -> None:
+    """Copies this rank's Shard(0) chunk of ``full`` into ``param``'s local shard (in place)."""
+    local = _local(param)
+    start = _row_offset(full.shape[0], rank, world)
+    if local.shape[0]:
+        local.copy_(full[start : start + local.shape[0]])
+
+
 class FSDP2Access:
     """Reaches factors and weights through FSDP2's DTensor shards (collectives in gathers)."""
 
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, comm: DistComm | None = None) -> None:
+        self.rank, self.world, self.comm = rank, world, comm
 
     def local_finite(self, layer: RacLoraLinear) -> bool:
         return bool(torch.isfinite(_local(layer.factor)).all())
@@ -42,17 +56,34 @@ class FSDP2Access:
         return f.full_tensor() if hasattr(f, "full_tensor") else f  # all-gather: (m, r) or (r, n)
 
     @torch.no_grad()
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
-        if layer.merge_mode != "into_base":
-            raise NotImplementedError("fsdp2 supports raclora.merge_mode=into_base")
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
         B, A = layer.factors_with(factor)  # refuses a non-finite factor
-        W_local = _local(layer.base_layer.weight)  # (rows, n): this rank's row chunk
-        start = _row_offset(layer.out_features, self.rank, self.world)
-        rows = W_local.shape[0]
-        if rows:
-            merge_into_weight(W_local, B[start : start + rows], A, layer.scale)
+        if layer.merge_mode == "factored":
+            res = self._merge_chain(layer, B, A)
+        elif getattr(layer, "packed_base", False):
+            weight = layer.base_layer.weight
+            packed, res = layer.requantize(weight.full_tensor(), B, A, gather=self.comm.all_gather_flat,
+                                           owner=self.rank == 0)
+            _write_shard(weight, packed, self.rank, self.world)
+        else:
+            W_local = _local(layer.base_layer.weight)  # (rows, n): this rank's row chunk
+            start = _row_offset(layer.out_features, self.rank, self.world)
+            rows = W_local.shape[0]
+            landed = torch.zeros(3, dtype=torch.float64)
+            if rows:  # each rank owns its rows: the landed statistics add up across ranks
+                landed = merge_rows_into_weight(W_local, B[start : start + rows], A, layer.scale)
+            res = MergeResult(layer.scale * lowrank_fro_norm(B, A), landed)
         self.zero_factor(layer)
-        return layer.scale * lowrank_fro_norm(B, A)
+        return res
+
+    def _merge_chain(self, layer: RacLoraLinear, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
+        chain_B, chain_A = layer.chain_B.full_tensor().clone(), layer.chain_A.full_tensor().clone()
+        res = layer.merge_into_chain(chain_B, chain_A, B, A)  # the same on every rank
+        _write_shard(layer.chain_B, chain_B, self.rank, self.world)
+        _write_shard(layer.chain_A, chain_A, self.rank, self.world)
+        if self.rank:
+            res.landed = torch.zeros(3, dtype=torch.float64)
+        return res
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -74,12 +105,13 @@ class FSDP2Backend(Backend):
     def __init__(self, cfg, info) -> None:
         super().__init__(cfg, info)
         self.comm = DistComm(info.device)
-        self.access = FSDP2Access(info.rank, info.world_size)
+        self.access = FSDP2Access(info.rank, info.world_size, self.comm)
 
     def setup(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model = model.to(self.info.device)
+        shard_masters(model, self.info.rank, self.info.world_size)
         mp = MixedPrecisionPolicy()
         if self.cfg.distributed.mixed_precision == "bf16":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from raclora_dist.core.layer import LayerSpec, RacLoraLinear
+from raclora_dist.core.layer import LayerSpec, MergeResult, RacLoraLinear
 from raclora_dist.core.sketch import sample_sketch
 
 
@@ -33,6 +33,8 @@ class Comm(Protocol):
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor: ...
 
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
 
 class LocalComm:
     """One process: every reduction is the identity."""
@@ -44,6 +46,9 @@ class LocalComm:
         return t
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
 
@@ -63,9 +68,10 @@ class FactorAccess(Protocol):
         """The whole trainable factor (B (m, r) or A (r, n)), identical on every rank."""
         ...
 
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
-        """Adds ``s B A`` into this rank's part of the weight (or chain), in place; returns
-        ``||s B A||_F``. ``factor`` is the whole trainable factor (from ``full_factor``)."""
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
+        """Adds ``s B A`` into this rank's part of the weight (or chain), in place, and zeroes
+        the factor. ``factor`` is the whole trainable factor (from ``full_factor``). The
+        result's landed statistics cover the part of the layer this rank owns."""
         ...
 
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -74,7 +80,15 @@ class FactorAccess(Protocol):
 
 
 class DenseAccess:
-    """Unsharded layers (one process, DDP, ZeRO-less): the factor and weight are plain tensors."""
+    """Unsharded layers (one process, DDP, ZeRO-2): the factor and weight are plain tensors.
+
+    Args:
+        owner: whether this rank reports the landed statistics. Replicated engines merge the
+            same full copy on every rank, so only one of them owns it.
+    """
+
+    def __init__(self, owner: bool = True) -> None:
+        self.owner = owner
 
     def local_finite(self, layer: RacLoraLinear) -> bool:
         return layer.is_finite()
@@ -82,8 +96,9 @@ class DenseAccess:
     def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
         return layer.factor.detach()
 
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> float:
-        return layer.merge(factor)
+    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
+        res = layer.merge(factor)
+        return res if self.owner else MergeResult(res.norm, torch.zeros(3, dtype=torch.float64), res.discarded)
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -107,6 +122,14 @@ class LinkRecord:
     update_norm: float = 0.0  # ||sum over modules of s B_t A_t||_F (root of summed squares)
     cumulative_update_norm: float = 0.0  # sum of update norms: an upper bound on ||W - W0||_F
     merge_time_s: float = 0.0
+    # The share of the intended update sum_l s B_l A_l that reached the effective weights:
+    # its projection <dW_eff, dW> / ||dW||^2, the norm ratio ||dW_eff|| / ||dW|| and their
+    # cosine (fraction = ratio * cosine). 1 when the merge is exact; a 4-bit in-place
+    # requantization rounds a small update away (fraction well below 1).
+    landed_fraction: float = float("nan")
+    landed_norm_ratio: float = float("nan")
+    landed_cosine: float = float("nan")
+    discarded_energy: float = 0.0  # factored mode: share of chain energy a recompression dropped (max over layers)
     reason: str = ""
 
     def to_dict(self) -> dict:
@@ -208,13 +231,25 @@ class RacLoraChain:
             self.state.skipped.append(self.link)
             return LinkRecord(self.link, merged=False, reason="non-finite factor; link discarded",
                               cumulative_update_norm=self.state.cumulative_update_norm)
-        sq = 0.0
+        sq, discarded = 0.0, 0.0
+        landed = torch.zeros(3, dtype=torch.float64)
         factors: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             full = self.access.full_factor(layer)
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)
-            sq += self.access.merge(layer, full) ** 2
-        return self._record(self.link, factors, sq**0.5, time.perf_counter() - t0)
+            res = self.access.merge(layer, full)
+            sq += res.norm**2
+            landed += res.landed
+            discarded = max(discarded, res.discarded)
+        # Ranks own disjoint parts of each layer: one small all-reduce gives the whole model's.
+        inner, dd, ii = comm.all_reduce_sum(landed).tolist()
+        rec = self._record(self.link, factors, sq**0.5, time.perf_counter() - t0)
+        if ii > 0:
+            rec.landed_fraction = inner / ii
+            rec.landed_norm_ratio = (dd / ii) ** 0.5
+            rec.landed_cosine = inner / (dd * ii) ** 0.5 if dd > 0 else 0.0
+        rec.discarded_energy = discarded
+        return rec
 
     def _record(self, link: int, factors: dict[str, torch.Tensor], norm: float, secs: float) -> LinkRecord:
         self.state.merged.append(link)

@@ -27,8 +27,16 @@ class RacLoraConfig(BaseModel):
     )
     links: int = Field(4, ge=1, description="T: number of links in the chain.")
     steps_per_link: int = Field(50, ge=1, description="K: optimizer steps per link.")
-    merge_mode: Literal["into_base", "factored"] = Field(
-        "into_base", description="Merge links into the base weight, or keep them as frozen factors."
+    merge_mode: Literal["auto", "into_base", "factored"] = Field(
+        "auto", description="Merge links into the base weight, or keep them as frozen factors; auto: into_base "
+        "for fp32 bases, factored for bf16/fp16 and 4-bit bases (docs/benchmarks.md, merge fidelity).",
+    )
+    master_weights: Literal["none", "device", "cpu"] = Field(
+        "none", description="into_base on a 4-bit base: keep a fp32 master copy (sharded like the base) on the "
+        "device or the CPU, merge into it and requantize from it; none: requantize in place.",
+    )
+    stochastic_rounding: bool = Field(
+        False, description="into_base on a 4-bit base: round the merged weight to the 4-bit grid stochastically (unbiased)."
     )
     max_chain_rank: int | None = Field(
         None, ge=1, description="factored mode: cap on kept chain rank (recompressed by SVD past it)."
@@ -45,6 +53,9 @@ class RacLoraConfig(BaseModel):
     def _check(self) -> "RacLoraConfig":
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        if (self.master_weights != "none" or self.stochastic_rounding) and self.merge_mode != "into_base":
+            raise ValueError(f"master_weights and stochastic_rounding need merge_mode into_base, "
+                             f"got merge_mode {self.merge_mode!r}")
         if self.max_chain_rank is not None and self.max_chain_rank < self.rank:
             raise ValueError(f"max_chain_rank ({self.max_chain_rank}) must be >= rank ({self.rank})")
         return self

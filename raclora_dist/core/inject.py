@@ -119,6 +119,8 @@ def inject(model: nn.Module, cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
                 rslora=cfg.rslora,
                 merge_mode=cfg.merge_mode,
                 chain_capacity=cfg.chain_capacity(),
+                master_weights=cfg.master_weights,
+                stochastic_rounding=cfg.stochastic_rounding,
             )
         except ValueError as err:
             raise RankError(f"raclora.rank={cfg.rank}: {err}") from None

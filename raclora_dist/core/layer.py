@@ -26,6 +26,24 @@ Side = Literal["left", "right"]
 MergeMode = Literal["into_base", "factored"]
 
 
+@dataclass
+class MergeResult:
+    """What merging one layer's link did.
+
+    Attributes:
+        norm: ``||s B A||_F``, the intended update's norm.
+        landed: float64 (3,): ``<dW_eff, dW>``, ``||dW_eff||^2``, ``||dW||^2`` over the part
+            of the layer this rank owns (parts partition the layer across ranks, so the chain
+            sums them), where ``dW = s B A`` is the intended update and ``dW_eff`` the change
+            of the effective weight the forward uses.
+        discarded: share of the chain's energy a factored-mode recompression dropped.
+    """
+
+    norm: float
+    landed: torch.Tensor
+    discarded: float = 0.0
+
+
 def resolve_side(side: str, out_features: int, in_features: int) -> Side:
     """Picks the sketched side; ``auto`` sketches the smaller dimension (right on a tie).
 
@@ -73,10 +91,13 @@ class RacLoraLinear(nn.Module):
         side: ``left`` or ``right`` (resolve ``auto`` with :func:`resolve_side` first).
         dist: the sketch distribution (see :func:`sample_sketch`).
         seed: the chain's seed.
-        merge_mode: ``into_base`` or ``factored``.
+        merge_mode: ``into_base``, ``factored``, or ``auto`` (the base type's default:
+            :meth:`default_merge_mode`).
         chain_capacity: for ``factored``, the most chain columns kept (R_max); merging past
             it recompresses the chain by SVD. Ignored for ``into_base``.
         factor_dtype: dtype of the trainable factor, sketch and chain (fp32 by default).
+        master_weights, stochastic_rounding: options of quantized bases (subclasses); a dense
+            base rejects them.
     """
 
     def __init__(
@@ -90,11 +111,18 @@ class RacLoraLinear(nn.Module):
         dist: str = "orthogonal",
         seed: int = 0,
         rslora: bool = False,
-        merge_mode: MergeMode = "into_base",
+        merge_mode: str = "into_base",
         chain_capacity: int = 0,
         factor_dtype: torch.dtype = torch.float32,
+        master_weights: str = "none",
+        stochastic_rounding: bool = False,
     ) -> None:
         super().__init__()
+        if master_weights != "none" or stochastic_rounding:
+            raise ValueError(
+                f"module {name!r} ({type(base_layer).__name__}): raclora.master_weights and "
+                "raclora.stochastic_rounding apply to 4-bit bases only (model.quantization)"
+            )
         m, n = base_layer.out_features, base_layer.in_features
         d = n if side == "right" else m
         if rank > d:
@@ -107,7 +135,8 @@ class RacLoraLinear(nn.Module):
             p.requires_grad_(False)
         self.name, self.rank, self.side, self.dist, self.seed = name, rank, side, dist, seed
         self.scale = lora_scale(alpha, rank, rslora)
-        self.merge_mode = merge_mode
+        self.merge_mode: MergeMode = self.default_merge_mode() if merge_mode == "auto" else merge_mode  # type: ignore[assignment]
+        self.sketch_link = -1  # the link whose sketch the buffer holds (keys stochastic rounding)
         self.out_features, self.in_features = m, n
         dev = base_layer.weight.device
         sketch_shape = (rank, n) if side == "right" else (m, rank)
@@ -118,14 +147,22 @@ class RacLoraLinear(nn.Module):
             "sketch", torch.zeros(sketch_shape, dtype=factor_dtype, device=dev), persistent=False
         )
         self.factor = nn.Parameter(torch.zeros(factor_shape, dtype=factor_dtype, device=dev))
-        cap = chain_capacity if merge_mode == "factored" else 0
-        self.register_buffer(
-            "chain_B", torch.zeros(m, cap, dtype=factor_dtype, device=dev), persistent=False
-        )
-        self.register_buffer(
-            "chain_A", torch.zeros(cap, n, dtype=factor_dtype, device=dev), persistent=False
-        )
+        cap = chain_capacity if self.merge_mode == "factored" else 0
+        if cap:
+            # Frozen parameters, not buffers: sharding engines then shard them like the base
+            # (chain_B's rows with W's rows) and gather them for the forward.
+            self.chain_B = nn.Parameter(torch.zeros(m, cap, dtype=factor_dtype, device=dev), requires_grad=False)
+            self.chain_A = nn.Parameter(torch.zeros(cap, n, dtype=factor_dtype, device=dev), requires_grad=False)
+        else:
+            self.register_buffer("chain_B", torch.zeros(m, 0, dtype=factor_dtype, device=dev), persistent=False)
+            self.register_buffer("chain_A", torch.zeros(0, n, dtype=factor_dtype, device=dev), persistent=False)
         self.chain_rank = 0
+
+    def default_merge_mode(self) -> MergeMode:
+        """``auto``'s choice for this base: ``into_base`` for fp32 weights (exact), else
+        ``factored`` (a bf16/fp16 weight rounds a small update away; docs/benchmarks.md)."""
+        dtype = self.base_layer.weight.dtype
+        return "into_base" if dtype.is_floating_point and torch.finfo(dtype).bits >= 32 else "factored"
 
     @property
     def spec(self) -> LayerSpec:
@@ -164,6 +201,7 @@ class RacLoraLinear(nn.Module):
         d = self.in_features if self.side == "right" else self.out_features
         s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.name)
         self.sketch.copy_(s if self.side == "right" else s.T)
+        self.sketch_link = link
 
     @torch.no_grad()
     def resample(self, link: int) -> None:
@@ -198,8 +236,8 @@ class RacLoraLinear(nn.Module):
         return bool(torch.isfinite(self.factor).all())
 
     @torch.no_grad()
-    def merge(self, factor: torch.Tensor | None = None) -> float:
-        """Merges the link ``s * B @ A`` (in place) and returns ``||s B A||_F``.
+    def merge(self, factor: torch.Tensor | None = None) -> MergeResult:
+        """Merges the link ``s * B @ A`` (in place) on an unsharded layer.
 
         The merged factor is consumed: ``self.factor`` is zeroed afterwards, so the layer's
         output equals the merged model's (no update is counted twice).
@@ -208,34 +246,68 @@ class RacLoraLinear(nn.Module):
             factor: the trained factor to merge; defaults to ``self.factor``. Replaying a
                 chain from a checkpoint passes the stored factor of each link.
 
+        Returns:
+            The merge's norm and landed statistics (this process owns the whole layer).
+
         Raises:
             FloatingPointError: if the factor holds a non-finite value; nothing is merged.
         """
         B, A = self.factors_with(self.factor if factor is None else factor)
         if self.merge_mode == "into_base":
-            merge_into_weight(self.base_layer.weight, B, A, self.scale)
+            res = self.merge_into_base(B, A)
         else:
-            self._append_to_chain(self.scale * B, A)
-        norm = self.scale * lowrank_fro_norm(B, A)
+            res = self.merge_into_chain(self.chain_B, self.chain_A, B, A)
         self.factor.zero_()
-        return norm
+        return res
 
-    def _append_to_chain(self, sB: torch.Tensor, A: torch.Tensor) -> None:
-        """Appends ``sB (m, r)``, ``A (r, n)`` to the factored chain, recompressing if full."""
-        R, r, cap = self.chain_rank, A.shape[0], self.chain_A.shape[0]
+    def merge_into_base(self, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
+        """``W += s B A`` on the full dense weight (in place); quantized subclasses override."""
+        landed = merge_rows_into_weight(self.base_layer.weight.data, B, A, self.scale)
+        return MergeResult(self.scale * lowrank_fro_norm(B, A), landed)
+
+    @torch.no_grad()
+    def merge_into_chain(self, chain_B: torch.Tensor, chain_A: torch.Tensor,
+                         B: torch.Tensor, A: torch.Tensor) -> MergeResult:
+        """Appends ``s B (m, r)``, ``A (r, n)`` to the full chain tensors (in place),
+        recompressing to the capacity when full (QR of the factors, SVD of the small core).
+
+        Args:
+            chain_B: (m, cap), chain_A: (cap, n): the whole chain (gathered if sharded).
+        """
+        R, r, cap = self.chain_rank, A.shape[0], chain_A.shape[0]
+        sB = self.scale * B
+        norm = self.scale * lowrank_fro_norm(B, A)
         if R + r <= cap:
-            self.chain_B[:, R : R + r] = sB
-            self.chain_A[R : R + r] = A
+            chain_B[:, R : R + r] = sB
+            chain_A[R : R + r] = A
             self.chain_rank = R + r
-            return
+            # The effective weight changed by exactly s B A (up to the factor dtype's rounding).
+            dB, dA = chain_B[:, R : R + r], chain_A[R : R + r]
+            return MergeResult(norm, lowrank_landed(dB, dA, sB, A))
         from raclora_dist.core.export import compress_lora
 
-        B_all = torch.cat([self.chain_B[:, :R], sB], dim=1)
-        A_all = torch.cat([self.chain_A[:R], A], dim=0)
-        B_new, A_new, _ = compress_lora(B_all, A_all, cap)
-        self.chain_B.copy_(B_new)
-        self.chain_A.copy_(A_new)
+        old_B, old_A = chain_B[:, :R].clone(), chain_A[:R].clone()
+        B_new, A_new, discarded = compress_lora(torch.cat([old_B, sB], dim=1), torch.cat([old_A, A], dim=0), cap)
+        chain_B.copy_(B_new)
+        chain_A.copy_(A_new)
         self.chain_rank = cap
+        # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
+        dB = torch.cat([chain_B, -old_B], dim=1)
+        dA = torch.cat([chain_A, old_A], dim=0)
+        return MergeResult(norm, lowrank_landed(dB, dA, sB, A), discarded)
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The dense (m, n) fp32 weight the forward applies, chain included (unsharded layer)."""
+        W = self.dense_base_weight()
+        if self.chain_rank:
+            R = self.chain_rank
+            W = W + self.chain_B[:, :R].float() @ self.chain_A[:R].float()
+        return W + self.delta().float()
+
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base weight as a dense (m, n) fp32 tensor (quantized subclasses dequantize)."""
+        return self.base_layer.weight.detach().float()
 
     def extra_repr(self) -> str:
         return (
@@ -256,6 +328,48 @@ def merge_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, sc
         weight.addmm_(B, A, alpha=scale)
     else:
         weight.copy_(weight.float().addmm_(B.float(), A.float(), alpha=scale))
+
+
+@torch.no_grad()
+def merge_rows_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float,
+                           chunk_rows: int = 1024) -> torch.Tensor:
+    """``weight += scale * B @ A`` in place (see :func:`merge_into_weight`), measuring what landed.
+
+    Works on a block of rows at a time, so the extra memory is a few (chunk_rows, n) tensors.
+
+    Args:
+        weight: (m, n) dense weight, or a row shard with ``B``'s matching rows.
+        B: (m, r). A: (r, n).
+
+    Returns:
+        float64 (3,): ``<dW_eff, dW>``, ``||dW_eff||^2``, ``||dW||^2`` (see :class:`MergeResult`).
+    """
+    out = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, weight.shape[0], chunk_rows):
+        rows = weight[i : i + chunk_rows]
+        before = rows.float().clone()
+        merge_into_weight(rows, B[i : i + chunk_rows], A, scale)
+        intended = scale * (B[i : i + chunk_rows].float() @ A.float())
+        out += landed_stats(rows.float() - before, intended)
+    return out
+
+
+def landed_stats(d_eff: torch.Tensor, intended: torch.Tensor) -> torch.Tensor:
+    """float64 (3,): ``<d_eff, intended>``, ``||d_eff||^2``, ``||intended||^2``."""
+    d, i = d_eff.double(), intended.double()
+    return torch.stack([(d * i).sum(), (d * d).sum(), (i * i).sum()]).cpu()
+
+
+def lowrank_landed(dB: torch.Tensor, dA: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """:func:`landed_stats` of ``dB @ dA`` against ``B @ A`` from small Gram matrices.
+
+    ``<X Y, U V>_F = sum((X^T U) * (Y V^T))``: no (m, n) product is formed.
+    """
+    dB, dA, B, A = dB.double(), dA.double(), B.double(), A.double()
+    inner = ((dB.T @ B) * (dA @ A.T)).sum()
+    dd = ((dB.T @ dB) * (dA @ dA.T)).sum()
+    ii = ((B.T @ B) * (A @ A.T)).sum()
+    return torch.stack([inner, dd, ii]).cpu()
 
 
 def lowrank_fro_norm(B: torch.Tensor, A: torch.Tensor) -> float:

@@ -25,6 +25,10 @@ from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
 
+# Below this share of an update landing in the weights, a merge warns (4-bit in place).
+LANDED_WARNING = 0.9
+
+
 class Trainer:
     """Runs the chain's links on this rank.
 
@@ -138,7 +142,12 @@ class Trainer:
         tokens = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.data.train.shape[1] * rc.steps_per_link
         self.log(f"link {link + 1}/{rc.links}  step {self.global_step}  train_loss {train_loss:.4f}  eval_loss "
                  f"{rec['eval_loss']:.4f}  tokens/s {tokens / link_time:.0f}  |sBA| {record.update_norm:.4g}  "
-                 f"merge {record.merge_time_s * 1e3:.1f} ms" + ("" if record.merged else "  (discarded)"))
+                 f"merge {record.merge_time_s * 1e3:.1f} ms  landed {record.landed_fraction:.3f}"
+                 + ("" if record.merged else "  (discarded)"))
+        if record.merged and record.landed_fraction < LANDED_WARNING:
+            self.log(f"warning: link {link}: only {record.landed_fraction:.1%} of the intended update landed in the "
+                     f"weights (cosine {record.landed_cosine:.2f}); rounding the merged weight to the base's precision (4-bit, bf16) drops small updates. "
+                     "Use raclora.merge_mode=factored (or, on a 4-bit base, raclora.master_weights=cpu) to keep them.")
         last = link + 1 == rc.links
         if last or (link + 1) % self.cfg.checkpoint.every_links == 0:
             path = self.checkpoint(link + 1)

@@ -44,6 +44,11 @@ def validate_model(cfg: RunConfig) -> int:
         The number of layers that would be wrapped.
     """
     tok = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.quantization.enabled:
+        # Nothing is quantized on the meta device, so dense layers stand in for the 4-bit
+        # ones; the 4-bit-only options were already checked with the config.
+        cfg = cfg.model_copy(update={"raclora": cfg.raclora.model_copy(
+            update={"master_weights": "none", "stochastic_rounding": False})})
     with torch.device("meta"):
         if cfg.model.name_or_path is not None:
             from transformers import AutoConfig, AutoModelForCausalLM
@@ -55,7 +60,8 @@ def validate_model(cfg: RunConfig) -> int:
 
 
 def build_session(cfg: RunConfig, source: Path | None = None, save_base_to: Path | None = None) -> Session:
-    """Builds tokenizer, base model (fresh or from ``source``) and the chain.
+    """Builds tokenizer, base model (fresh or from ``source``), quantizes it if the config
+    says so, and injects the chain. The saved base is the original (unquantized) one.
 
     Args:
         cfg: the run config.
@@ -68,5 +74,13 @@ def build_session(cfg: RunConfig, source: Path | None = None, save_base_to: Path
         from raclora_dist.train.model import save_base
 
         save_base(model, tokenizer, save_base_to)
+    q = cfg.model.quantization
+    if q.enabled:  # before any engine shards the model: engines then shard the packed codes
+        from raclora_dist.quant.bnb import drop_sources, quantize_model
+
+        quantize_model(model, q, q.storage_for(cfg.distributed.strategy, cfg.model.dtype),
+                       keep_source=cfg.raclora.master_weights != "none")
     layers = inject_checked(model, cfg)
+    if q.enabled:
+        drop_sources(model)
     return Session(model, tokenizer, layers, RacLoraChain(layers, cfg.raclora.on_nonfinite))

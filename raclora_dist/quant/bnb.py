@@ -1,0 +1,254 @@
+"""bitsandbytes 4-bit bases: quantize a model's linear layers, and RAC-LoRA over ``Linear4bit``.
+
+A ``Linear4bit`` holds ``W (m, n)`` as packed 4-bit codes (``quant_storage`` elements, shape
+``(m n / (2 * bytes per element), 1)``) plus a ``QuantState`` (per-block absmax, codebook,
+shape, dtype). Merge modes on such a base (DESIGN.md "Merge modes"):
+
+* ``factored`` (default): the packed weight is never touched; exact.
+* ``into_base`` in place: dequantize, add ``s B A``, requantize. A small update is mostly
+  rounded back to the old codes; optional stochastic rounding keeps it unbiased in
+  expectation (but noisy).
+* ``into_base`` with a master copy: the original high-precision weight is kept (flat, as
+  this rank's slice under sharding, on the device or the CPU); merges go into it and the
+  4-bit weight is re-derived from it, so rounding never compounds.
+
+Importing this module registers :class:`Linear4bitRacLora` with the layer dispatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import bitsandbytes.functional as bnbf
+import torch
+from bitsandbytes.nn import Linear4bit, Params4bit
+from torch import nn
+
+from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
+from raclora_dist.core.layer import MergeResult, MergeMode, landed_stats, lowrank_fro_norm
+from raclora_dist.quant.config import QuantizationConfig
+
+DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# gather(local_flat, total) -> the whole flat tensor, identical on every rank (collective).
+Gather = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# -- quantization ------------------------------------------------------------------------
+def quantize_weight(W: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool,
+                    storage: torch.dtype) -> tuple[torch.Tensor, bnbf.QuantState]:
+    """Packs ``W (m, n)`` into 4-bit codes; returns ``(packed (P, 1), state)``."""
+    return bnbf.quantize_4bit(W, blocksize=blocksize, compress_statistics=double_quant,
+                              quant_type=quant_type, quant_storage=storage)
+
+
+def requantize_like(W: torch.Tensor, state: bnbf.QuantState, storage: torch.dtype) -> tuple[torch.Tensor, bnbf.QuantState]:
+    """Quantizes ``W (m, n)`` with the settings of an existing ``state``."""
+    return quantize_weight(W.to(state.dtype), state.quant_type, state.blocksize, state.nested, storage)
+
+
+def dequantize(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
+    """The dense (m, n) fp32 weight that packed codes and their state stand for."""
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
+@torch.no_grad()
+def stochastic_round(W: torch.Tensor, code: torch.Tensor, blocksize: int, generator: torch.Generator) -> torch.Tensor:
+    """Rounds ``W (m, n)`` to the 4-bit grid of each block, up or down at random, unbiased.
+
+    Each block of ``blocksize`` elements is scaled by its absmax into [-1, 1]; an element
+    between grid points ``c_lo <= v <= c_hi`` becomes ``c_hi`` with probability
+    ``(v - c_lo) / (c_hi - c_lo)``, so ``E[result] = W``. The block's largest element sits on
+    the grid (+-1), so the absmax, and hence the codes bitsandbytes then picks, are kept.
+
+    Returns:
+        A new (m, n) fp32 tensor on the grid (quantizing it is exact up to absmax rounding).
+    """
+    shape, flat = W.shape, W.float().flatten()
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    v = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)
+    grid = torch.unique(code.float().to(W.device))  # sorted
+    hi = torch.searchsorted(grid, v.contiguous()).clamp(1, grid.numel() - 1)
+    c_lo, c_hi = grid[hi - 1], grid[hi]
+    p_up = ((v - c_lo) / (c_hi - c_lo)).clamp(0, 1)
+    u = torch.rand(v.shape, generator=generator).to(W.device)
+    q = torch.where(u < p_up, c_hi, c_lo) * absmax
+    return q.flatten()[: flat.numel()].view(shape)
+
+
+def to_linear4bit(linear: nn.Linear, qcfg: QuantizationConfig, storage: torch.dtype) -> Linear4bit:
+    """A frozen ``Linear4bit`` holding ``linear``'s weight in 4 bits (its bias as is)."""
+    packed, state = quantize_weight(linear.weight.detach(), qcfg.method, qcfg.blocksize, qcfg.double_quant, storage)
+    q = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                   compute_dtype=DTYPES[qcfg.compute_dtype], compress_statistics=qcfg.double_quant,
+                   quant_type=qcfg.method, quant_storage=storage, device="meta")
+    q.weight = Params4bit(packed, requires_grad=False, quant_state=state, blocksize=qcfg.blocksize,
+                          compress_statistics=qcfg.double_quant, quant_type=qcfg.method,
+                          quant_storage=storage, bnb_quantized=True, module=q)
+    q.quant_state = state  # where FSDP-gathered weights recover it from (bitsandbytes' convention)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks weight.data and its quant state into a
+    # CPU-only layout at the first no-grad eval forward. Merges, sharding and checkpoints
+    # need the standard layout, and the repacking fails for in_features < blocksize.
+    q.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return q
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, qcfg: QuantizationConfig, storage: str, keep_source: bool = False) -> list[str]:
+    """Replaces every ``nn.Linear`` not in ``qcfg.skip_modules`` with a 4-bit one (in place).
+
+    Quantize before sharding: engines then shard the packed codes.
+
+    Args:
+        storage: the packed storage dtype name (see ``QuantizationConfig.storage_for``).
+        keep_source: keep each original weight (fp32) on the new module for a master copy;
+            :class:`Linear4bitRacLora` takes it, :func:`drop_sources` frees the rest.
+
+    Returns:
+        The qualified names of the quantized layers.
+    """
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in qcfg.skip_modules):
+            continue
+        q = to_linear4bit(module, qcfg, DTYPES[storage])
+        if keep_source:
+            q._raclora_source = module.weight.detach().float()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        names.append(name)
+    return names
+
+
+def drop_sources(model: nn.Module) -> None:
+    """Frees original weights that :func:`quantize_model` kept and no wrapper took."""
+    for module in model.modules():
+        module.__dict__.pop("_raclora_source", None)
+
+
+def set_quant_state(module: Linear4bit, state: bnbf.QuantState) -> None:
+    """Points the layer (and its weight, when it is still a ``Params4bit``) at a new state."""
+    module.quant_state = state
+    if isinstance(module.weight, Params4bit):
+        module.weight.quant_state = state
+
+
+# -- the RAC-LoRA wrapper ------------------------------------------------------------------
+class Linear4bitRacLora(RacLoraLinear):
+    """:class:`RacLoraLinear` over a bitsandbytes ``Linear4bit`` base.
+
+    Args (beyond :class:`RacLoraLinear`'s):
+        master_weights: ``into_base`` only: ``none`` (requantize in place), or keep a fp32
+            master copy of the original weight on the ``device`` or the ``cpu``.
+        stochastic_rounding: ``into_base`` only: round the merged weight to the 4-bit grid
+            stochastically (unbiased) instead of to nearest.
+    """
+
+    packed_base = True  # engines gather the whole packed weight to merge into it
+
+    def __init__(self, base_layer: Linear4bit, name: str, *, master_weights: str = "none",
+                 stochastic_rounding: bool = False, **kwargs) -> None:
+        super().__init__(base_layer, name, **kwargs)
+        if self.merge_mode != "into_base" and (master_weights != "none" or stochastic_rounding):
+            raise ValueError(f"module {name!r}: raclora.master_weights and raclora.stochastic_rounding "
+                             f"need raclora.merge_mode=into_base, not {self.merge_mode!r}")
+        self.master_weights, self.stochastic_rounding = master_weights, stochastic_rounding
+        self.storage = base_layer.quant_storage
+        numel = self.out_features * self.in_features
+        self.master_range = (0, numel)  # this rank's slice of the flat master (all of it unsharded)
+        source = base_layer.__dict__.pop("_raclora_source", None)
+        self._cpu_master: torch.Tensor | None = None
+        if master_weights != "none":
+            if source is None:
+                raise ValueError(f"module {name!r}: a master copy needs the original weights "
+                                 "(quantize_model(keep_source=True))")
+            flat = source.float().flatten().clone()
+            if master_weights == "device":
+                self.register_buffer("_master", flat, persistent=False)
+            else:  # a plain attribute: model.to(device) leaves it on the CPU
+                self._cpu_master = flat
+
+    def default_merge_mode(self) -> MergeMode:
+        """4-bit bases merge ``factored`` by default: exact, and the codes stay untouched."""
+        return "factored"
+
+    @property
+    def master(self) -> torch.Tensor | None:
+        """This rank's slice of the flat fp32 master copy, or None without one."""
+        return self._cpu_master if self._cpu_master is not None else getattr(self, "_master", None)
+
+    @torch.no_grad()
+    def shard_master(self, rank: int, world: int) -> None:
+        """Keeps only this rank's equal slice of the flat master copy (frees the rest)."""
+        if self.master is None:
+            return
+        numel = self.out_features * self.in_features
+        chunk = math.ceil(numel / world)
+        lo, hi = min(numel, rank * chunk), min(numel, (rank + 1) * chunk)
+        local = self.master[lo:hi].clone()
+        if self._cpu_master is not None:
+            self._cpu_master = local
+        else:
+            self._master = local
+        self.master_range = (lo, hi)
+
+    def dense_base_weight(self) -> torch.Tensor:
+        return dequantize(self.base_layer.weight.data, self.base_layer.quant_state)
+
+    def merge_into_base(self, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
+        packed, res = self.requantize(self.base_layer.weight.data, B, A)
+        self.base_layer.weight.data = packed
+        return res
+
+    @torch.no_grad()
+    def requantize(self, packed: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                   gather: Gather | None = None, owner: bool = True) -> tuple[torch.Tensor, MergeResult]:
+        """Merges ``s B A`` into the whole packed weight; sets the layer's new quant state.
+
+        Deterministic, so every rank of a sharded run computes the same codes (the random
+        bits of stochastic rounding are keyed by (seed, link, module name)).
+
+        Args:
+            packed: the whole packed weight (P, 1) (gathered if sharded); not modified.
+            B: (m, r). A: (r, n): the link's factors.
+            gather: collects the master copy's slices of all ranks (collective); None when
+                this process holds the whole master.
+            owner: whether this rank reports the landed statistics.
+
+        Returns:
+            The new packed weight (P, 1) and the merge result.
+        """
+        state = self.base_layer.quant_state
+        before = dequantize(packed, state)
+        intended = self.scale * (B.float() @ A.float())
+        if self.master is not None:
+            lo, hi = self.master_range
+            m = self.master
+            m += intended.flatten()[lo:hi].to(m.device)
+            full = m if gather is None else gather(m, before.numel())
+            target = full.to(before.device).view_as(before)
+        else:
+            target = before + intended
+        if self.stochastic_rounding:
+            gen = torch.Generator().manual_seed(sketch_seed(self.seed, self.sketch_link, self.name + "#round"))
+            target = stochastic_round(target, state.code, state.blocksize, gen)
+        new_packed, new_state = requantize_like(target, state, packed.dtype)
+        set_quant_state(self.base_layer, new_state)
+        landed = landed_stats(dequantize(new_packed, new_state) - before, intended) if owner else torch.zeros(3, dtype=torch.float64)
+        return new_packed, MergeResult(self.scale * lowrank_fro_norm(B, A), landed)
+
+    def extra_repr(self) -> str:
+        extra = f", master_weights={self.master_weights}" if self.master_weights != "none" else ""
+        return super().extra_repr() + extra + (", stochastic_rounding=True" if self.stochastic_rounding else "")
+
+
+def _linear4bit(module: nn.Module) -> type[RacLoraLinear] | None:
+    return Linear4bitRacLora if isinstance(module, Linear4bit) else None
+
+
+register_dispatcher("bitsandbytes.nn.Linear4bit", _linear4bit)
