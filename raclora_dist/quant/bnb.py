@@ -125,6 +125,33 @@ def quantize_model(model: nn.Module, qcfg: QuantizationConfig, storage: str, kee
     return names
 
 
+def hf_quantization_config(qcfg: QuantizationConfig, storage: str = "uint8") -> dict:
+    """``transformers.BitsAndBytesConfig`` keyword arguments that quantize a base exactly as
+    :func:`quantize_model` does (to load an exported adapter onto the 4-bit base)."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": qcfg.method, "bnb_4bit_use_double_quant": qcfg.double_quant,
+            "bnb_4bit_compute_dtype": qcfg.compute_dtype, "bnb_4bit_quant_storage": storage,
+            "llm_int8_skip_modules": list(qcfg.skip_modules)}
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> None:
+    """Replaces every wrapped layer and ``Linear4bit`` with a plain ``nn.Linear`` holding its
+    effective weight in fp32 (dequantized base plus the chain), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RacLoraLinear):
+            W, base = module.effective_weight(), module.base_layer
+        elif isinstance(module, Linear4bit):
+            W, base = dequantize(module.weight.data, module.quant_state), module
+        else:
+            continue
+        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        dense.weight.data = W
+        if base.bias is not None:
+            dense.bias.data = base.bias.detach().float().clone()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+
+
 def drop_sources(model: nn.Module) -> None:
     """Frees original weights that :func:`quantize_model` kept and no wrapper took."""
     for module in model.modules():

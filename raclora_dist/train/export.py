@@ -2,8 +2,10 @@
 
 T merged links of rank r form one LoRA of rank T*r over the *original* base (see
 ``core.export``), so the adapter loads with plain ``peft`` onto the untouched base, in
-either merge mode. Only the checkpoint and the base folder are read; raclora layers are
-not rebuilt.
+either merge mode; for a 4-bit run, onto the base loaded in 4 bits with the
+``BitsAndBytesConfig`` the export report gives (exact for ``factored``, the mode that never
+touches the 4-bit codes). The merged export of a 4-bit run rebuilds the trained model and
+writes its effective weights (dequantized base plus chain) in fp32.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from raclora_dist.config import ConfigError, build_config, read_yaml
+from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.core import compress_lora, concat_links, link_factors
 from raclora_dist.train.checkpoint import Checkpoint, find_latest, load_checkpoint
 from raclora_dist.train.session import base_folder
 
 
-def _load_run(run_dir: Path) -> tuple[Checkpoint, Path]:
+def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder (no config.yaml)")
@@ -30,7 +32,7 @@ def _load_run(run_dir: Path) -> tuple[Checkpoint, Path]:
     ckpt = load_checkpoint(path)
     if not ckpt.chain.merged:
         raise ConfigError(f"{path}: the chain has no merged links to export")
-    return ckpt, base_folder(cfg, run_dir).resolve()
+    return ckpt, base_folder(cfg, run_dir).resolve(), cfg
 
 
 def chain_lora(ckpt: Checkpoint, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -54,7 +56,7 @@ def export_peft(run_dir: Path, out: Path | None = None, rank: int | None = None)
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    ckpt, base = _load_run(run_dir)
+    ckpt, base, run_cfg = _load_run(run_dir)
     out = Path(out or Path(run_dir) / "export" / "peft")
     lora = chain_lora(ckpt, rank)
     ranks = {name: B.shape[1] for name, (B, _, _) in lora.items()}
@@ -73,6 +75,15 @@ def export_peft(run_dir: Path, out: Path | None = None, rank: int | None = None)
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     report = {"links": ckpt.chain.merged, "rank": r, "discarded_energy": {n: d for n, (_, _, d) in lora.items()}}
+    q = run_cfg.model.quantization
+    if q.enabled:
+        from raclora_dist.quant.bnb import hf_quantization_config
+
+        # Load the base with transformers.BitsAndBytesConfig(**this) to get the 4-bit base the run trained on.
+        report["bnb_quantization_config"] = hf_quantization_config(q)
+        mode = run_cfg.raclora.merge_mode
+        report["merge_mode"] = "factored" if mode == "auto" else mode  # auto on a 4-bit base is factored
+        report["exact_on_4bit_base"] = report["merge_mode"] == "factored"
     (out / "raclora_export.json").write_text(json.dumps(report, indent=1))
     return out
 
@@ -81,16 +92,31 @@ def export_merged(run_dir: Path, out: Path | None = None) -> Path:
     """Writes a Hugging Face model folder with the whole chain merged into the base weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ckpt, base = _load_run(run_dir)
+    ckpt, base, run_cfg = _load_run(run_dir)
     out = Path(out or Path(run_dir) / "export" / "merged")
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
-    with torch.no_grad():
-        for name, (B, A, _) in chain_lora(ckpt).items():
-            w = model.get_submodule(name).weight
-            w.copy_((w.float() + B @ A).to(w.dtype))
+    if run_cfg.model.quantization.enabled:
+        model = _dequantized_trained_model(run_cfg, base, ckpt)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
+        with torch.no_grad():
+            for name, (B, A, _) in chain_lora(ckpt).items():
+                w = model.get_submodule(name).weight
+                w.copy_((w.float() + B @ A).to(w.dtype))
     model.save_pretrained(out)
     try:
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(out)
     except (OSError, ValueError):  # a base folder without a tokenizer: the weights still export
         pass
     return out
+
+
+def _dequantized_trained_model(cfg: RunConfig, base: Path, ckpt: Checkpoint):
+    """The trained 4-bit model rebuilt (base quantized as in the run, chain replayed) with
+    every 4-bit layer turned into a dense fp32 ``nn.Linear`` of its effective weight."""
+    from raclora_dist.quant.bnb import dequantize_model
+    from raclora_dist.train.session import build_session
+
+    session = build_session(cfg, source=base)
+    session.chain.replay(ckpt.chain)
+    dequantize_model(session.model)
+    return session.model
