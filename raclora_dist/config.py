@@ -144,6 +144,11 @@ class RunConfig(_Section):
         if (rc.master_weights != "none" or rc.stochastic_rounding) and not self.model.quantization.enabled:
             raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to 4-bit bases; "
                              "set model.quantization (nf4 or fp4) or leave them unset")
+        q = self.model.quantization
+        if q.enabled and self.distributed.mixed_precision == "bf16" and q.storage in ("float32", "float16"):
+            raise ValueError(f"model.quantization.storage_dtype={q.storage_dtype!r} with distributed.mixed_precision=bf16: "
+                             "the engine would cast the packed 4-bit codes to bf16 and corrupt them; use uint8 (auto) "
+                             "or bfloat16")
         return self
 
     def to_yaml(self) -> str:
@@ -210,9 +215,19 @@ def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 
+def _expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
+    """``model.quantization: nf4`` -> ``{method: nf4}``, so that a dotted override such as
+    ``model.quantization.double_quant=false`` merges into it instead of replacing it."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("quantization"), str):
+        data = copy.deepcopy(data)
+        data["model"]["quantization"] = {"method": model["quantization"]}
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Reads, merges overrides into, and validates a config; sets ``run.dir`` if unset."""
-    data = _deep_merge(read_yaml(path), parse_overrides(overrides or []))
+    data = _deep_merge(_expand_shorthands(read_yaml(path)), parse_overrides(overrides or []))
     cfg = build_config(data, str(path))
     if cfg.run.dir is None:
         cfg.run.dir = str(Path("runs") / Path(path).stem)

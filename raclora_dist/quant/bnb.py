@@ -105,7 +105,7 @@ def quantize_model(model: nn.Module, qcfg: QuantizationConfig, storage: str, kee
     Quantize before sharding: engines then shard the packed codes.
 
     Args:
-        storage: the packed storage dtype name (see ``QuantizationConfig.storage_for``).
+        storage: the packed storage dtype name (``QuantizationConfig.storage``).
         keep_source: keep each original weight (fp32) on the new module for a master copy;
             :class:`Linear4bitRacLora` takes it, :func:`drop_sources` frees the rest.
 

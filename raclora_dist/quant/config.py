@@ -19,8 +19,8 @@ class QuantizationConfig(BaseModel):
         "float32", description="dtype the 4-bit matmul computes in (bfloat16 on GPUs; float32 on CPUs without bf16 units)."
     )
     storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype the packed 4-bit weights are stored as (bitsandbytes quant_storage); auto: "
-        "model.dtype under fsdp2/deepspeed (one dtype per shard group), uint8 otherwise."
+        "auto", description="dtype the packed 4-bit codes are stored as (bitsandbytes quant_storage); auto = uint8: "
+        "FSDP2 and ZeRO-3 shard it, and mixed precision never casts an integer tensor."
     )
     blocksize: Literal[32, 64, 128, 256] = Field(64, description="Elements per absmax block.")
     skip_modules: list[str] = Field(
@@ -36,9 +36,10 @@ class QuantizationConfig(BaseModel):
     def enabled(self) -> bool:
         return self.method != "none"
 
-    def storage_for(self, strategy: str, model_dtype: str) -> str:
-        """The packed storage dtype: FSDP2 all-gathers a unit's parameters as one dtype, and
-        ZeRO-3 partitions flat buffers per dtype, so sharded runs store in the model's dtype."""
-        if self.storage_dtype != "auto":
-            return self.storage_dtype
-        return model_dtype if strategy in ("fsdp2", "deepspeed") else "uint8"
+    @property
+    def storage(self) -> str:
+        """The packed storage dtype. uint8 by default: FSDP2 (which casts floating-point
+        parameters to its param_dtype) and DeepSpeed bf16 (``module.bfloat16()``) would
+        turn float-stored codes into different bits; both shard a uint8 tensor as is
+        (measured: forward and chain equal to one process, docs/benchmarks.md)."""
+        return "uint8" if self.storage_dtype == "auto" else self.storage_dtype

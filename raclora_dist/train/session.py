@@ -78,8 +78,7 @@ def build_session(cfg: RunConfig, source: Path | None = None, save_base_to: Path
     if q.enabled:  # before any engine shards the model: engines then shard the packed codes
         from raclora_dist.quant.bnb import drop_sources, quantize_model
 
-        quantize_model(model, q, q.storage_for(cfg.distributed.strategy, cfg.model.dtype),
-                       keep_source=cfg.raclora.master_weights != "none")
+        quantize_model(model, q, q.storage, keep_source=cfg.raclora.master_weights != "none")
     layers = inject_checked(model, cfg)
     if q.enabled:
         drop_sources(model)

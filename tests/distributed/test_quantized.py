@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 MODES = {
     "factored": ["raclora.merge_mode=factored"],
     "master": ["raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
-    "in_place": ["raclora.merge_mode=into_base", "raclora.stochastic_rounding=true"],
+    # also the other storage: codes packed in float32 elements, sharded without casts in fp32
+    "in_place": ["raclora.merge_mode=into_base", "raclora.stochastic_rounding=true",
+                 "model.quantization.storage_dtype=float32"],
 }
 
 
@@ -72,3 +74,15 @@ def test_sharded_master_copy_run_resumes_after_a_crash(qsetup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_chains_close(singles["master"], run)
     assert losses(run) == pytest.approx(losses(singles["master"]), abs=1e-5)
+
+
+def test_bf16_mixed_precision_leaves_the_packed_codes_alone(qsetup):
+    """FSDP2 casts floating-point parameters to bf16 for the forward; the codes are stored as
+    uint8 (auto), so they reach bitsandbytes unchanged and the run tracks the fp32 one."""
+    d, cfg, singles = qsetup
+    run = d / "fsdp2-bf16"
+    proc = train(cfg, run, *ENGINES["fsdp2"], *MODES["factored"], "distributed.mixed_precision=bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert records(run, "eval")[0]["eval_loss"] == pytest.approx(records(singles["factored"], "eval")[0]["eval_loss"], abs=5e-3)
+    assert losses(run) == pytest.approx(losses(singles["factored"]), abs=5e-3)
+    assert losses(run) != losses(singles["factored"])  # it really ran in bf16

@@ -152,5 +152,16 @@ def test_masters_are_only_for_4bit_bases_and_into_base():
         build_config({**base, "model": {**base["model"], "quantization": "int3"}})
     cfg = build_config({**base, "model": {**base["model"], "quantization": "nf4"}})
     assert cfg.model.quantization.method == "nf4" and cfg.model.quantization.double_quant
-    assert cfg.model.quantization.storage_for("fsdp2", "float32") == "float32"
-    assert cfg.model.quantization.storage_for("single", "float32") == "uint8"
+    assert cfg.model.quantization.storage == "uint8"
+    with pytest.raises(ConfigError, match="storage_dtype='float32' with distributed.mixed_precision=bf16"):
+        build_config({**base, "model": {**base["model"], "quantization": {"method": "nf4", "storage_dtype": "float32"}},
+                      "distributed": {"mixed_precision": "bf16"}})
+
+
+def test_dotted_override_merges_into_the_quantization_shorthand(tmp_path):
+    from raclora_dist.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {config: {model_type: llama}, quantization: nf4}\ndata: {path: x.jsonl}\n")
+    cfg = load_config(path, ["model.quantization.double_quant=false"])
+    assert cfg.model.quantization.method == "nf4" and not cfg.model.quantization.double_quant

@@ -1,0 +1,125 @@
+"""How much of each link's update reaches the weights, per base dtype and merge mode.
+
+Usage: python -m benchmarks.merge_fidelity --json OUT [--links 20] [--steps 5]
+
+For base dtypes fp32, bf16, nf4 and fp4 and every merge mode that applies, trains the
+quickstart model (one process, `raclora train`, the same batches) for ``links`` links and
+reports:
+
+* the landed fraction ``<dW_eff, dW> / ||dW||^2`` after 1 link and cumulatively after all
+  links (``dW`` the sum of the intended link updates, ``dW_eff`` the change of the effective
+  weights, over all target layers), measured by replaying the recorded chain onto a fresh
+  base (bitwise what training did) -- plus the per-link value training logged for link 1;
+* the norm ratio ``||dW_eff|| / ||dW||`` and cosine after all links;
+* the final eval loss;
+* memory: the model state (parameters, buffers, master copies) and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+CASES = [
+    ("fp32", "into_base", []),
+    ("fp32", "factored", []),
+    ("bf16", "into_base", []),
+    ("bf16", "factored", []),
+    *[(q, mode, extra) for q in ("nf4", "fp4") for mode, extra in [
+        ("factored", []),
+        ("into_base", []),
+        ("into_base+stochastic", ["raclora.stochastic_rounding=true"]),
+        ("into_base+master", ["raclora.master_weights=cpu"]),
+    ]],
+]
+
+
+def dtype_args(dtype: str) -> list[str]:
+    if dtype == "bf16":
+        return ["model.dtype=bfloat16"]
+    if dtype in ("nf4", "fp4"):
+        return [f"model.quantization.method={dtype}"]
+    return []
+
+
+def state_mb(model: torch.nn.Module) -> float:
+    """Parameters, buffers and CPU master copies held by the model, in MiB."""
+    seen, total = set(), 0
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m._cpu_master for m in model.modules() if getattr(m, "_cpu_master", None) is not None]
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+@torch.no_grad()
+def cumulative_landed(run: Path, upto: int | None) -> dict:
+    """Landed statistics of the first ``upto`` merged links (all if None), by replay."""
+    from raclora_dist.config import load_config
+    from raclora_dist.core import ChainState, link_factors
+    from raclora_dist.train.checkpoint import find_latest, load_checkpoint
+    from raclora_dist.train.session import build_session
+
+    cfg = load_config(run / "config.yaml")
+    state = load_checkpoint(find_latest(run)).chain
+    keep = state.merged[:upto] if upto else state.merged
+    partial = ChainState(merged=keep, factors={k: state.factors[k] for k in keep})
+    s = build_session(cfg, source=run / "base")
+    before = {n: layer.effective_weight() for n, layer in s.layers.items()}
+    s.chain.replay(partial)
+    inner = dd = ii = 0.0
+    for name, layer in s.layers.items():
+        d = (layer.effective_weight() - before[name]).double()
+        i = sum(layer.scale * B.double() @ A.double() for B, A in link_factors(layer.spec, partial))
+        inner, dd, ii = inner + float((d * i).sum()), dd + float((d * d).sum()), ii + float((i * i).sum())
+    return {"fraction": inner / ii, "norm_ratio": (dd / ii) ** 0.5, "cosine": inner / (dd * ii) ** 0.5,
+            "state_mb": state_mb(s.model)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--links", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    out = {"config": args.config, "links": args.links, "steps_per_link": args.steps, "runs": []}
+    print(f"{'base':5} {'merge mode':22} {'link-1 landed':>13} {f'{args.links}-link landed':>14} {'ratio':>6} "
+          f"{'cosine':>6} {'eval loss':>9} {'state MiB':>9} {'peak RSS MiB':>12}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype, mode, extra in CASES:
+            run = Path(tmp) / f"{dtype}-{mode}"
+            cmd = [sys.executable, "-m", "raclora_dist", "train", args.config, f"run.dir={run}",
+                   f"raclora.links={args.links}", f"raclora.steps_per_link={args.steps}", "ray.enabled=false",
+                   "distributed.strategy=single", "distributed.workers=1", "checkpoint.keep=1",
+                   f"raclora.merge_mode={mode.split('+')[0]}", *dtype_args(dtype), *extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{dtype} {mode} failed:\n{proc.stderr[-3000:]}")
+            recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            links = [r for r in recs if r["type"] == "link"]
+            first, total = cumulative_landed(run, 1), cumulative_landed(run, None)
+            m = {"base": dtype, "merge_mode": mode, "landed_after_1": first["fraction"],
+                 "landed_after_all": total["fraction"], "norm_ratio_after_all": total["norm_ratio"],
+                 "cosine_after_all": total["cosine"], "logged_link1_landed": links[0]["landed_fraction"],
+                 "final_eval_loss": links[-1]["eval_loss"], "state_mb": total["state_mb"],
+                 "peak_rss_mb": max(r["rss_mb"] for r in recs if r["type"] == "step")}
+            out["runs"].append(m)
+            print(f"{dtype:5} {mode:22} {m['landed_after_1']:>13.3f} {m['landed_after_all']:>14.3f} "
+                  f"{m['norm_ratio_after_all']:>6.2f} {m['cosine_after_all']:>6.3f} {m['final_eval_loss']:>9.4f} "
+                  f"{m['state_mb']:>9.2f} {m['peak_rss_mb']:>12.0f}", flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
