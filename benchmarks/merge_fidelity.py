@@ -67,7 +67,9 @@ def cumulative_landed(run: Path, upto: int | None) -> dict:
     from raclora_dist.core import ChainState, link_factors
     from raclora_dist.train.checkpoint import find_latest, load_checkpoint
     from raclora_dist.train.session import build_session
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     cfg = load_config(run / "config.yaml")
     state = load_checkpoint(find_latest(run)).chain
     keep = state.merged[:upto] if upto else state.merged

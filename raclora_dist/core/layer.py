@@ -93,8 +93,8 @@ class RacLoraLinear(nn.Module):
         seed: the chain's seed.
         merge_mode: ``into_base``, ``factored``, or ``auto`` (the base type's default:
             :meth:`default_merge_mode`).
-        chain_capacity: for ``factored``, the most chain columns kept (R_max); merging past
-            it recompresses the chain by SVD. Ignored for ``into_base``.
+        chain_capacity: for ``factored``, the most chain columns kept (R_max, at most
+            min(m, n)); merging past it recompresses the chain by SVD. Ignored for ``into_base``.
         factor_dtype: dtype of the trainable factor, sketch and chain (fp32 by default).
         master_weights, stochastic_rounding: options of quantized bases (subclasses); a dense
             base rejects them.
@@ -147,7 +147,9 @@ class RacLoraLinear(nn.Module):
             "sketch", torch.zeros(sketch_shape, dtype=factor_dtype, device=dev), persistent=False
         )
         self.factor = nn.Parameter(torch.zeros(factor_shape, dtype=factor_dtype, device=dev))
-        cap = chain_capacity if self.merge_mode == "factored" else 0
+        # A chain of rank min(m, n) already spans every (m, n) matrix: recompressing to it
+        # loses nothing, and more columns would cost more than a dense copy.
+        cap = min(chain_capacity, m, n) if self.merge_mode == "factored" else 0
         if cap:
             # Frozen parameters, not buffers: sharding engines then shard them like the base
             # (chain_B's rows with W's rows) and gather them for the forward.

@@ -79,6 +79,8 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     if gpu:
         c.distributed.backend = "nccl"
         c.distributed.mixed_precision = "bf16"
+        if c.model.quantization.enabled:
+            c.model.quantization.compute_dtype = "bfloat16"  # QLoRA's GPU setting (CPU configs say float32)
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
                   "data": {CONFIG_KEY: c.to_yaml()}}
     env = [{"name": "OMP_NUM_THREADS", "value": "1"}]

@@ -133,6 +133,11 @@ def test_gpu_manifest_requests_gpus_and_tolerates_gpu_nodes(sets):
     worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert worker["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # the GPU job is QLoRA: a 4-bit NF4 base with bf16 compute, codes stored as uint8
+    config_map = next(d for d in sets["kustomize:gpu"] if d["kind"] == "ConfigMap")
+    cfg = build_config(yaml.safe_load(next(iter(config_map["data"].values()))))
+    q = cfg.model.quantization
+    assert (q.method, q.compute_dtype, q.storage, cfg.distributed.mixed_precision) == ("nf4", "bfloat16", "uint8", "bf16")
 
 
 def test_image_is_set_in_one_place(sets):
