@@ -286,7 +286,7 @@ def link_factors(layer: LayerSpec, state: ChainState) -> list[tuple[torch.Tensor
     d = layer.in_features if layer.side == "right" else layer.out_features
     out = []
     for link in state.merged:
-        sk = sample_sketch(layer.dist, layer.rank, d, seed=layer.seed, link=link, name=layer.name)
+        sk = sample_sketch(layer.dist, layer.rank, d, seed=layer.seed, link=link, name=layer.key)
         f = state.factors[link][layer.name].float()
         out.append((f, sk) if layer.side == "right" else (sk.T, f))
     return out

@@ -25,6 +25,11 @@ class RacLoraConfig(BaseModel):
     sketch_dist: Literal["orthogonal", "gaussian", "kaiming_uniform"] = Field(
         "orthogonal", description="Distribution of each link's sketch."
     )
+    sketch_groups: list[list[str]] = Field(
+        default_factory=list,
+        description="Projections that read the same input (e.g. [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]) share one "
+        "right sketch per link: RAC-LoRA on their fused matrix, with x A^T computed once. Members are right-sketched.",
+    )
     links: int = Field(4, ge=1, description="T: number of links in the chain.")
     steps_per_link: int = Field(50, ge=1, description="K: optimizer steps per link.")
     merge_mode: Literal["auto", "into_base", "factored"] = Field(
@@ -53,6 +58,10 @@ class RacLoraConfig(BaseModel):
     def _check(self) -> "RacLoraConfig":
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        if self.sketch_groups and self.sketch_side == "left":
+            raise ValueError("sketch_groups share the input-side (right) sketch; they need sketch_side right or auto")
+        if any(len(g) < 2 for g in self.sketch_groups):
+            raise ValueError(f"each of sketch_groups needs at least two module names, got {self.sketch_groups}")
         if (self.master_weights != "none" or self.stochastic_rounding) and self.merge_mode != "into_base":
             raise ValueError(f"master_weights and stochastic_rounding need merge_mode into_base, "
                              f"got merge_mode {self.merge_mode!r}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from raclora_dist.core.config import RacLoraConfig
-from raclora_dist.core.layer import RacLoraLinear, resolve_side
+from raclora_dist.core.layer import RacLoraLinear, SharedProjection, resolve_side
 
 # A dispatcher returns the wrapper class for a base layer it supports, else None.
 Dispatcher = Callable[[nn.Module], "type[RacLoraLinear] | None"]
@@ -95,7 +95,10 @@ def inject(model: nn.Module, cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped: dict[str, RacLoraLinear] = {}
-    for name in match_targets(model, cfg.target_modules):
+    names = match_targets(model, cfg.target_modules)
+    groups = sketch_groups(names, cfg.sketch_groups)
+    grouped = {n for members in groups.values() for n in members}
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
@@ -106,7 +109,8 @@ def inject(model: nn.Module, cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
                 f"raclora.target_modules matched {name!r} of type {type(base).__name__}, "
                 f"which cannot be wrapped; supported types: {supported}"
             )
-        side = resolve_side(cfg.sketch_side, base.out_features, base.in_features)
+        # Sketch-group members share the input-side sketch, so they are right-sketched.
+        side = "right" if name in grouped else resolve_side(cfg.sketch_side, base.out_features, base.in_features)
         try:
             layer = cls(
                 base,
@@ -126,4 +130,31 @@ def inject(model: nn.Module, cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
             raise RankError(f"raclora.rank={cfg.rank}: {err}") from None
         setattr(parent, child, layer)
         wrapped[name] = layer
+    for key, members in groups.items():
+        widths = {wrapped[n].in_features for n in members}
+        if len(widths) > 1:
+            raise TargetError(f"raclora.sketch_groups: {', '.join(members)} read inputs of different widths {sorted(widths)}; "
+                              "a shared sketch needs one input")
+        shared = SharedProjection(len(members))
+        for n in members:
+            wrapped[n].sketch_key, wrapped[n].shared = key, shared
     return wrapped
+
+
+def sketch_groups(names: list[str], groups: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    """Targets that share a sketch: per parent module, the targets named in one group.
+
+    Returns:
+        ``{sketch key: member names}`` for every set of at least two members, where the key
+        is ``parent.q_proj+k_proj+v_proj`` (the members present, in model order).
+    """
+    found: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        for i, group in enumerate(groups):
+            if child in group:
+                found.setdefault((parent, i), []).append(name)
+    return {
+        f"{parent}.{'+'.join(n.rpartition('.')[2] for n in members)}" if parent else "+".join(members): members
+        for (parent, _), members in found.items() if len(members) >= 2
+    }

@@ -74,9 +74,39 @@ class LayerSpec:
     scale: float
     out_features: int
     in_features: int
+    sketch_key: str = ""  # the name sketches are drawn under; a sketch group's shared key, else ``name``
+
+    @property
+    def key(self) -> str:
+        return self.sketch_key or self.name
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class SharedProjection:
+    """Computes ``x A^T`` once for a group of right-sketched layers that read the same input
+    with the same sketch (q/k/v, gate/up), and hands it to each member in turn.
+
+    The cached result is dropped once every member has taken it, or as soon as a different
+    input arrives (checked by identity), so it never outlives one forward.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._x: torch.Tensor | None = None
+        self._xa: torch.Tensor | None = None
+        self._uses = 0
+
+    def project(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """``x (..., n) @ A.T (n, r)`` -> (..., r), shared across the group's members."""
+        if self._x is not x or self._xa is None:
+            self._x, self._xa, self._uses = x, x @ A.T, 0
+        xa = self._xa
+        self._uses += 1
+        if self._uses >= self.size:
+            self._x = self._xa = None
+        return xa
 
 
 class RacLoraLinear(nn.Module):
@@ -137,6 +167,8 @@ class RacLoraLinear(nn.Module):
         self.scale = lora_scale(alpha, rank, rslora)
         self.merge_mode: MergeMode = self.default_merge_mode() if merge_mode == "auto" else merge_mode  # type: ignore[assignment]
         self.sketch_link = -1  # the link whose sketch the buffer holds (keys stochastic rounding)
+        self.sketch_key = name  # the name sketches are drawn under (a sketch group's shared key)
+        self.shared: SharedProjection | None = None  # set by :func:`share_sketch`
         self.out_features, self.in_features = m, n
         dev = base_layer.weight.device
         sketch_shape = (rank, n) if side == "right" else (m, rank)
@@ -169,7 +201,7 @@ class RacLoraLinear(nn.Module):
     @property
     def spec(self) -> LayerSpec:
         return LayerSpec(self.name, self.side, self.rank, self.dist, self.seed, self.scale,
-                         self.out_features, self.in_features)
+                         self.out_features, self.in_features, "" if self.sketch_key == self.name else self.sketch_key)
 
     # -- the two factors, whichever side is sketched ---------------------------------
     @property
@@ -192,16 +224,27 @@ class RacLoraLinear(nn.Module):
         if self.chain_rank:
             R = self.chain_rank
             y = y + ((xa @ self.chain_A[:R].T.to(dt)) @ self.chain_B[:, :R].T.to(dt)).to(y.dtype)
-        # Through rank r: (..., n) @ (n, r) -> (..., r) @ (r, m). Only the rank-r
-        # intermediate is needed for a right sketch's backward.
-        return y + (self.scale * ((xa @ self.lora_A.T.to(dt)) @ self.lora_B.T.to(dt))).to(y.dtype)
+        # Through rank r: (..., n) -> (..., r) -> (..., m). For a right sketch the first
+        # product involves no trainable tensor, so autograd keeps only the rank-r h (and the
+        # frozen sketch) for the backward; a sketch group computes it once for all members.
+        if self.side == "right":
+            A = self.sketch.to(dt)
+            h = self.shared.project(xa, A) if self.shared is not None else xa @ A.T
+        else:
+            h = xa @ self.factor.T
+        B = self.lora_B.to(dt)
+        if y.dtype == dt:
+            # One fused kernel for scale, product and sum: y + s * h @ B^T.
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.T,
+                               alpha=self.scale).view(y.shape)
+        return y + (self.scale * (h @ B.T)).to(y.dtype)
 
     # -- link lifecycle ---------------------------------------------------------------
     @torch.no_grad()
     def draw_sketch(self, link: int) -> None:
         """Sets the sketch buffer to link ``link``'s sketch (in place); the factor is untouched."""
         d = self.in_features if self.side == "right" else self.out_features
-        s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.name)
+        s = sample_sketch(self.dist, self.rank, d, seed=self.seed, link=link, name=self.sketch_key)
         self.sketch.copy_(s if self.side == "right" else s.T)
         self.sketch_link = link
 
