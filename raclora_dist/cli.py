@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["peft", "merged"], default="peft")
     e.add_argument("--out", help="output folder (default RUN/export/FORMAT)")
     e.add_argument("--rank", type=int, help="peft: compress the chain to this rank by SVD")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="merged: weight dtype (auto: the base's; a 4-bit run's dequantized layers are float32)")
     pl = sub.add_parser("plot", help="draw RUN/plot.png from RUN/metrics.jsonl")
     pl.add_argument("run")
     sb = sub.add_parser("submit", help="submit training as a Ray job (uploads the working directory)")
@@ -154,7 +156,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from raclora_dist.train.export import export_merged, export_peft
 
-        out = export_peft(args.run, args.out, args.rank) if args.format == "peft" else export_merged(args.run, args.out)
+        out = export_peft(args.run, args.out, args.rank) if args.format == "peft" else export_merged(args.run, args.out, args.dtype)
         print(f"exported {args.format}: {out}")
     elif args.command == "plot":
         from raclora_dist.train.plot import plot_run

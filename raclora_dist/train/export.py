@@ -88,8 +88,13 @@ def export_peft(run_dir: Path, out: Path | None = None, rank: int | None = None)
     return out
 
 
-def export_merged(run_dir: Path, out: Path | None = None) -> Path:
-    """Writes a Hugging Face model folder with the whole chain merged into the base weights."""
+def export_merged(run_dir: Path, out: Path | None = None, dtype: str = "auto") -> Path:
+    """Writes a Hugging Face model folder with the whole chain merged into the base weights.
+
+    Args:
+        dtype: the saved weights' dtype; ``auto`` keeps the base's (float32 for the
+            dequantized layers of a 4-bit run). Merging happens in float32 either way.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt, base, run_cfg = _load_run(run_dir)
@@ -102,6 +107,8 @@ def export_merged(run_dir: Path, out: Path | None = None) -> Path:
             for name, (B, A, _) in chain_lora(ckpt).items():
                 w = model.get_submodule(name).weight
                 w.copy_((w.float() + B @ A).to(w.dtype))
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
     model.save_pretrained(out)
     try:
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(out)

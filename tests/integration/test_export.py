@@ -92,4 +92,10 @@ def test_4bit_factored_run_exports_an_adapter_that_peft_loads_onto_the_4bit_base
     assert torch.allclose(peft_logits, ref, atol=1e-4), (peft_logits - ref).abs().max()
     assert torch.allclose(merged_logits, ref, atol=1e-4), (merged_logits - ref).abs().max()
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert main(["export", str(run), "--format", "merged", "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").eval()
+    assert bf16.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        bf16_logits = bf16(input_ids=x).logits.float()
+    assert (bf16_logits - ref).abs().max() < 0.1 * ref.abs().max()  # within bf16 rounding of the trained model
     assert (ref - fp_logits).abs().max() > 1e-2  # 4-bit base plus chain is not the fp32 base
