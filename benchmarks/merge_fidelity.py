@@ -26,16 +26,20 @@ from pathlib import Path
 
 import torch
 
+# (base dtype, label, merge mode, extra overrides)
 CASES = [
-    ("fp32", "into_base", []),
-    ("fp32", "factored", []),
-    ("bf16", "into_base", []),
-    ("bf16", "factored", []),
-    *[(q, mode, extra) for q in ("nf4", "fp4") for mode, extra in [
-        ("factored", []),
-        ("into_base", []),
-        ("into_base+stochastic", ["raclora.stochastic_rounding=true"]),
-        ("into_base+master", ["raclora.master_weights=cpu"]),
+    ("fp32", "into_base", "into_base", []),
+    ("fp32", "factored", "factored", []),
+    ("bf16", "into_base", "into_base", []),
+    ("bf16", "factored", "factored", []),
+    # a typical fine-tuning learning rate: smaller links, closer to bf16's rounding step
+    ("bf16", "into_base, lr 1e-4", "into_base", ["train.lr=1e-4"]),
+    ("bf16", "factored, lr 1e-4", "factored", ["train.lr=1e-4"]),
+    *[(q, label, mode, extra) for q in ("nf4", "fp4") for label, mode, extra in [
+        ("factored", "factored", []),
+        ("into_base", "into_base", []),
+        ("into_base+stochastic", "into_base", ["raclora.stochastic_rounding=true"]),
+        ("into_base+master", "into_base", ["raclora.master_weights=cpu"]),
     ]],
 ]
 
@@ -97,25 +101,25 @@ def main() -> None:
     print(f"{'base':5} {'merge mode':22} {'link-1 landed':>13} {f'{args.links}-link landed':>14} {'ratio':>6} "
           f"{'cosine':>6} {'eval loss':>9} {'state MiB':>9} {'peak RSS MiB':>12}")
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype, mode, extra in CASES:
-            run = Path(tmp) / f"{dtype}-{mode}"
+        for i, (dtype, label, mode, extra) in enumerate(CASES):
+            run = Path(tmp) / f"{i:02d}-{dtype}"
             cmd = [sys.executable, "-m", "raclora_dist", "train", args.config, f"run.dir={run}",
                    f"raclora.links={args.links}", f"raclora.steps_per_link={args.steps}", "ray.enabled=false",
                    "distributed.strategy=single", "distributed.workers=1", "checkpoint.keep=1",
-                   f"raclora.merge_mode={mode.split('+')[0]}", *dtype_args(dtype), *extra]
+                   f"raclora.merge_mode={mode}", *dtype_args(dtype), *extra]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise SystemExit(f"{dtype} {mode} failed:\n{proc.stderr[-3000:]}")
+                raise SystemExit(f"{dtype} {label} failed:\n{proc.stderr[-3000:]}")
             recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             links = [r for r in recs if r["type"] == "link"]
             first, total = cumulative_landed(run, 1), cumulative_landed(run, None)
-            m = {"base": dtype, "merge_mode": mode, "landed_after_1": first["fraction"],
+            m = {"base": dtype, "merge_mode": label, "landed_after_1": first["fraction"],
                  "landed_after_all": total["fraction"], "norm_ratio_after_all": total["norm_ratio"],
                  "cosine_after_all": total["cosine"], "logged_link1_landed": links[0]["landed_fraction"],
                  "final_eval_loss": links[-1]["eval_loss"], "state_mb": total["state_mb"],
                  "peak_rss_mb": max(r["rss_mb"] for r in recs if r["type"] == "step")}
             out["runs"].append(m)
-            print(f"{dtype:5} {mode:22} {m['landed_after_1']:>13.3f} {m['landed_after_all']:>14.3f} "
+            print(f"{dtype:5} {label:22} {m['landed_after_1']:>13.3f} {m['landed_after_all']:>14.3f} "
                   f"{m['norm_ratio_after_all']:>6.2f} {m['cosine_after_all']:>6.3f} {m['final_eval_loss']:>9.4f} "
                   f"{m['state_mb']:>9.2f} {m['peak_rss_mb']:>12.0f}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

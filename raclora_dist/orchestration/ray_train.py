@@ -21,12 +21,12 @@ from raclora_dist.config import RunConfig
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """A Ray worker: resume from Ray's latest checkpoint if there is one, then train."""
     import ray.train
+    import torch
     import torch.distributed as dist
 
-    from raclora_dist.train.checkpoint import install_checkpoint
+    from raclora_dist.train.checkpoint import find_latest, install_checkpoint
+    from raclora_dist.train.faults import before_report, write_pid
     from raclora_dist.train.run import run_training
-
-    from raclora_dist.train.faults import write_pid
 
     cfg = RunConfig.model_validate(config["cfg"])
     write_pid(ray.train.get_context().get_world_rank())
@@ -42,11 +42,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 install_checkpoint(Path(stored), Path(cfg.run.dir))
         dist.barrier()
         resume = True
+    elif config.get("started_fresh") and not resume:
+        # A restarted worker group that Ray handed no checkpoint: a worker died after rank 0
+        # had written a checkpoint into the run folder but before every worker's report of
+        # it completed. The folder was empty when this run started, so that checkpoint is
+        # this run's own: resume from it (if every rank can see it) instead of refusing it.
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        seen = torch.tensor([int(find_latest(Path(cfg.run.dir)) is not None)], device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        resume = bool(seen.item())
 
     def report(path: Path, record: dict) -> None:
         # Every worker reports (a Ray Train sync point); rank 0 hands over the folder.
         metrics = {k: record[k] for k in ("link", "step", "train_loss", "eval_loss", "update_norm")}
-        is_main = ray.train.get_context().get_world_rank() == 0
+        rank = ray.train.get_context().get_world_rank()
+        before_report(rank)
+        is_main = rank == 0
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if is_main else None)
 
     run_training(cfg, resume=resume, on_checkpoint=report)
@@ -87,11 +98,14 @@ def fit(cfg: RunConfig, resume: bool = False):
             ray.init(address=cfg.ray.address)  # a cluster (inside a Ray job, RAY_ADDRESS names it)
         else:
             ray.init(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
+    from raclora_dist.train.checkpoint import find_latest
+
     stored = latest_in_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume,
-                           "resume_from": str(stored) if stored else None},
+                           "resume_from": str(stored) if stored else None,
+                           "started_fresh": find_latest(Path(cfg.run.dir)) is None},
         scaling_config=ScalingConfig(num_workers=cfg.distributed.workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker)),
         run_config=RayRunConfig(

@@ -8,7 +8,9 @@ checkpoint (after the chain file, before ``meta.json``).
 
 Ray test hooks: ``RACLORA_TEST_PID_DIR=D`` makes each worker write ``D/rank<R>.pid`` when it
 starts (so a test can kill one by PID); ``RACLORA_TEST_STEP_SLEEP=S`` sleeps S seconds per step
-(so a kill lands mid-link).
+(so a kill lands mid-link); ``RACLORA_TEST_DIE_BEFORE_REPORT=R`` makes rank R exit once, at
+its first checkpoint report (after rank 0 has written the checkpoint into the run folder,
+before Ray has it from every worker); a marker in the PID folder keeps the restart alive.
 
 Distributed test hooks: ``RACLORA_TEST_DESYNC_RANK=R`` gives rank R another chain seed from
 link 1 on (its sketches then differ from the other ranks'); ``RACLORA_TEST_NAN_RANK=R`` with
@@ -30,6 +32,15 @@ def write_pid(rank: int) -> None:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"rank{rank}.pid"), "w") as f:
             f.write(str(os.getpid()))
+
+
+def before_report(rank: int) -> None:
+    at, folder = os.environ.get("RACLORA_TEST_DIE_BEFORE_REPORT"), os.environ.get("RACLORA_TEST_PID_DIR")
+    if at is not None and folder and int(at) == rank:
+        marker = os.path.join(folder, "died-before-report")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(FAULT_EXIT_CODE)
 
 
 def after_step(global_step: int) -> None:

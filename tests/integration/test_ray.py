@@ -88,6 +88,21 @@ def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrup
     assert_chain_equals(single, run)
 
 
+def test_a_worker_lost_before_its_report_resumes_from_the_run_folder(setup):
+    """Rank 0 has written link 0's checkpoint into the run folder, but rank 1 dies before
+    reporting it, so Ray may hand the restarted group no checkpoint. The run folder was empty
+    when the run started, so the restarted group resumes from it instead of refusing it."""
+    d, cfg, single = setup
+    run, pids = d / "ray-lost-report", d / "pids-lost-report"
+    env = {"RACLORA_TEST_PID_DIR": str(pids), "RACLORA_TEST_DIE_BEFORE_REPORT": "1"}
+    proc = run_cli("train", str(cfg), f"run.dir={run}", "distributed.workers=2", "ray.max_failures=1",
+                   *STRATEGIES["fsdp2"], env=env)
+    assert (pids / "died-before-report").is_file()  # the fault really happened
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "resumed" in proc.stdout + proc.stderr
+    assert_chain_equals(single, run)
+
+
 def test_a_restarted_driver_resumes_from_storage(setup):
     d, cfg, single = setup
     run = d / "ray-driver"
