@@ -41,6 +41,17 @@ def measure(run: Path, links: int) -> dict:
             "peak_rss_mb_rank0": max(s["rss_mb"] for s in steps)}
 
 
+def train_quickstart(run: Path, links: int, steps: int, workers: int, extra: list[str]) -> dict:
+    """Trains configs/quickstart.yaml without Ray through `raclora train`; returns :func:`measure`."""
+    cmd = [sys.executable, "-m", "raclora_dist", "train", "configs/quickstart.yaml", f"run.dir={run}",
+           f"raclora.links={links}", f"raclora.steps_per_link={steps}", f"distributed.workers={workers}",
+           "ray.enabled=false", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(extra)} x{workers} failed:\n{proc.stderr[-3000:]}")
+    return measure(run, links)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", required=True)
@@ -51,13 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, workers, extra in CASES:
             run = Path(tmp) / f"{name}-{workers}"
-            cmd = [sys.executable, "-m", "raclora_dist", "train", "configs/quickstart.yaml", f"run.dir={run}",
-                   f"raclora.links={args.links}", f"raclora.steps_per_link={args.steps}",
-                   f"distributed.workers={workers}", "ray.enabled=false", *extra]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{name} x{workers} failed:\n{proc.stderr[-3000:]}")
-            m = {"engine": name, "workers": workers, **measure(run, args.links)}
+            m = {"engine": name, "workers": workers, **train_quickstart(run, args.links, args.steps, workers, extra)}
             out["runs"].append(m)
             rows.append(m)
     base = rows[0]["tokens_per_s"]

@@ -248,19 +248,13 @@ def bench_size(size: str, args) -> dict:
 
 def scaling(args) -> dict:
     """RAC-LoRA (quickstart config) through `raclora train` under FSDP2 with 1 and 2 workers."""
-    from benchmarks.distributed import measure
+    from benchmarks.distributed import train_quickstart
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
-            run = Path(tmp) / f"fsdp2-{workers}"
-            cmd = [sys.executable, "-m", "raclora_dist", "train", "configs/quickstart.yaml", f"run.dir={run}",
-                   "raclora.links=2", "raclora.steps_per_link=20", f"distributed.workers={workers}",
-                   "distributed.strategy=fsdp2", "ray.enabled=false"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode != 0:
-                raise SystemExit(f"fsdp2 x{workers} failed:\n{proc.stderr[-3000:]}")
-            out[f"fsdp2_x{workers}"] = measure(run, 2)
+            out[f"fsdp2_x{workers}"] = train_quickstart(Path(tmp) / f"fsdp2-{workers}", 2, 20, workers,
+                                                        ["distributed.strategy=fsdp2"])
     out["scaling_2_vs_1"] = out["fsdp2_x2"]["tokens_per_s"] / out["fsdp2_x1"]["tokens_per_s"]
     return out
 

@@ -168,7 +168,7 @@ class RacLoraLinear(nn.Module):
         self.merge_mode: MergeMode = self.default_merge_mode() if merge_mode == "auto" else merge_mode  # type: ignore[assignment]
         self.sketch_link = -1  # the link whose sketch the buffer holds (keys stochastic rounding)
         self.sketch_key = name  # the name sketches are drawn under (a sketch group's shared key)
-        self.shared: SharedProjection | None = None  # set by :func:`share_sketch`
+        self.shared: SharedProjection | None = None  # a sketch group's, set by :func:`inject`
         self.out_features, self.in_features = m, n
         dev = base_layer.weight.device
         sketch_shape = (rank, n) if side == "right" else (m, rank)
