@@ -1,7 +1,7 @@
 """RAC-LoRA against PEFT LoRA and full fine-tuning: speed and memory, side by side, one process.
 
 Usage: python -m benchmarks.throughput --json OUT [--device cpu|cuda] [--sizes small,medium,large]
-       [--rounds 6] [--window 4] [--workers]
+       [--rounds 6] [--window 4] [--workers] [--quant nf4]
 
 For each model size (Llama-style, built from a config with the same seed), every method
 trains the same model on the same batches (bundled corpus, byte tokenizer), with AdamW at
@@ -20,7 +20,8 @@ training memory above the weights -- plus, per method in a fresh child process, 
 above the RSS after building the model (on CUDA: peak allocated above the weights). The
 merge share is one boundary (guard, merge, resample, optimizer reset) over a link of 100
 steps at the measured step time. ``--workers`` adds RAC-LoRA under FSDP2 with 1 and 2
-workers through ``raclora train``.
+workers through ``raclora train``. ``--quant nf4`` holds every method's base in 4 bits
+(QLoRA: PEFT LoRA vs RAC-LoRA over the same NF4 weights; full fine-tuning left out).
 """
 
 from __future__ import annotations
@@ -72,13 +73,22 @@ def batches(seq_len: int, batch: int, count: int) -> list[torch.Tensor]:
     return [packed.train_batch(i) for i in range(count)]
 
 
-def build(method: str, size: str, rank: int, alpha: float, device: str):
-    """A fresh model for ``method``; returns (model, trainable params, chain or None)."""
+def build(method: str, size: str, rank: int, alpha: float, device: str, quant: str = "none"):
+    """A fresh model for ``method`` (its linear layers in 4 bits with ``quant``); returns
+    (model, trainable params, chain or None)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(SIZES[size][0])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
+    if quant != "none":  # QLoRA: the same 4-bit base under PEFT and RAC-LoRA (uint8 storage, fp32 compute)
+        from raclora_dist.quant import QuantizationConfig
+        from raclora_dist.quant.bnb import quantize_model
+
+        quantize_model(model, QuantizationConfig(method=quant), "uint8")
+        for m in model.modules():  # the CPU repacking of bitsandbytes' eval path (docs/quantization.md)
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     chain = None
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
@@ -108,7 +118,7 @@ class Runner:
 
     def __init__(self, method: str, size: str, args, data: list[torch.Tensor]) -> None:
         self.method, self.device, self.data = method, args.device, data
-        self.model, self.params, self.chain = build(method, size, args.rank, args.alpha, args.device)
+        self.model, self.params, self.chain = build(method, size, args.rank, args.alpha, args.device, args.quant)
         self.opt = torch.optim.AdamW(self.params, lr=args.lr)
         self.i = 0
         self.tokens_per_step = data[0].numel()
@@ -194,7 +204,7 @@ def child_peak_rss(method: str, size: str, args) -> float | None:
     if args.device != "cpu" or not Path("/proc/self/clear_refs").exists():
         return None
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--child", method, "--sizes", size, "--json", "-",
-           "--rank", str(args.rank), "--lr", str(args.lr)]
+           "--rank", str(args.rank), "--lr", str(args.lr), "--quant", args.quant]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"memory child for {method}/{size} failed:\n{proc.stderr[-2000:]}")
@@ -285,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--quant", choices=["none", "nf4", "fp4"], default="none",
+                    help="hold every method's base in 4 bits (QLoRA); full fine-tuning is left out")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-method child processes")
     ap.add_argument("--workers", action="store_true", help="also FSDP2 scaling, 1 vs 2 workers")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -292,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     if args.child:
         return run_child(args)
+    if args.quant != "none":
+        args.methods = [m for m in args.methods if m != "full"]  # 4-bit weights cannot be trained
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "device": args.device, "cuda": torch.cuda.get_device_name() if args.device == "cuda" else None},
            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "child")}, "sizes": {}}

@@ -4,18 +4,22 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
-def test_short_benchmark_trains_every_method_on_the_same_model_and_batches(tmp_path, corpus):
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_short_benchmark_trains_every_method_on_the_same_model_and_batches(tmp_path, corpus, quant):
     out = tmp_path / "tp.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--json", str(out), "--sizes", "tiny",
-                           "--rounds", "1", "--window", "1", "--warmup", "1", "--no-rss"],
+                           "--rounds", "1", "--window", "1", "--warmup", "1", "--no-rss", "--quant", quant],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())["sizes"]["tiny"]["methods"]
-    assert set(res) == {"full", "peft_lora", "rac_right", "rac_left", "rac_shared"}
-    # same model, same first batch: every adapter starts at zero, so every method's loss is the base's
+    adapters = {"peft_lora", "rac_right", "rac_left", "rac_shared"}
+    assert set(res) == (adapters if quant == "nf4" else adapters | {"full"})  # 4-bit weights cannot be trained
+    # same (4-bit) model, same first batch: every adapter starts at zero, so every loss is the base's
     losses = [r["initial_loss"] for r in res.values()]
     assert max(losses) - min(losses) < 1e-6
     # and they trained: the losses moved, and each method took the same number of steps
