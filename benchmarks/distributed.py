@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import write_json
+
 CASES = [
     ("single", 1, ["distributed.strategy=single"]),
     ("ddp", 2, ["distributed.strategy=ddp"]),
@@ -70,9 +72,7 @@ def main() -> None:
     for m in rows:
         print(f"{m['engine']:8} {m['workers']:>7} {m['tokens_per_s']:>9.0f} {m['tokens_per_s'] / base:>9.2f} "
               f"{m['merge_ms_per_link']:>13.1f} {100 * m['merge_share']:>10.2f}% {m['final_eval_loss']:>9.4f}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
+
 # (base dtype, label, merge mode, extra overrides)
 CASES = [
     ("fp32", "into_base", "into_base", []),
@@ -122,9 +124,7 @@ def main() -> None:
             print(f"{dtype:5} {label:22} {m['landed_after_1']:>13.3f} {m['landed_after_all']:>14.3f} "
                   f"{m['norm_ratio_after_all']:>6.2f} {m['cosine_after_all']:>6.3f} {m['final_eval_loss']:>9.4f} "
                   f"{m['state_mb']:>9.2f} {m['peak_rss_mb']:>12.0f}", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "stdlib_docstrings.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -316,9 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         out["scaling"] = scaling(args)
         print(f"\nFSDP2 (raclora train, quickstart): 1 worker {out['scaling']['fsdp2_x1']['tokens_per_s']:.0f} tokens/s, "
               f"2 workers {out['scaling']['fsdp2_x2']['tokens_per_s']:.0f} ({out['scaling']['scaling_2_vs_1']:.2f}x)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ PNG figure (default: OUT with .png).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
+
+from benchmarks import write_json
 
 
 def _quadratic(args, fig: Path) -> tuple[dict, list[str], list[list]]:
@@ -72,9 +73,7 @@ def main() -> None:
     res, header, rows = RUNNERS[args.experiment](args, fig)
     res["figure"] = str(fig)
     res["table"] = print_table(f"fidelity: {args.experiment}", header, rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1, default=float))
-    print(f"wrote {args.json}")
+    write_json(args.json, res)
 
 
 if __name__ == "__main__":
