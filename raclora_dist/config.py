@@ -28,6 +28,10 @@ class _Section(BaseModel):
 
 class RunSection(_Section):
     dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
+    callbacks: list[str | dict[str, Any]] = Field(
+        default_factory=list, description="Training-loop callbacks built in every worker: 'package.module:Class' or "
+        "{class: 'package.module:Class', args: {...}} (raclora_dist.train.callbacks.Callback).",
+    )
 
 
 class ModelSection(_Section):
@@ -73,6 +77,10 @@ class TrainSection(_Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="LR at the end of a link, relative to lr.")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; null disables.")
     eval_batches: int = Field(4, ge=0, description="Eval micro-batches after every link (0: none).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder block's activations in the backward instead of keeping them "
+        "(non-reentrant torch.utils.checkpoint per block): saved activations shrink to one hidden state per block.",
+    )
     seed: int = Field(0, description="Data order seed.")
 
 
@@ -93,6 +101,10 @@ class DistributedSection(_Section):
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16 parameters with fp32 reduction (fsdp2) or DeepSpeed bf16; none = fp32 (CPU default)."
     )
+    cpu_offload: bool = Field(
+        False, description="fsdp2: keep parameter shards, gradients and the optimizer step in CPU memory "
+        "(torch CPUOffloadPolicy). For deepspeed, set offload_optimizer / offload_param in distributed.deepspeed.",
+    )
     deepspeed: dict[str, Any] = Field(
         default_factory=lambda: {"zero_optimization": {"stage": 2}},
         description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.",
@@ -102,6 +114,10 @@ class DistributedSection(_Section):
     def _check(self) -> "DistributedSection":
         if self.strategy == "single" and self.workers > 1:
             raise ValueError("strategy 'single' runs one worker; use ddp, fsdp2 or deepspeed for workers > 1")
+        if self.cpu_offload and self.strategy != "fsdp2":
+            hint = ("set zero_optimization.offload_optimizer / offload_param in distributed.deepspeed"
+                    if self.strategy == "deepspeed" else "it applies to the fsdp2 strategy")
+            raise ValueError(f"cpu_offload: not available with strategy {self.strategy!r}; {hint}")
         stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
         if self.strategy == "deepspeed" and stage not in (2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")

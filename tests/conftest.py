@@ -66,9 +66,23 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def subprocess_env(**extra: str) -> dict:
+    """The environment of a subprocess run: unbuffered, with the repository root importable in
+    every worker (torchrun's and Ray's), so that ``tests.faults`` can be named as a callback."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
+
+
+def faults(**kwargs) -> str:
+    """The override ``run.callbacks=[...]`` that installs :class:`tests.faults.Faults` with
+    ``kwargs`` (e.g. ``crash_at_step=5``) in every worker of the run."""
+    args = ", ".join(f"{k}: {json.dumps(v)}" for k, v in kwargs.items())
+    return f"run.callbacks=[{{class: 'tests.faults:Faults', args: {{{args}}}}}]"
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Runs ``python -m raclora_dist ARGS`` in a subprocess (real entry point, real exit code)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = subprocess_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", "raclora_dist", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=600)
 

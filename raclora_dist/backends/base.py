@@ -35,8 +35,23 @@ class Backend:
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- setup ------------------------------------------------------------------------
+    def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
+        """Called on each part of the model as soon as it is loaded (bottom-up, before
+        :meth:`setup`), so that sharding engines partition it before the next part arrives
+        and no rank ever holds more than its shards plus one part. Replicated engines
+        (single, DDP, ZeRO-2) keep every part whole.
+
+        Args:
+            module: the loaded part (a decoder block, an embedding, a head, ...), real on
+                ``info.device``.
+            own_unit: the loader's advice that the part is big enough to be sharded as a
+                unit of its own (FSDP2 ``fully_shard``); small parts may go with the root.
+        """
+
     def setup(self, model: nn.Module) -> None:
-        """Wraps/shards ``model`` and builds the optimizer over its trainable factors."""
+        """Wraps/shards ``model`` and builds the optimizer over its trainable factors.
+
+        ``model`` is loaded (its parts already passed through :meth:`shard_unit`)."""
         self.model = model.to(self.info.device)
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
 
@@ -112,3 +127,17 @@ def shard_masters(model: nn.Module, rank: int, world: int) -> None:
     for module in model.modules():
         if hasattr(module, "shard_master"):
             module.shard_master(rank, world)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (HF ``_no_split_modules`` classes), in order.
+
+    Raises:
+        ValueError: the model declares no such blocks.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    # By any class in the MRO: FSDP2 swaps a sharded block's class for an FSDP<Block> subclass.
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    if not blocks:
+        raise ValueError(f"cannot find decoder layers in {type(model).__name__} to shard")
+    return blocks

@@ -88,6 +88,8 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(self, cfg, info) -> None:
+        import deepspeed  # noqa: F401 -- here, before the model loads: shard_unit needs it from the first part on
+
         super().__init__(cfg, info)
         self.comm = DistComm(info.device)
         self.ds_config = self._ds_config()
@@ -107,12 +109,30 @@ class DeepSpeedBackend(Backend):
             ds.setdefault("bf16", {"enabled": True})
         return ds
 
+    def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
+        """ZeRO-3 partitions every loaded part at once (``zero.Init(module=...)`` partitions
+        a built module "as if it was constructed in the context"), so the whole model never
+        exists on one rank; ZeRO-2 replicates the frozen base and keeps it whole."""
+        if self.stage != 3 or not any(True for _ in module.parameters()):
+            return
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=self.comm_backend(), dist_init_required=False)
+        shard_masters(module, self.info.rank, self.info.world_size)
+        deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
+
+    def comm_backend(self) -> str:
+        import torch.distributed as dist
+
+        return dist.get_backend() if dist.is_initialized() else ("nccl" if self.info.device.type == "cuda" else "gloo")
+
     def setup(self, model: nn.Module) -> None:
         import deepspeed
 
-        model = model.to(self.info.device)
-        if self.stage == 3:
+        if self.stage == 3:  # parts that did not pass through shard_unit (e.g. tests building whole)
             shard_masters(model, self.info.rank, self.info.world_size)
+        else:
+            model = model.to(self.info.device)
         params = [p for p in model.parameters() if p.requires_grad]
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self._make_optimizer(params), config=self.ds_config,

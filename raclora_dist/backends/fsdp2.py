@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend, shard_masters
+from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeResult, lowrank_fro_norm, merge_rows_into_weight
@@ -90,15 +90,6 @@ class FSDP2Access:
         _local(layer.factor).zero_()
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks (HF ``_no_split_modules`` classes), in order."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"cannot find decoder layers in {type(model).__name__} to shard")
-    return blocks
-
-
 class FSDP2Backend(Backend):
     name = "fsdp2"
 
@@ -107,18 +98,36 @@ class FSDP2Backend(Backend):
         self.comm = DistComm(info.device)
         self.access = FSDP2Access(info.rank, info.world_size, self.comm)
 
-    def setup(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def _shard_kwargs(self) -> dict:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-        model = model.to(self.info.device)
-        shard_masters(model, self.info.rank, self.info.world_size)
-        mp = MixedPrecisionPolicy()
+        kwargs: dict = {"mp_policy": MixedPrecisionPolicy()}
         if self.cfg.distributed.mixed_precision == "bf16":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cfg.distributed.cpu_offload:
+            # Shards (and the optimizer step on them) live in CPU memory; each unit's
+            # parameters are copied to the device for its forward and backward only.
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        return kwargs
+
+    def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        shard_masters(module, self.info.rank, self.info.world_size)
+        if own_unit:
+            fully_shard(module, **self._shard_kwargs())
+
+    def setup(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        kwargs = self._shard_kwargs()
         # Bottom-up: each decoder block is one unit (all-gathered for its forward), then the
-        # root takes what is left (embeddings, final norm, head).
+        # root takes what is left (final norm, small leftovers). Blocks loaded through
+        # shard_unit are sharded already.
         for block in decoder_layers(model):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            if not isinstance(block, FSDPModule):
+                shard_masters(block, self.info.rank, self.info.world_size)
+                fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
         self.model = model
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])

@@ -260,18 +260,34 @@ class RacLoraChain:
 
     # -- rebuild and export ----------------------------------------------------------------
     def replay(self, state: ChainState) -> None:
-        """Re-applies a recorded chain to a fresh base, in the original order (in place).
+        """Re-applies a recorded chain to a fresh base, link by link per layer (in place).
 
-        Deterministic: on CPU the resulting weights are bitwise those of the original run.
+        Deterministic: on CPU the resulting weights are bitwise those of the original run
+        (each layer's merges are independent of the others', so the order across layers
+        does not matter).
         """
-        for link in state.merged:
-            for name, layer in self.layers.items():
-                layer.resample(link)
-                layer.merge(state.factors[link][name])
+        for layer in self.layers.values():
+            replay_layer(layer, state)
+        self.adopt(state)
+
+    def adopt(self, state: ChainState) -> None:
+        """Takes over a recorded chain whose merges the layers already hold (a copy)."""
         self.state = ChainState(
             merged=list(state.merged), skipped=list(state.skipped),
             factors=dict(state.factors), cumulative_update_norm=state.cumulative_update_norm,
         )
+
+
+@torch.no_grad()
+def replay_layer(layer: RacLoraLinear, state: ChainState) -> None:
+    """Re-applies every merged link of ``state`` to one unsharded layer, in order (in place).
+
+    Loading streams the base one part at a time, so each layer is replayed as soon as its
+    base weight is real and before an engine shards it.
+    """
+    for link in state.merged:
+        layer.resample(link)
+        layer.merge(state.factors[link][layer.name])
 
 
 def link_factors(layer: LayerSpec, state: ChainState) -> list[tuple[torch.Tensor, torch.Tensor]]:

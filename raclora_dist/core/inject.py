@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from raclora_dist.core.config import RacLoraConfig
-from raclora_dist.core.layer import RacLoraLinear, SharedProjection, resolve_side
+from raclora_dist.core.layer import RacLoraLinear, RankError, SharedProjection, resolve_side
 
 # A dispatcher returns the wrapper class for a base layer it supports, else None.
 Dispatcher = Callable[[nn.Module], "type[RacLoraLinear] | None"]
@@ -43,10 +43,6 @@ def _wrapper_for(module: nn.Module) -> type[RacLoraLinear] | None:
 
 class TargetError(ValueError):
     """A target pattern matched nothing, or matched an unsupported layer."""
-
-
-class RankError(ValueError):
-    """The rank does not fit a target layer's sketched dimension."""
 
 
 def match_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
@@ -94,9 +90,23 @@ def inject(model: nn.Module, cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    return wrap_targets(model, match_targets(model, cfg.target_modules), cfg)
+
+
+def wrap_targets(model: nn.Module, names: Sequence[str], cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
+    """Wraps the modules ``names`` (from :func:`match_targets`) in place; freezes nothing.
+
+    Loading a large model wraps each part's targets as soon as that part is real, so
+    ``names`` may be a subset; sketch groups are formed within it (a group's members share
+    a parent module, which never straddles two parts).
+
+    Raises:
+        TargetError: a matched layer's type is unsupported, or a sketch group's members
+            read inputs of different widths.
+        RankError: the rank exceeds a layer's sketched dimension (names the module).
+    """
     wrapped: dict[str, RacLoraLinear] = {}
-    names = match_targets(model, cfg.target_modules)
-    groups = sketch_groups(names, cfg.sketch_groups)
+    groups = sketch_groups(list(names), cfg.sketch_groups)
     grouped = {n for members in groups.values() for n in members}
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -126,7 +136,7 @@ def inject(model: nn.Module, cfg: RacLoraConfig) -> dict[str, RacLoraLinear]:
                 master_weights=cfg.master_weights,
                 stochastic_rounding=cfg.stochastic_rounding,
             )
-        except ValueError as err:
+        except RankError as err:
             raise RankError(f"raclora.rank={cfg.rank}: {err}") from None
         setattr(parent, child, layer)
         wrapped[name] = layer

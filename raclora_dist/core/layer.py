@@ -44,6 +44,10 @@ class MergeResult:
     discarded: float = 0.0
 
 
+class RankError(ValueError):
+    """The rank does not fit a target layer's sketched dimension."""
+
+
 def resolve_side(side: str, out_features: int, in_features: int) -> Side:
     """Picks the sketched side; ``auto`` sketches the smaller dimension (right on a tie).
 
@@ -156,7 +160,7 @@ class RacLoraLinear(nn.Module):
         m, n = base_layer.out_features, base_layer.in_features
         d = n if side == "right" else m
         if rank > d:
-            raise ValueError(
+            raise RankError(
                 f"rank {rank} exceeds the sketched dimension {d} of module {name!r} "
                 f"(weight shape ({m}, {n}), {side} sketch)"
             )

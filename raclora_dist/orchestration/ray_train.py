@@ -25,11 +25,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from raclora_dist.train.checkpoint import find_latest, install_checkpoint
-    from raclora_dist.train.faults import before_report, write_pid
     from raclora_dist.train.run import run_training
 
     cfg = RunConfig.model_validate(config["cfg"])
-    write_pid(ray.train.get_context().get_world_rank())
     resume = bool(config.get("resume"))
     ckpt = ray.train.get_checkpoint()
     stored = config.get("resume_from")
@@ -55,9 +53,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def report(path: Path, record: dict) -> None:
         # Every worker reports (a Ray Train sync point); rank 0 hands over the folder.
         metrics = {k: record[k] for k in ("link", "step", "train_loss", "eval_loss", "update_norm")}
-        rank = ray.train.get_context().get_world_rank()
-        before_report(rank)
-        is_main = rank == 0
+        is_main = ray.train.get_context().get_world_rank() == 0
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if is_main else None)
 
     run_training(cfg, resume=resume, on_checkpoint=report)

@@ -18,7 +18,7 @@ Importing this module registers :class:`Linear4bitRacLora` with the layer dispat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import bitsandbytes.functional as bnbf
 import torch
@@ -99,21 +99,27 @@ def to_linear4bit(linear: nn.Linear, qcfg: QuantizationConfig, storage: torch.dt
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, qcfg: QuantizationConfig, storage: str, keep_source: bool = False) -> list[str]:
+def quantize_model(model: nn.Module, qcfg: QuantizationConfig, storage: str, keep_source: bool = False,
+                   within: Collection[str] | None = None) -> list[str]:
     """Replaces every ``nn.Linear`` not in ``qcfg.skip_modules`` with a 4-bit one (in place).
 
-    Quantize before sharding: engines then shard the packed codes.
+    Quantize before sharding: engines then shard the packed codes. Each weight is quantized
+    on the device it lives on (bitsandbytes' CUDA kernels on a GPU).
 
     Args:
         storage: the packed storage dtype name (``QuantizationConfig.storage``).
         keep_source: keep each original weight (fp32) on the new module for a master copy;
             :class:`Linear4bitRacLora` takes it, :func:`drop_sources` frees the rest.
+        within: only these qualified module names (one part of a model being loaded);
+            None: the whole model.
 
     Returns:
         The qualified names of the quantized layers.
     """
     names = []
     for name, module in list(model.named_modules()):
+        if within is not None and name not in within:
+            continue
         if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in qcfg.skip_modules):
             continue
         q = to_linear4bit(module, qcfg, DTYPES[storage])
@@ -211,10 +217,12 @@ class Linear4bitRacLora(RacLoraLinear):
 
     @torch.no_grad()
     def shard_master(self, rank: int, world: int) -> None:
-        """Keeps only this rank's equal slice of the flat master copy (frees the rest)."""
-        if self.master is None:
-            return
+        """Keeps only this rank's equal slice of the flat master copy (frees the rest).
+
+        Idempotent: a master already sliced is left as it is."""
         numel = self.out_features * self.in_features
+        if self.master is None or self.master_range != (0, numel):
+            return
         chunk = math.ceil(numel / world)
         lo, hi = min(numel, rank * chunk), min(numel, (rank + 1) * chunk)
         local = self.master[lo:hi].clone()

@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
-from raclora_dist.train.faults import crash_in_checkpoint
 
 FORMAT_VERSION = 1
 
@@ -80,7 +79,8 @@ def ckpt_root(run_dir: Path) -> Path:
 def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
                     write_state: Callable[[Path], None], is_main: bool = True,
                     barrier: Callable[[], None] = lambda: None,
-                    current: dict[str, torch.Tensor] | None = None) -> Path:
+                    current: dict[str, torch.Tensor] | None = None,
+                    on_write: Callable[[Path], None] | None = None) -> Path:
     """Writes a complete checkpoint atomically and prunes all but the newest ``keep``.
 
     Every rank calls this at the same point. Rank 0 prepares the temporary folder, every
@@ -95,6 +95,8 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
         write_state: called on every rank with the temporary folder.
         is_main: whether this is rank 0. barrier: a cross-rank barrier.
         current: mid-link only: the link's full trainable factors so far, by module.
+        on_write: rank 0, called with the temporary folder once the chain file is in it and
+            before ``meta.json`` (callbacks' ``on_checkpoint_write``).
 
     Returns:
         The checkpoint folder.
@@ -111,13 +113,13 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
     barrier()
     final = root / name
     if is_main:
-        _commit(tmp, final, chain, meta, keep, current or {})
+        _commit(tmp, final, chain, meta, keep, current or {}, on_write)
     barrier()
     return final
 
 
 def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
-            current: dict[str, torch.Tensor]) -> None:
+            current: dict[str, torch.Tensor], on_write: Callable[[Path], None] | None = None) -> None:
     root = final.parent
     config = root.parent / "config.yaml"
     if config.is_file():  # travels with the checkpoint (Ray storage, another node)
@@ -125,7 +127,8 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
     tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
     tensors.update({f"current.{n}": f.detach().to("cpu", torch.float32).contiguous() for n, f in current.items()})
     save_file(tensors, tmp / "chain.safetensors")
-    crash_in_checkpoint()
+    if on_write is not None:
+        on_write(tmp)
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
     full_meta = {
         "format": FORMAT_VERSION,

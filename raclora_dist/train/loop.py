@@ -19,7 +19,7 @@ from raclora_dist.backends import Backend
 from raclora_dist.config import RunConfig
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
-from raclora_dist.train.faults import after_step, desync_hook, nan_hook
+from raclora_dist.train.callbacks import Callback, CallbackList
 from raclora_dist.train.metrics import MetricsWriter, progress_bar, rss_mb
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
@@ -36,11 +36,15 @@ class Trainer:
         cfg: the run config. session: model and chain (the backend has set the model up).
         data: packed batches. run_dir: where rank 0 writes metrics and checkpoints.
         backend: the engine (single, ddp, fsdp2, deepspeed). log: per-link summary lines.
+        on_checkpoint: called on every rank with each checkpoint written (Ray reports it).
+        startup: load time and memory, reported after the first step.
+        callbacks: user hooks (:mod:`raclora_dist.train.callbacks`), called on every rank.
     """
 
     def __init__(self, cfg: RunConfig, session: Session, data: PackedData, run_dir: Path,
                  backend: Backend, log: Callable[[str], None] = print,
-                 on_checkpoint: Callable[[Path, dict], None] | None = None) -> None:
+                 on_checkpoint: Callable[[Path, dict], None] | None = None, startup: dict | None = None,
+                 callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
         self.backend, self.comm = backend, backend.comm
         self.is_main = backend.info.is_main
@@ -50,6 +54,8 @@ class Trainer:
         self.history: list[dict] = []
         self._grad_norm = float("nan")
         self.on_checkpoint = on_checkpoint
+        self.startup = startup  # load time and memory so far; reported after the first step
+        self.callbacks = CallbackList(callbacks or [])
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:
@@ -66,10 +72,11 @@ class Trainer:
         self.backend.model.train()
         if start_link == 0 and self.global_step == 0:
             self._write({"type": "eval", "step": 0, "eval_loss": self.evaluate()})
+        self.callbacks.on_train_start(self)
         try:
             for link in range(start_link, rc.links):
                 if self.s.chain.link != link:
-                    desync_hook(self.s.layers, self.backend.info.rank, link)
+                    self.callbacks.before_link(self, link)
                     self.s.chain.start_link(link, self.comm)
                 t0 = time.perf_counter()
                 loss = self._train_link(link, start_step if link == start_link else 0)
@@ -97,17 +104,38 @@ class Trainer:
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
                    "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb()}
             self._write(rec)
+            if self.startup is not None:
+                self._report_startup()
             losses.append(loss)
             if self._bar is not None:
                 self._bar.update(1)
                 self._bar.set_postfix(link=link, loss=f"{loss:.3f}")
             if every and self.global_step % every == 0 and k + 1 < rc.steps_per_link:
-                path = self.checkpoint(link, step_in_link=k + 1)
-                if self.on_checkpoint is not None:
-                    self.on_checkpoint(path, {"link": link, "step": self.global_step, "train_loss": loss,
-                                              "eval_loss": float("nan"), "update_norm": 0.0})
-            after_step(self.global_step)
+                self._checkpointed(self.checkpoint(link, step_in_link=k + 1),
+                                   {"link": link, "step": self.global_step, "train_loss": loss,
+                                    "eval_loss": float("nan"), "update_norm": 0.0})
+            self.callbacks.on_step_end(self, rec)
         return sum(losses) / len(losses)
+
+    def _report_startup(self) -> None:
+        """Writes how long loading and the first step took and each rank's memory (RSS in MiB:
+        at the start of the run, just before loading the base, peak once loaded, peak after
+        the first step)."""
+        st, self.startup = self.startup, None
+        columns = {k: self._per_rank(st[k]) for k in ("rss_mb_start", "rss_mb_before_load", "peak_rss_mb_loaded")}
+        columns["peak_rss_mb_first_step"] = self._per_rank(rss_mb())
+        first = time.perf_counter() - st["t_start"]
+        self._write({"type": "startup", "load_s": st["load_s"], "first_step_s": first, **columns})
+        above = [p - s for p, s in zip(columns["peak_rss_mb_first_step"], columns["rss_mb_start"])]
+        self.log(f"first step {first:.1f} s after start (loading {st['load_s']:.1f} s); peak RSS above the start "
+                 f"per rank: {', '.join(f'{a:,.0f}' for a in above)} MiB")
+
+    def _per_rank(self, value: float) -> list[float]:
+        """Every rank's ``value``, in rank order (one small all-reduce of a one-hot vector)."""
+        info = self.backend.info
+        t = torch.zeros(info.world_size, dtype=torch.float64)
+        t[info.rank] = value
+        return self.comm.all_reduce_sum(t).tolist()
 
     def _step(self) -> float:
         """One optimizer step over ``grad_accum`` global micro-batches; returns the mean loss.
@@ -129,7 +157,7 @@ class Trainer:
     def _boundary(self, link: int, train_loss: float, link_time: float) -> None:
         """Guard + merge (in the chain), optimizer reset, eval, record, checkpoint."""
         chain, rc = self.s.chain, self.cfg.raclora
-        nan_hook(self.s.layers, self.backend.info.rank, link)
+        self.callbacks.before_boundary(self, link)
         record = chain.end_link(self.comm)
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the
@@ -148,11 +176,16 @@ class Trainer:
             self.log(f"warning: link {link}: only {record.landed_fraction:.1%} of the intended update landed in the "
                      f"weights (cosine {record.landed_cosine:.2f}); rounding the merged weight to the base's precision (4-bit, bf16) drops small updates. "
                      "Use raclora.merge_mode=factored (or, on a 4-bit base, raclora.master_weights=cpu) to keep them.")
+        self.callbacks.on_boundary(self, rec)
         last = link + 1 == rc.links
         if last or (link + 1) % self.cfg.checkpoint.every_links == 0:
-            path = self.checkpoint(link + 1)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(path, rec)
+            self._checkpointed(self.checkpoint(link + 1), rec)
+
+    def _checkpointed(self, path: Path, record: dict) -> None:
+        """A checkpoint is complete: user callbacks, then the hand-off to Ray (if any)."""
+        self.callbacks.on_checkpoint(self, path, record)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path, record)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -180,4 +213,5 @@ class Trainer:
                 "fingerprints": [str(x) for x in chain.fingerprints().tolist()]}
         return save_checkpoint(self.run_dir, chain.state, meta, self.cfg.checkpoint.keep,
                                write_state=self.backend.save_state, is_main=self.is_main,
-                               barrier=self.backend.barrier, current=current)
+                               barrier=self.backend.barrier, current=current,
+                               on_write=self.callbacks.on_checkpoint_write)

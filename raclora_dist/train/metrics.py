@@ -14,6 +14,20 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+peak_rss_mb = rss_mb
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (Linux ``VmRSS``; else the peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss_mb()
+
+
 class MetricsWriter:
     """Appends records to ``metrics.jsonl``; flushed per record so a crash loses nothing."""
 
@@ -55,9 +69,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def interactive() -> bool:
+    """Whether progress bars make sense (stderr is a terminal)."""
+    return sys.stderr.isatty()
+
+
 def progress_bar(total: int, initial: int):
     """A tqdm bar on an interactive terminal; None otherwise (logs get per-link lines)."""
-    if not sys.stderr.isatty():
+    if not interactive():
         return None
     from tqdm import tqdm
 

@@ -7,6 +7,7 @@ run folder is touched, so a failed start never damages an earlier run's files.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import torch.distributed as dist
 from raclora_dist.backends import make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
 from raclora_dist.config import ConfigError, RunConfig, build_config, check_paths, diff_configs, read_yaml
-from raclora_dist.train.checkpoint import Checkpoint, find_latest, load_checkpoint
+from raclora_dist.train.callbacks import Callback, load_callbacks
+from raclora_dist.train.checkpoint import find_latest, load_checkpoint
 from raclora_dist.train.data import PackedData, pack, read_documents
 from raclora_dist.train.loop import Trainer
-from raclora_dist.train.metrics import truncate_after
-from raclora_dist.train.session import Session, base_folder, build_session, validate_model
+from raclora_dist.train.metrics import current_rss_mb, peak_rss_mb, truncate_after
+from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.train.tokenizer import load_tokenizer
 
 
@@ -48,41 +50,18 @@ def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
     return ckpt
 
 
+def build_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The config's ``run.callbacks``, imported and built (a bad one is a config error)."""
+    try:
+        return load_callbacks(cfg.run.callbacks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(cfg.to_yaml())
     os.replace(tmp, run_dir / "config.yaml")
-
-
-def restore_chain(session: Session, ckpt: Checkpoint) -> None:
-    """Replays a checkpoint's chain onto a fresh, unwrapped base (in place).
-
-    Runs before the backend wraps or shards the model, so the merges are plain dense ones,
-    bitwise those of the original run on CPU.
-
-    Raises:
-        ConfigError: the checkpoint's layers differ from the model's targets, or the
-            regenerated sketches' fingerprints differ from the stored ones.
-    """
-    session.chain.replay(ckpt.chain)
-    names = [d["name"] for d in ckpt.meta.get("layers", [])]
-    if names != list(session.layers):
-        raise ConfigError(f"{ckpt.path}: the checkpoint's layers differ from the model's targets")
-    # Sketches are regenerated, not stored: check they are the ones the run trained with.
-    link = ckpt.meta["fingerprint_link"]
-    for layer in session.layers.values():
-        layer.resample(link)
-    session.chain.link = link
-    got = [str(x) for x in session.chain.fingerprints().tolist()]
-    bad = [n for n, a, b in zip(names, got, ckpt.meta["fingerprints"]) if a != b]
-    if bad:
-        raise ConfigError(
-            f"{ckpt.path}: regenerated sketches of link {link} differ from the checkpoint's "
-            f"(first: {bad[0]!r}); was raclora.seed or the sketch code changed?"
-        )
-    with torch.no_grad():  # mid-link: the link's factors so far
-        for name, factor in ckpt.current.items():
-            session.layers[name].factor.copy_(factor)
 
 
 def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:
@@ -130,7 +109,11 @@ def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None
 
 def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Callable[[str], None],
          on_checkpoint: Callable[[Path, dict], None] | None) -> list[dict]:
+    import transformers  # noqa: F401 -- before the RSS baseline, so that it covers the libraries, not the model
+
+    t_start, rss_start = time.perf_counter(), current_rss_mb()
     check_paths(cfg)
+    callbacks = build_callbacks(cfg)
     validate_model(cfg)  # targets and rank, on the meta device
     ckpt_path = _check_resume(cfg, run_dir, resume)
     _check_world(cfg, info, ckpt_path)
@@ -143,22 +126,30 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     # A config-built base is a pure function of (config, init_seed): rebuild it when the
     # run folder lacks it (a fresh node resuming from remote storage) and save it again.
     fresh_base = cfg.model.config is not None and (ckpt_path is None or not (base / "config.json").is_file())
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    backend = make_backend(cfg, info)
+    import_libraries(cfg)
+    t_load, rss_before_load = time.perf_counter(), current_rss_mb()
+    # Streamed part by part; a checkpoint's merges are replayed on each part before the
+    # engine shards it, so the merges are the plain dense ones of one process.
     session = build_session(
-        cfg,
+        cfg, backend,
         source=base if cfg.model.config is not None and not fresh_base else None,
         save_base_to=base if fresh_base and info.is_main else None,
+        ckpt=ckpt, log=log,
     )
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    load_s, peak_loaded = time.perf_counter() - t_load, peak_rss_mb()
     if info.is_main:
         _write_config(cfg, run_dir)
         if ckpt is not None:
             truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
-    if ckpt is not None:
-        restore_chain(session, ckpt)
-    backend = make_backend(cfg, info)
     backend.setup(session.model)
     session.chain.access = backend.access
-    trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint)
+    startup = {"t_start": t_start, "load_s": load_s, "rss_mb_start": rss_start, "rss_mb_before_load": rss_before_load,
+               "peak_rss_mb_loaded": peak_loaded}
+    log(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
+    trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint, startup=startup,
+                      callbacks=callbacks)
     start_link = start_step = 0
     if ckpt is not None:
         backend.load_state(ckpt.path)

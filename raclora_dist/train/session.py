@@ -1,17 +1,39 @@
-"""Assembles what a run trains: tokenizer, base model, injected layers and the chain."""
+"""Assembles what a run trains: tokenizer, base model, injected layers and the chain.
+
+The base is never built whole. Its architecture is built on the meta device, and it is made
+real one part at a time (each decoder block, then the embedding, final norm and head; see
+:func:`raclora_dist.train.weights.load_units`). Each part goes through the same steps
+before the next one arrives:
+
+1. **materialize**: its tensors stream in from the weight source, on the device;
+2. **quantize**: its linear layers become 4-bit (``model.quantization``), on the device;
+3. **wrap**: its target layers get their RAC-LoRA wrappers;
+4. **replay**: a resumed run re-applies its merged links to these layers (dense and exact,
+   as in one process) and restores the current link's sketch and factor;
+5. **shard**: a sharding engine partitions the part (``Backend.shard_unit``).
+
+So a rank holds its shards plus one part in flight: never the whole model.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from raclora_dist.backends.base import Backend, decoder_layers
 from raclora_dist.config import ConfigError, RunConfig
-from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, inject
-from raclora_dist.train.model import build_base_model
+from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
+from raclora_dist.train.checkpoint import Checkpoint
+from raclora_dist.train.metrics import interactive
+from raclora_dist.train.model import build_meta_model, save_base, weight_source
 from raclora_dist.train.tokenizer import load_tokenizer
+from raclora_dist.train.weights import (
+    WeightSource, load_units, mapped_large_allocations, materialize, meta_tensors, tensor_owners,
+)
 
 
 @dataclass
@@ -29,10 +51,17 @@ def base_folder(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(run_dir) / "base" if cfg.model.config is not None else Path(cfg.model.name_or_path)
 
 
-def inject_checked(model: nn.Module, cfg: RunConfig) -> dict[str, RacLoraLinear]:
-    """:func:`inject`, with target and rank problems reported as config errors."""
+def _targets(model: nn.Module, cfg: RunConfig) -> list[str]:
     try:
-        return inject(model, cfg.raclora)
+        return match_targets(model, cfg.raclora.target_modules)
+    except TargetError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _wrap(model: nn.Module, names: list[str], cfg: RunConfig) -> dict[str, RacLoraLinear]:
+    """:func:`wrap_targets`, with target and rank problems reported as config errors."""
+    try:
+        return wrap_targets(model, names, cfg.raclora)
     except (TargetError, RankError) as err:
         raise ConfigError(str(err)) from None
 
@@ -49,37 +78,140 @@ def validate_model(cfg: RunConfig) -> int:
         # ones; the 4-bit-only options were already checked with the config.
         cfg = cfg.model_copy(update={"raclora": cfg.raclora.model_copy(
             update={"master_weights": "none", "stochastic_rounding": False})})
-    with torch.device("meta"):
-        if cfg.model.name_or_path is not None:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.name_or_path))
-        else:
-            model = build_base_model(cfg.model, len(tok))
-        return len(inject_checked(model, cfg))
+    model = build_meta_model(cfg.model, len(tok))
+    return len(_wrap(model, _targets(model, cfg), cfg))
 
 
-def build_session(cfg: RunConfig, source: Path | None = None, save_base_to: Path | None = None) -> Session:
-    """Builds tokenizer, base model (fresh or from ``source``), quantizes it if the config
-    says so, and injects the chain. The saved base is the original (unquantized) one.
+def import_libraries(cfg: RunConfig) -> None:
+    """Imports what loading will use beyond the model's own classes (bitsandbytes for a 4-bit
+    base), so that the memory measured around loading is the model's, not the libraries'."""
+    if cfg.model.quantization.enabled:
+        import raclora_dist.quant.bnb  # noqa: F401
+
+
+def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path | None = None,
+                  save_base_to: Path | None = None, ckpt: Checkpoint | None = None,
+                  log: Callable[[str], None] | None = None) -> Session:
+    """Builds tokenizer and base (streamed part by part), quantizes it if the config says so,
+    injects the chain, and replays a checkpoint's chain; shards each part as it goes.
 
     Args:
         cfg: the run config.
-        source: load the base from this folder (a run's ``base/``) instead of building it.
-        save_base_to: save the untouched base and tokenizer here before injecting.
+        backend: the engine; its ``shard_unit`` partitions each part and its device is where
+            the parts are made real. None: one process on the CPU, nothing sharded.
+        source: load the base from this folder (a run's ``base/``) instead of
+            ``model.name_or_path`` or a from-config initialisation.
+        save_base_to: save the untouched base (config-built) and tokenizer here first.
+        ckpt: a checkpoint to resume: its merges are replayed on each layer before the
+            engine shards it, and its current link's sketches and factors are restored.
+        log: progress lines (a line per checkpoint file read); None for silence.
+
+    Raises:
+        ConfigError: bad targets or rank, missing weights, or a checkpoint that does not
+            belong to this model (other layers, other sketches).
     """
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    model = build_base_model(cfg.model, len(tokenizer), source)
-    if save_base_to is not None:
-        from raclora_dist.train.model import save_base
+    model = build_meta_model(cfg.model, len(tokenizer), source)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = _targets(model, cfg)
+    if ckpt is not None:
+        names = [d["name"] for d in ckpt.meta.get("layers", [])]
+        if names != targets:
+            raise ConfigError(f"{ckpt.path}: the checkpoint's layers differ from the model's targets")
+    main = backend is None or backend.info.is_main
+    weights = weight_source(cfg.model, model, source, log=log if main else None, bar=main and interactive())
+    try:
+        if save_base_to is not None:
+            save_base(model, weights, tokenizer, save_base_to)
+        with mapped_large_allocations():
+            layers = _load(model, weights, cfg, targets, backend, ckpt)
+        unused = sorted(set(weights.keys()) - getattr(weights, "read", weights.keys()))
+    finally:
+        weights.close()
+    if unused and log is not None and main:
+        log(f"note: {len(unused)} tensor(s) in the checkpoint are not part of the model (e.g. {unused[0]}); ignored")
+    chain = RacLoraChain(layers, cfg.raclora.on_nonfinite)
+    if ckpt is not None:
+        chain.adopt(ckpt.chain)
+        chain.link = ckpt.meta["fingerprint_link"]
+        _check_fingerprints(chain, ckpt)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return Session(model, tokenizer, layers, chain)
 
-        save_base(model, tokenizer, save_base_to)
+
+def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list[str],
+          backend: Backend | None, ckpt: Checkpoint | None) -> dict[str, RacLoraLinear]:
+    """Makes ``model`` real part by part (steps 1-5 of the module docstring); returns the
+    wrapped layers in model order."""
+    device = backend.info.device if backend is not None else torch.device("cpu")
+    owners = tensor_owners(model)  # taken while all on meta: tied tensors are made real once
     q = cfg.model.quantization
-    if q.enabled:  # before any engine shards the model: engines then shard the packed codes
-        from raclora_dist.quant.bnb import drop_sources, quantize_model
+    try:
+        blocks = decoder_layers(model)
+    except ValueError:  # no repeated blocks: every module with tensors is a part of its own
+        blocks = []
+    layers: dict[str, RacLoraLinear] = {}
+    for unit in load_units(model, blocks):
+        names = set(unit.module_names(model))
+        materialize(model, unit, weights, device, owners)
+        if q.enabled:
+            from raclora_dist.quant.bnb import drop_sources, quantize_model
 
-        quantize_model(model, q, q.storage, keep_source=cfg.raclora.master_weights != "none")
-    layers = inject_checked(model, cfg)
-    if q.enabled:
-        drop_sources(model)
-    return Session(model, tokenizer, layers, RacLoraChain(layers, cfg.raclora.on_nonfinite))
+            quantize_model(model, q, q.storage, keep_source=cfg.raclora.master_weights != "none", within=names)
+        wrapped = _wrap(model, [t for t in targets if t in names], cfg)
+        module = model.get_submodule(unit.name) if unit.name else model  # quantize/wrap may replace a leaf
+        if q.enabled:
+            drop_sources(module)
+        if ckpt is not None:
+            _restore_layers(wrapped, ckpt)
+        if backend is not None:
+            backend.shard_unit(module, unit.own_unit)
+        layers.update(wrapped)
+    left = meta_tensors(model)
+    if left:
+        raise RuntimeError(f"loading left {len(left)} tensor(s) on the meta device, e.g. {left[0]}")
+    return {name: layers[name] for name in targets}
+
+
+@torch.no_grad()
+def _restore_layers(layers: dict[str, RacLoraLinear], ckpt: Checkpoint) -> None:
+    """Replays the checkpoint's merges on unsharded layers (bitwise those of the original run
+    on CPU), then sets the sketch the run was in and, mid-link, the factors so far."""
+    link = ckpt.meta["fingerprint_link"]
+    for name, layer in layers.items():
+        replay_layer(layer, ckpt.chain)
+        layer.resample(link)
+        if name in ckpt.current:
+            layer.factor.copy_(ckpt.current[name])
+
+
+def _check_fingerprints(chain: RacLoraChain, ckpt: Checkpoint) -> None:
+    """Sketches are regenerated, not stored: checks they are the ones the run trained with."""
+    names = list(chain.layers)
+    got = [str(x) for x in chain.fingerprints().tolist()]
+    bad = [n for n, a, b in zip(names, got, ckpt.meta["fingerprints"]) if a != b]
+    if bad:
+        raise ConfigError(
+            f"{ckpt.path}: regenerated sketches of link {chain.link} differ from the checkpoint's "
+            f"(first: {bad[0]!r}); was raclora.seed or the sketch code changed?"
+        )
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recomputes each decoder block in the backward (non-reentrant ``torch.utils.checkpoint``).
+
+    The block's ``forward`` is checkpointed, not its ``__call__``, so an engine's hooks
+    (FSDP2's all-gather) stay outside the recompute (transformers' mechanism).
+
+    Raises:
+        ConfigError: the model does not support it.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5.24
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import read_jsonl, run_cli, tiny_config, write_config
+from tests.conftest import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     assert meta(run)["fingerprints"] == meta(single)["fingerprints"]
 
     crashed = d / f"{engine}-crash"
-    proc = train(cfg, crashed, *ENGINES[engine], env={"RACLORA_FAULT_AT_STEP": "5"})
+    proc = train(cfg, crashed, *ENGINES[engine], faults(crash_at_step=5))
     assert proc.returncode != 0
     assert find_latest(crashed).name == "link-00001-step-0000003"
     proc = train(cfg, crashed, *ENGINES[engine], resume=True)
@@ -116,7 +116,7 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
 def test_fsdp2_resumes_with_a_different_number_of_workers(setup):
     d, cfg, single = setup
     run = d / "fsdp2-2to1"
-    assert train(cfg, run, *ENGINES["fsdp2"], env={"RACLORA_FAULT_AT_STEP": "5"}).returncode != 0
+    assert train(cfg, run, *ENGINES["fsdp2"], faults(crash_at_step=5)).returncode != 0
     proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.workers=1", resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert meta(run)["world_size"] == 1 and meta(run)["merged"] == [0, 1, 2]
@@ -130,9 +130,8 @@ def test_desynchronised_sketch_stops_the_run_naming_the_module(setup):
     before = shm_files()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "raclora_dist",
-         "train", str(cfg), f"run.dir={run}", *ENGINES["ddp"]],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RACLORA_TEST_DESYNC_RANK": "1"},
+         "train", str(cfg), f"run.dir={run}", *ENGINES["ddp"], faults(desync_rank=1)],
+        capture_output=True, text=True, timeout=600, env=subprocess_env(OMP_NUM_THREADS="1"),
     )
     assert proc.returncode != 0
     assert "link 1: ranks hold different sketches for module 'model.layers.0.self_attn.q_proj'" in proc.stderr
@@ -143,12 +142,11 @@ def test_desynchronised_sketch_stops_the_run_naming_the_module(setup):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_nonfinite_factor_on_one_rank_merges_nothing_anywhere(engine, setup):
     d, cfg, _ = setup
-    nan = {"RACLORA_TEST_NAN_LINK": "1"}
     ref = d / f"nan-single-{engine}"
-    proc = run_cli("train", str(cfg), f"run.dir={ref}", env={**nan, "RACLORA_TEST_NAN_RANK": "0"})
+    proc = run_cli("train", str(cfg), f"run.dir={ref}", faults(nan_rank=0, nan_link=1))
     assert proc.returncode == 0, proc.stderr
     run = d / f"nan-{engine}"
-    proc = train(cfg, run, *ENGINES[engine], env={**nan, "RACLORA_TEST_NAN_RANK": "1"})
+    proc = train(cfg, run, *ENGINES[engine], faults(nan_rank=1, nan_link=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     links = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"]
     assert [r["merged"] for r in links] == [True, False, True]
@@ -178,7 +176,7 @@ def test_mid_link_checkpoint_resumes_with_optimizer_state(engine, setup):
     d, cfg, single = setup
     run = d / f"{engine}-midlink"
     args = (*ENGINES[engine], "checkpoint.every_steps=2")
-    assert train(cfg, run, *args, env={"RACLORA_FAULT_AT_STEP": "5"}).returncode != 0
+    assert train(cfg, run, *args, faults(crash_at_step=5)).returncode != 0
     assert find_latest(run).name == "link-00001-step-0000004"
     proc = train(cfg, run, *args, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import read_jsonl, run_cli, tiny_config, write_config
+from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
 from tests.distributed.test_backends import ENGINES, assert_chains_close, losses, meta, train
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_sharded_master_copy_run_resumes_after_a_crash(qsetup):
     d, cfg, singles = qsetup
     run = d / "fsdp2-master-crash"
     args = (*ENGINES["fsdp2"], *MODES["master"])
-    assert train(cfg, run, *args, env={"RACLORA_FAULT_AT_STEP": "5"}).returncode != 0
+    assert train(cfg, run, *args, faults(crash_at_step=5)).returncode != 0
     assert find_latest(run).name == "link-00001-step-0000003"
     proc = train(cfg, run, *args, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import ROOT, run_cli, tiny_config, write_config
+from tests.conftest import ROOT, faults, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +68,10 @@ def test_ray_train_with_two_workers_equals_the_one_process_run(strategy, setup):
 def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrupted(setup):
     d, cfg, single = setup
     run, pids = d / "ray-killed", d / "pids"
-    env = {**os.environ, "RACLORA_TEST_PID_DIR": str(pids), "RACLORA_TEST_STEP_SLEEP": "1.0", "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}",
-                             "distributed.workers=2", "ray.max_failures=1", *STRATEGIES["fsdp2"]],
+                             "distributed.workers=2", "ray.max_failures=1", *STRATEGIES["fsdp2"],
+                             faults(pid_dir=str(pids), sleep_per_step=1.0)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -94,9 +95,8 @@ def test_a_worker_lost_before_its_report_resumes_from_the_run_folder(setup):
     when the run started, so the restarted group resumes from it instead of refusing it."""
     d, cfg, single = setup
     run, pids = d / "ray-lost-report", d / "pids-lost-report"
-    env = {"RACLORA_TEST_PID_DIR": str(pids), "RACLORA_TEST_DIE_BEFORE_REPORT": "1"}
     proc = run_cli("train", str(cfg), f"run.dir={run}", "distributed.workers=2", "ray.max_failures=1",
-                   *STRATEGIES["fsdp2"], env=env)
+                   *STRATEGIES["fsdp2"], faults(pid_dir=str(pids), die_before_report=1))
     assert (pids / "died-before-report").is_file()  # the fault really happened
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "resumed" in proc.stdout + proc.stderr
@@ -107,7 +107,7 @@ def test_a_restarted_driver_resumes_from_storage(setup):
     d, cfg, single = setup
     run = d / "ray-driver"
     args = ["train", str(cfg), f"run.dir={run}", "distributed.workers=2", *STRATEGIES["fsdp2"]]
-    first = run_cli(*args, env={"RACLORA_FAULT_AT_STEP": "5"})  # dies mid link 2; no restarts allowed
+    first = run_cli(*args, faults(crash_at_step=5))  # dies mid link 2; no restarts allowed
     assert first.returncode != 0
     second = run_cli(*args)  # same name and storage: Ray hands back the latest checkpoint
     assert second.returncode == 0, second.stderr[-3000:]

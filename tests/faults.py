@@ -1,0 +1,80 @@
+"""Fault injection for tests: a training-loop callback (``raclora_dist.train.callbacks``).
+
+Runs name it through the config, e.g. ``faults(crash_at_step=5)`` from ``tests.conftest``
+gives the override ``run.callbacks=[{class: tests.faults:Faults, args: {crash_at_step: 5}}]``.
+Workers import it, so the repository root must be importable there (``run_cli`` puts it on
+``PYTHONPATH``). ``os._exit`` skips every cleanup handler, as a SIGKILL would.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from raclora_dist.train.callbacks import Callback
+
+FAULT_EXIT_CODE = 17
+
+
+class Faults(Callback):
+    """Crashes, stalls and corruptions at chosen points of a run.
+
+    Args:
+        crash_at_step: exit right after this (1-based, global) optimizer step.
+        crash_in_checkpoint: exit halfway through this process's N-th checkpoint write (after
+            the chain file, before ``meta.json``).
+        sleep_per_step: seconds to sleep after each step (so that a kill lands mid-link).
+        pid_dir: each worker writes ``pid_dir/rank<R>.pid`` when training starts.
+        die_before_report: this rank exits once, at its first checkpoint (after rank 0 wrote
+            it into the run folder, before Ray has it from every worker); a marker in
+            ``pid_dir`` keeps the restarted group alive.
+        desync_rank: this rank uses another chain seed from link 1 on.
+        nan_rank, nan_link: this rank writes a NaN into its first factor at the end of that link.
+    """
+
+    def __init__(self, crash_at_step: int | None = None, crash_in_checkpoint: int | None = None,
+                 sleep_per_step: float = 0.0, pid_dir: str | None = None, die_before_report: int | None = None,
+                 desync_rank: int | None = None, nan_rank: int | None = None, nan_link: int | None = None) -> None:
+        self.crash_at_step, self.crash_in_checkpoint = crash_at_step, crash_in_checkpoint
+        self.sleep_per_step, self.pid_dir, self.die_before_report = sleep_per_step, pid_dir, die_before_report
+        self.desync_rank, self.nan_rank, self.nan_link = desync_rank, nan_rank, nan_link
+        self._checkpoints = 0
+
+    def on_train_start(self, trainer) -> None:
+        if self.pid_dir:
+            os.makedirs(self.pid_dir, exist_ok=True)
+            Path(self.pid_dir, f"rank{trainer.backend.info.rank}.pid").write_text(str(os.getpid()))
+
+    def before_link(self, trainer, link: int) -> None:
+        if self.desync_rank == trainer.backend.info.rank and link == 1:
+            for layer in trainer.s.layers.values():
+                layer.seed += 1
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        if self.sleep_per_step:
+            time.sleep(self.sleep_per_step)
+        if self.crash_at_step == record["step"]:
+            os._exit(FAULT_EXIT_CODE)
+
+    @torch.no_grad()
+    def before_boundary(self, trainer, link: int) -> None:
+        if self.nan_rank == trainer.backend.info.rank and self.nan_link == link:
+            f = next(iter(trainer.s.layers.values())).factor
+            local = f.to_local() if hasattr(f, "to_local") else f
+            if local.numel():
+                local.view(-1)[0] = float("nan")
+
+    def on_checkpoint_write(self, folder: Path) -> None:
+        self._checkpoints += 1
+        if self.crash_in_checkpoint == self._checkpoints:
+            os._exit(FAULT_EXIT_CODE)
+
+    def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
+        if self.die_before_report is not None and self.die_before_report == trainer.backend.info.rank and self.pid_dir:
+            marker = Path(self.pid_dir, "died-before-report")
+            if not marker.exists():
+                marker.touch()
+                os._exit(FAULT_EXIT_CODE)

@@ -1,0 +1,47 @@
+"""Callbacks that let a test look inside a run (``raclora_dist.train.callbacks``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from raclora_dist.train.callbacks import Callback
+
+
+class DumpShards(Callback):
+    """When training starts, each rank writes what it holds of every parameter to
+    ``out/rank<R>.safetensors``, and ``out/rank<R>.json`` says where each piece sits:
+
+    * ``{"kind": "rows", "offset": o}``: rows ``o ..`` of the full tensor (an FSDP2 shard);
+    * ``{"kind": "flat", "offset": o}``: elements ``o ..`` of the flattened tensor (a ZeRO-3
+      partition, padding dropped);
+    * ``{"kind": "full"}``: the whole tensor (replicated).
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    @torch.no_grad()
+    def on_train_start(self, trainer) -> None:
+        rank, world = trainer.backend.info.rank, trainer.backend.info.world_size
+        if hasattr(trainer.s.model, "reshard"):  # FSDP2 keeps the root unsharded after a forward
+            trainer.s.model.reshard()
+        tensors, where = {}, {}
+        for name, p in trainer.s.model.named_parameters():
+            if hasattr(p, "to_local"):  # FSDP2 DTensor, Shard(0) in torch.chunk's ceil-sized row chunks
+                local = p.to_local()
+                rows = p.shape[0]
+                tensors[name], where[name] = local, {"kind": "rows", "offset": min(rows, rank * -(-rows // world))}
+            elif hasattr(p, "ds_tensor"):  # ZeRO-3 partition: equal flat chunks, the last one padded
+                part = p.ds_tensor.numel()
+                offset = rank * part
+                valid = max(0, min(part, p.ds_numel - offset))
+                tensors[name], where[name] = p.ds_tensor.flatten()[:valid], {"kind": "flat", "offset": offset}
+            else:
+                tensors[name], where[name] = p.data, {"kind": "full"}
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.out / f"rank{rank}.safetensors")
+        (self.out / f"rank{rank}.json").write_text(json.dumps(where))
