@@ -147,12 +147,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(k8s.to_yaml(docs), end="")
         return 0
     elif args.command == "validate":
-        from raclora_dist.train.session import validate_model
+        from raclora_dist.train.estimate import count, size
+        from raclora_dist.train.session import plan_run
 
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
-        n = validate_model(cfg)
+        n, est = plan_run(cfg)
+        d = cfg.distributed
         print(f"{args.config}: valid ({n} layers targeted, run folder {cfg.run.dir})")
+        print(f"model: {count(est.params)} parameters, {size(est.base_params_bytes)} as held "
+              f"({cfg.model.dtype}{', ' + cfg.model.quantization.method if cfg.model.quantization.enabled else ''})")
+        print(f"estimated memory per rank ({d.strategy} x {d.workers}):\n{est.table()}")
     elif args.command == "export":
         from raclora_dist.train.export import export_merged, export_peft
 

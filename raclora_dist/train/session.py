@@ -28,6 +28,7 @@ from raclora_dist.backends.base import Backend, decoder_layers
 from raclora_dist.config import ConfigError, RunConfig
 from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
 from raclora_dist.train.checkpoint import Checkpoint
+from raclora_dist.train.estimate import Estimate, estimate_memory
 from raclora_dist.train.metrics import interactive
 from raclora_dist.train.model import build_meta_model, save_base, weight_source
 from raclora_dist.train.tokenizer import load_tokenizer
@@ -66,20 +67,41 @@ def _wrap(model: nn.Module, names: list[str], cfg: RunConfig) -> dict[str, RacLo
         raise ConfigError(str(err)) from None
 
 
+def _meta_injected(cfg: RunConfig) -> tuple[nn.Module, dict[str, RacLoraLinear]]:
+    """The model on the meta device with its RAC-LoRA layers injected (no memory, no weights)."""
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.quantization.enabled:
+        # Nothing is quantized on the meta device, so dense layers stand in for the 4-bit
+        # ones (merging as 4-bit layers do by default); the 4-bit-only options were already
+        # checked with the config.
+        mode = "factored" if cfg.raclora.merge_mode == "auto" else cfg.raclora.merge_mode
+        cfg = cfg.model_copy(update={"raclora": cfg.raclora.model_copy(
+            update={"master_weights": "none", "stochastic_rounding": False, "merge_mode": mode})})
+    model = build_meta_model(cfg.model, len(tok))
+    return model, _wrap(model, _targets(model, cfg), cfg)
+
+
 def validate_model(cfg: RunConfig) -> int:
     """Builds the model on the meta device and injects: catches target/rank errors cheaply.
 
     Returns:
         The number of layers that would be wrapped.
     """
-    tok = load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.quantization.enabled:
-        # Nothing is quantized on the meta device, so dense layers stand in for the 4-bit
-        # ones; the 4-bit-only options were already checked with the config.
-        cfg = cfg.model_copy(update={"raclora": cfg.raclora.model_copy(
-            update={"master_weights": "none", "stochastic_rounding": False})})
-    model = build_meta_model(cfg.model, len(tok))
-    return len(_wrap(model, _targets(model, cfg), cfg))
+    return len(_meta_injected(cfg)[1])
+
+
+def plan_run(cfg: RunConfig) -> tuple[int, Estimate]:
+    """:func:`validate_model`, and the run's per-rank memory (:mod:`raclora_dist.train.estimate`).
+
+    Returns:
+        The number of layers that would be wrapped, and the estimate.
+    """
+    model, layers = _meta_injected(cfg)
+    try:
+        blocks = decoder_layers(model)
+    except ValueError:
+        blocks = []
+    return len(layers), estimate_memory(cfg, model, blocks)
 
 
 def import_libraries(cfg: RunConfig) -> None:

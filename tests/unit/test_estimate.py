@@ -1,0 +1,85 @@
+"""``raclora validate``'s per-rank memory estimate against what a real model holds."""
+
+from __future__ import annotations
+
+import torch
+
+from raclora_dist.config import build_config
+from raclora_dist.core import RacLoraLinear
+from raclora_dist.train.session import build_session, plan_run
+from tests.conftest import TINY_MODEL, run_cli, tiny_config, write_config
+
+
+def _config(small_data, tmp_path, **sections):
+    data = tiny_config(small_data, tmp_path / "run", **sections)
+    data["data"]["seq_len"] = 64
+    return build_config(data)
+
+
+def _saved_bytes(model, tokens) -> int:
+    """What autograd keeps from one real forward (storages, each once; weights left out)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, labels=tokens)
+    return sum(saved.values())
+
+
+def test_estimate_counts_the_real_models_weights_chain_and_activations(small_data, tmp_path):
+    cfg = _config(small_data, tmp_path)
+    n, est = plan_run(cfg)
+    session = build_session(cfg)
+    session.chain.start_link(0)
+    layers = list(session.layers.values())
+    assert n == len(layers)
+    chain_ids = {id(t) for layer in layers for t in [*layer._parameters.values(), *layer._buffers.values()] if t is not None}
+    chain = sum(t.nbytes for layer in layers for t in [*layer._parameters.values(), *layer._buffers.values()] if t is not None)
+    base = {id(t): t for t in [*session.model.parameters(), *session.model.buffers()] if id(t) not in chain_ids}
+    assert est.rows["base weights"] == sum(t.nbytes for t in base.values())
+    assert est.params == sum(p.numel() for p in base.values() if isinstance(p, torch.nn.Parameter))
+    assert est.rows["chain"] == chain
+    factors = sum(layer.factor.nbytes for layer in layers)
+    assert est.rows["gradients"] == factors and est.rows["optimizer state"] == 2 * factors  # AdamW
+    real = _saved_bytes(session.model, torch.randint(0, 256, (cfg.train.batch_size, cfg.data.seq_len)))
+    assert 0.8 * real < est.rows["activations"] < 1.25 * real, (est.rows["activations"], real)
+
+
+def test_sharding_checkpointing_and_4bit_shrink_the_estimate_as_they_should(small_data, tmp_path):
+    _, single = plan_run(_config(small_data, tmp_path))
+    _, fsdp = plan_run(_config(small_data, tmp_path, distributed={"strategy": "fsdp2", "workers": 2}))
+    _, zero2 = plan_run(_config(small_data, tmp_path, distributed={"strategy": "deepspeed", "workers": 2}))
+    deep = {**TINY_MODEL, "num_hidden_layers": 8}
+    _, plain8 = plan_run(_config(small_data, tmp_path, model={"config": deep}))
+    _, ckpt8 = plan_run(_config(small_data, tmp_path, model={"config": deep}, train={"activation_checkpointing": True}))
+    _, nf4 = plan_run(_config(small_data, tmp_path, model={"quantization": "nf4"}))
+    w = single.rows["base weights"]
+    # TINY_MODEL: per block 9,216 projection weights (q 32x32, k, v 32x16, o 32x32, three 32x64
+    # MLP matrices) and 64 norm weights, all fp32
+    proj, block = 9216, 4 * (9216 + 64)
+    assert fsdp.rows["base weights"] == w // 2 + block  # a half, plus one block gathered in flight
+    assert zero2.rows["base weights"] == w and zero2.rows["optimizer state"] == single.rows["optimizer state"] / 2
+    # per rank, a 2-worker run's micro-batch is half the batch
+    assert fsdp.rows["activations"] < 0.6 * single.rows["activations"]
+    # 8 blocks: each keeps one hidden state, one block is recomputed at a time
+    assert ckpt8.rows["activations"] < 0.5 * plain8.rows["activations"]
+    # 4-bit: the projections of both blocks at about half a byte per weight instead of 4
+    assert w - 2 * proj * 4 + 2 * proj * 0.5 < nf4.rows["base weights"] < w - 2 * proj * 4 + 2 * proj * 0.6
+    assert "master weights" not in nf4.rows
+
+
+def test_validate_prints_the_parameter_count_and_the_per_rank_estimate(small_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run",
+                                                        distributed={"strategy": "fsdp2", "workers": 2}))
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "layers targeted" in out and "M parameters" in out and "fsdp2 x 2" in out
+    for row in ("base weights", "chain", "gradients", "optimizer state", "activations", "total"):
+        assert row in out, row
