@@ -1,4 +1,4 @@
-"""The chain: link lifecycle and the coordinated merge/resample protocol (DESIGN.md).
+"""The chain: link lifecycle and the coordinated merge/resample protocol (docs/method.md, "The boundary protocol").
 
 ``RacLoraChain`` owns the wrapped layers and the record of merged links. The boundary is
 split in two calls that the trainer makes between two optimizer steps:

@@ -51,7 +51,7 @@ class RankError(ValueError):
 def resolve_side(side: str, out_features: int, in_features: int) -> Side:
     """Picks the sketched side; ``auto`` sketches the smaller dimension (right on a tie).
 
-    The convergence rate scales with r/d of the sketched side (ALGORITHM.md), so the
+    The convergence rate scales with r/d of the sketched side (docs/method.md), so the
     smaller d wins: a left sketch has d = m (out), a right sketch d = n (in).
     """
     if side == "auto":

@@ -2,7 +2,7 @@
 
 A ``Linear4bit`` holds ``W (m, n)`` as packed 4-bit codes (``quant_storage`` elements, shape
 ``(m n / (2 * bytes per element), 1)``) plus a ``QuantState`` (per-block absmax, codebook,
-shape, dtype). Merge modes on such a base (DESIGN.md "Merge modes"):
+shape, dtype). Merge modes on such a base (docs/quantization.md, "Merge modes on a 4-bit base"):
 
 * ``factored`` (default): the packed weight is never touched; exact.
 * ``into_base`` in place: dequantize, add ``s B A``, requantize. A small update is mostly

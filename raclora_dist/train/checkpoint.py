@@ -1,4 +1,4 @@
-"""Atomic checkpoints of the chain, taken at link boundaries (DESIGN.md "Checkpoints").
+"""Atomic checkpoints of the chain, taken at link boundaries (docs/distributed.md, "Checkpoints and resume").
 
 Layout: ``RUN/checkpoints/link-00003/`` holds
 

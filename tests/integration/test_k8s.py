@@ -1,5 +1,5 @@
 """KubeRay manifests, offline: rendered by kustomize and by `raclora k8s render`, validated
-against the Kubernetes schemas (kubernetes-validate) and the KubeRay CRDs (../shared)."""
+against the Kubernetes schemas (kubernetes-validate) and the KubeRay CRDs (vendored in k8s/crds)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from raclora_dist.config import build_config, parse_overrides
 from tests.conftest import ROOT
 
 K8S = ROOT / "k8s"
-CRDS = ROOT.parent / "shared" / "k8s-crds"
+CRDS = K8S / "crds"  # vendored KubeRay CRDs (k8s/crds/README.md)
 FOLDERS = ["quickstart-cpu", "gpu", "raycluster"]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 K8S_VERSION = "1.32"

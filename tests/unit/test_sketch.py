@@ -34,7 +34,7 @@ def test_no_sketch_is_reused_over_a_long_chain():
 
 
 def test_links_are_independent_projections():
-    # E[H_A] = (r/d) I for a rotation-invariant sketch (ALGORITHM.md); a reused or correlated
+    # E[H_A] = (r/d) I for a rotation-invariant sketch (docs/method.md); a reused or correlated
     # sketch would concentrate the average on a fixed subspace.
     r, d, n = 2, 8, 4000
     H = torch.zeros(d, d, dtype=torch.float64)
