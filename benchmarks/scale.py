@@ -1,0 +1,261 @@
+"""Large-model path: load memory per worker, activation checkpointing, time to first step.
+
+Usage: python -m benchmarks.scale --json OUT [--size 0.79b] [--before REF] [--cases fsdp2,zero3,fsdp2-nf4]
+
+1. Writes a Llama-style model built from a config as a sharded fp32 safetensors folder (a
+   stand-in for a pretrained checkpoint; streamed, never whole in memory).
+2. Loads it through ``model.name_or_path`` with 2 workers per engine case (``raclora train``,
+   torchrun, 1 link of 1 step) and reads each worker's startup record: peak RSS from start to
+   the end of the first optimizer step, minus its RSS right after imports, as a multiple of
+   the checkpoint's size. ``--before REF`` runs the same cases with the code of a git ref
+   (a worktree) for comparison; that code has no startup record, so its rank 0's peak (the
+   first step record's ``rss_mb``) is taken above this run's median after-imports RSS.
+3. In one process at ``--act-seq`` tokens (default 1024), with and without
+   ``train.activation_checkpointing``: the memory the autograd graph holds after the forward
+   (RSS with 1 MiB+ allocations mapped, so freed ones leave), the peak of forward + backward
+   above the loaded model, and tokens/s of full optimizer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> llama config fields (untied embeddings, like Llama 2 / 3)
+SIZES = {
+    "0.79b": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 13, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": 32000},
+    "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512},
+}
+ZERO3 = ["distributed.strategy=deepspeed", "distributed.deepspeed={zero_optimization: {stage: 3}}"]
+CASES = {
+    "fsdp2": ["distributed.strategy=fsdp2"],
+    "zero3": ZERO3,
+    "fsdp2-nf4": ["distributed.strategy=fsdp2", "model.quantization=nf4"],
+}
+
+
+def model_config(size: str, seq: int) -> dict:
+    return {"model_type": "llama", **SIZES[size], "max_position_embeddings": max(seq, 2048),
+            "tie_word_embeddings": False}
+
+
+def write_checkpoint(size: str, folder: Path, seq: int) -> dict:
+    """Streams a from-config model (keyed init, seed 0) into a sharded fp32 folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raclora_dist.train.weights import InitFromConfig, state_shapes, write_safetensors
+
+    fields = model_config(size, seq)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    shapes = state_shapes(meta)
+    nbytes = sum(s.numel() * d.itemsize for s, d in shapes.values())
+    t0 = time.perf_counter()
+    files = write_safetensors(InitFromConfig(meta, 0), shapes, folder, max_shard_bytes=max(nbytes // 4 + 1, 1 << 20))
+    cfg.save_pretrained(folder)
+    return {"params": sum(s.numel() for s, _ in shapes.values()), "bytes": nbytes, "files": len(files),
+            "write_s": time.perf_counter() - t0}
+
+
+def run_config(folder: Path, run: Path, workers: int, seq: int, batch: int) -> dict:
+    return {
+        "run": {"dir": str(run)},
+        "model": {"name_or_path": str(folder), "dtype": "float32"},
+        "data": {"path": str(ROOT / "data" / "stdlib_docstrings.jsonl"), "tokenizer": "bytes", "seq_len": seq,
+                 "max_documents": 400, "eval_fraction": 0.05},
+        "raclora": {"rank": 8, "alpha": 16, "links": 1, "steps_per_link": 1, "seed": 0,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "train": {"batch_size": batch, "lr": 1e-3, "eval_batches": 0},
+        "checkpoint": {"every_links": 1, "keep": 1},
+        "distributed": {"strategy": "fsdp2", "workers": workers},
+    }
+
+
+def train(code: Path, cfg: dict, run: Path, extra: list[str]) -> list[dict]:
+    """``raclora train`` from ``code`` (a checkout); returns the run's metrics records."""
+    run.mkdir(parents=True, exist_ok=True)
+    path = run.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "raclora_dist", "train", str(path), *extra],
+                          capture_output=True, text=True, cwd=code, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(extra)} failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def load_case(name: str, records: list[dict], ckpt_mb: float) -> dict:
+    st = next(r for r in records if r["type"] == "startup")
+    above = [p - s for p, s in zip(st["peak_rss_mb_first_step"], st["rss_mb_start"])]
+    loaded = [p - s for p, s in zip(st["peak_rss_mb_loaded"], st["rss_mb_before_load"])]
+    step = next(r for r in records if r["type"] == "step")
+    return {"case": name, "load_s": st["load_s"], "first_step_s": st["first_step_s"],
+            "rss_mb_start": st["rss_mb_start"], "peak_rss_mb_first_step": st["peak_rss_mb_first_step"],
+            "peak_above_start_mb": above, "x_checkpoint": [a / ckpt_mb for a in above],
+            "load_growth_x_checkpoint": [a / ckpt_mb for a in loaded], "tokens_per_s": step["tokens_per_s"]}
+
+
+def before_case(name: str, records: list[dict], ckpt_mb: float, start_mb: float) -> dict:
+    step = next(r for r in records if r["type"] == "step")
+    above = step["rss_mb"] - start_mb
+    return {"case": name, "peak_rss_mb_first_step_rank0": step["rss_mb"], "peak_above_start_mb": [above],
+            "x_checkpoint": [above / ckpt_mb], "tokens_per_s": step["tokens_per_s"]}
+
+
+# -- activation checkpointing, one process -------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
+    """In this process: memory of one forward/backward at ``seq`` tokens, then tokens/s."""
+    import torch
+
+    from raclora_dist.config import build_config
+    from raclora_dist.train.session import build_session
+    from raclora_dist.train.weights import mapped_large_allocations
+
+    cfg = build_config(run_config(folder, Path(tempfile.gettempdir()) / "unused", 1, seq, 1)
+                       | {"distributed": {"strategy": "single", "workers": 1}})
+    cfg.train.activation_checkpointing = ckpt
+    torch.manual_seed(0)
+    session = build_session(cfg)
+    session.chain.start_link(0)
+    params = [layer.factor for layer in session.layers.values()]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    batch = torch.randint(0, 256, (1, seq))
+    with torch.no_grad():  # pages the mapped weights in: what follows is the training step's own
+        session.model(batch[:, :8])
+    session.model.train()
+    out = {"activation_checkpointing": ckpt, "seq": seq}
+    with mapped_large_allocations():  # freed activations go back to the OS: RSS is what is held
+        gc.collect()
+        before = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) := current RSS
+        loss = session.model(batch, labels=batch).loss
+        out["held_after_forward_mb"] = (_status_kb("VmRSS") - before) / 1024
+        loss.backward()
+        out["peak_fwd_bwd_mb"] = (_status_kb("VmHWM") - before) / 1024
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        session.model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    out["step_s"] = statistics.median(times)
+    out["tokens_per_s"] = seq / out["step_s"]
+    return out
+
+
+def activation_case(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", str(folder), "--act-seq", str(seq),
+           "--act-steps", str(steps)] + (["--ckpt"] if ckpt else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise SystemExit(f"activation child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worktree(ref: str, where: Path) -> Path:
+    subprocess.run(["git", "worktree", "add", "--detach", str(where), ref], cwd=ROOT, check=True, capture_output=True)
+    return where
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--size", choices=sorted(SIZES), default="0.79b")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128, help="sequence length of the 2-worker runs")
+    ap.add_argument("--before", help="also run the cases with the code of this git ref (e.g. 3d3ecbe)")
+    ap.add_argument("--act-seq", type=int, default=1024, help="sequence length of the activation measurement (0: skip)")
+    ap.add_argument("--act-steps", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(activation_child(Path(args.child), args.ckpt, args.act_seq, args.act_steps)))
+        return
+    if not args.json:
+        ap.error("--json is required")
+    cases = args.cases.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "checkpoint"
+        info = write_checkpoint(args.size, folder, max(args.seq, args.act_seq))
+        ckpt_mb = info["bytes"] / 2**20
+        print(f"{args.size}: {info['params'] / 1e9:.3f} B parameters, {ckpt_mb:.0f} MiB fp32 in {info['files']} "
+              f"files (written in {info['write_s']:.0f} s)")
+        out = {"size": args.size, "model": model_config(args.size, args.seq), "checkpoint": info,
+               "workers": args.workers, "seq": args.seq, "after": [], "before": [], "activations": []}
+        for name in cases:
+            cfg = run_config(folder, tmp / f"after-{name}", args.workers, args.seq, args.workers)
+            out["after"].append(load_case(name, train(ROOT, cfg, tmp / f"after-{name}", CASES[name]), ckpt_mb))
+        if args.before:
+            code = worktree(args.before, tmp / "before-code")
+            start = statistics.median(s for c in out["after"] for s in c["rss_mb_start"])
+            try:
+                for name in cases:
+                    cfg = run_config(folder, tmp / f"before-{name}", args.workers, args.seq, args.workers)
+                    recs = train(code, cfg, tmp / f"before-{name}", CASES[name])
+                    out["before"].append(before_case(name, recs, ckpt_mb, start))
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(code)], cwd=ROOT, capture_output=True)
+            out["before_ref"] = args.before
+        if args.act_seq:
+            for ckpt in (False, True):
+                out["activations"].append(activation_case(folder, ckpt, args.act_seq, args.act_steps))
+    print_tables(out)
+    write_json(args.json, out)
+
+
+def print_tables(out: dict) -> None:
+    print(f"\nload + first step, {out['workers']} workers, seq {out['seq']}: peak RSS above after-imports, "
+          f"as x checkpoint ({out['checkpoint']['bytes'] / 2**20:.0f} MiB)")
+    print(f"{'case':10} {'code':7} {'x ckpt per rank':>18} {'MiB per rank':>16} {'load s':>7} {'1st step s':>10}")
+    for code in ("before", "after"):
+        for c in out[code]:
+            xs = " ".join(f"{x:.2f}" for x in c["x_checkpoint"])
+            mb = " ".join(f"{m:.0f}" for m in c["peak_above_start_mb"])
+            load = f"{c['load_s']:.1f}" if "load_s" in c else "-"
+            first = f"{c['first_step_s']:.1f}" if "first_step_s" in c else "-"
+            print(f"{c['case']:10} {code:7} {xs:>18} {mb:>16} {load:>7} {first:>10}")
+    if out["activations"]:
+        a = {c["activation_checkpointing"]: c for c in out["activations"]}
+        print(f"\nactivations, 1 process, seq {out['activations'][0]['seq']}, batch 1")
+        print(f"{'checkpointing':14} {'held after fwd MiB':>18} {'peak fwd+bwd MiB':>16} {'tokens/s':>9}")
+        for k in (False, True):
+            c = a[k]
+            print(f"{str(k):14} {c['held_after_forward_mb']:>18.0f} {c['peak_fwd_bwd_mb']:>16.0f} {c['tokens_per_s']:>9.1f}")
+        if a[False]["held_after_forward_mb"] > 0:
+            print(f"held with / without: {a[True]['held_after_forward_mb'] / a[False]['held_after_forward_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
