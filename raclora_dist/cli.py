@@ -69,6 +69,13 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"run.dir={args.config}")  # a run folder given as the config
     cfg = load_config(_config_path(args.config), overrides)
     check_paths(cfg)
+    if cfg.distributed.cpu_offload and not cfg.ray.enabled and not under_launcher():
+        import torch
+
+        if not torch.cuda.is_available():  # checked once here, before any worker starts
+            from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
+
+            raise ConfigError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU}")
     if cfg.ray.enabled and not under_launcher():
         return _train_on_ray(cfg, args.resume)
     if cfg.distributed.strategy != "single" and not under_launcher():

@@ -160,6 +160,8 @@ class RunConfig(_Section):
         if (rc.master_weights != "none" or rc.stochastic_rounding) and not self.model.quantization.enabled:
             raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to 4-bit bases; "
                              "set model.quantization (nf4 or fp4) or leave them unset")
+        if self.distributed.cpu_offload and self.ray.enabled and not self.ray.use_gpu:
+            raise ValueError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU} (ray.use_gpu is false)")
         q = self.model.quantization
         if q.enabled and self.distributed.mixed_precision == "bf16" and q.storage in ("float32", "float16"):
             raise ValueError(f"model.quantization.storage_dtype={q.storage_dtype!r} with distributed.mixed_precision=bf16: "
@@ -170,6 +172,9 @@ class RunConfig(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+
+CPU_OFFLOAD_NEEDS_GPU = ("it moves FSDP2 shards between GPU and CPU memory, and CPU workers hold them in CPU "
+                         "memory already; set it false")
 
 # Fields that may differ between a run and its resumption (they do not change the chain).
 RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "distributed.", "ray.")

@@ -21,6 +21,7 @@ from torch import nn
 
 from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
 from raclora_dist.backends.dist import DistComm
+from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeResult, lowrank_fro_norm, merge_rows_into_weight
 
@@ -95,6 +96,10 @@ class FSDP2Backend(Backend):
 
     def __init__(self, cfg, info) -> None:
         super().__init__(cfg, info)
+        if cfg.distributed.cpu_offload and info.device.type == "cpu":
+            # torch's CPUOffloadPolicy moves shards between an accelerator and the host; it
+            # fails deep inside the first all-gather when there is no accelerator.
+            raise ConfigError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU}")
         self.comm = DistComm(info.device)
         self.access = FSDP2Access(info.rank, info.world_size, self.comm)
 

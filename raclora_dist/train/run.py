@@ -109,12 +109,12 @@ def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None
 
 def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Callable[[str], None],
          on_checkpoint: Callable[[Path, dict], None] | None) -> list[dict]:
-    import transformers  # noqa: F401 -- before the RSS baseline, so that it covers the libraries, not the model
-
-    t_start, rss_start = time.perf_counter(), current_rss_mb()
+    t_start = time.perf_counter()
     check_paths(cfg)
     callbacks = build_callbacks(cfg)
-    validate_model(cfg)  # targets and rank, on the meta device
+    validate_model(cfg)  # targets and rank, on the meta device (imports the model's code)
+    import_libraries(cfg)
+    rss_start = current_rss_mb()  # after the libraries: the baseline the model is measured from
     ckpt_path = _check_resume(cfg, run_dir, resume)
     _check_world(cfg, info, ckpt_path)
     data = load_data(cfg)
@@ -128,7 +128,6 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     fresh_base = cfg.model.config is not None and (ckpt_path is None or not (base / "config.json").is_file())
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     backend = make_backend(cfg, info)
-    import_libraries(cfg)
     t_load, rss_before_load = time.perf_counter(), current_rss_mb()
     # Streamed part by part; a checkpoint's merges are replayed on each part before the
     # engine shards it, so the merges are the plain dense ones of one process.

@@ -105,8 +105,14 @@ def plan_run(cfg: RunConfig) -> tuple[int, Estimate]:
 
 
 def import_libraries(cfg: RunConfig) -> None:
-    """Imports what loading will use beyond the model's own classes (bitsandbytes for a 4-bit
-    base), so that the memory measured around loading is the model's, not the libraries'."""
+    """Imports what the run will use beyond the model's own code (the engine, bitsandbytes for
+    a 4-bit base), so that memory measured from here on is the model's, not the libraries'."""
+    import importlib
+
+    engine = {"fsdp2": "raclora_dist.backends.fsdp2", "deepspeed": "raclora_dist.backends.deepspeed",
+              "ddp": "raclora_dist.backends.ddp"}.get(cfg.distributed.strategy)
+    if engine is not None:
+        importlib.import_module(engine)
     if cfg.model.quantization.enabled:
         import raclora_dist.quant.bnb  # noqa: F401
 

@@ -52,8 +52,11 @@ class SafetensorsFolder:
     """A Hugging Face checkpoint folder: ``model.safetensors`` or shards named by
     ``model.safetensors.index.json``.
 
-    Each read maps its file only for that read: a mapping kept open would keep every page
-    read so far resident (counted in the process's RSS) until the whole file was read.
+    A tensor read is a private (copy-on-write) map of its bytes in the file: nothing is read
+    until it is used, a tensor dropped (sharded, quantized) frees its pages, and writing to
+    one (a merge into the base) never touches the file. Processes reading the same file (DDP
+    replicas on one node) share its pages in the page cache until they write. No file handle
+    is kept between reads.
 
     Args:
         folder: the checkpoint folder.
@@ -88,7 +91,7 @@ class SafetensorsFolder:
         return set(self.weight_map)
 
     def get(self, key: str) -> torch.Tensor:
-        """Reads one tensor (a copy; the file is unmapped again when this returns)."""
+        """One tensor (mapped from its file, see the class docstring)."""
         from safetensors import safe_open
 
         file = self.weight_map[key]
@@ -322,7 +325,7 @@ def meta_tensors(model: nn.Module) -> list[str]:
 # -- the C allocator while loading ------------------------------------------------------------
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 LOADING_MMAP_THRESHOLD = 1 << 20
-STEADY_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for its own dynamic threshold (64-bit)
+STEADY_MMAP_THRESHOLD = 8 << 20
 
 
 def _set_mmap_threshold(nbytes: int) -> bool:
@@ -340,9 +343,14 @@ def mapped_large_allocations():
     scratch, about 4x a weight) between small allocations that stay (the shards). After the
     first large free, glibc raises its mmap threshold and serves later large allocations from
     the heap, which fragments and is not returned: a 105 M-parameter NF4 load kept 6.6 MiB per
-    block where its shard is 2.4 MiB (0.38x of the model instead of 0.23x). Afterwards the
-    threshold stays fixed at 32 MiB, the most glibc's dynamic threshold would reach. A no-op
-    on other C libraries.
+    block where its shard is 2.4 MiB (0.38x of the model instead of 0.23x).
+
+    Afterwards the threshold stays at 8 MiB rather than rising to glibc's 32 MiB: a sharding
+    engine gathers each block's weights for its forward and backward (16-45 MiB tensors for a
+    0.8 B model), and from the heap they fragmented it by about 1 GiB per rank in the first
+    step (measured, docs/benchmarks.md). Activations of small models stay below 8 MiB and
+    keep the heap's speed (quickstart tokens/s unchanged); larger ones cost a page fault per
+    4 KiB, small beside the matmul that fills them. A no-op on other C libraries.
     """
     changed = _set_mmap_threshold(LOADING_MMAP_THRESHOLD)
     try:

@@ -182,3 +182,30 @@ def test_mid_link_checkpoint_resumes_with_optimizer_state(engine, setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_chains_close(single, run)
     assert losses(run) == pytest.approx(losses(single), abs=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_activation_checkpointing_matches_one_process(engine, setup):
+    """Recomputing each block in the backward changes memory only: same chain and losses as
+    the plain one-process run. (FSDP2 and ZeRO-3 with checkpointing, on a 105 M model:
+    tests/distributed/test_large_model.py.)"""
+    d, cfg, single = setup
+    run = d / f"{engine}-ckpt"
+    proc = train(cfg, run, *ENGINES[engine], "train.activation_checkpointing=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert meta(run)["merged"] == [0, 1, 2]
+    assert_chains_close(single, run)
+    assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
+
+
+def test_fsdp2_cpu_offload_on_cpu_workers_is_a_config_error(setup):
+    """torch's CPUOffloadPolicy needs an accelerator to offload from; without one the run stops
+    before any worker starts, with the field named (exit 2), instead of inside the first
+    all-gather. (Workers launched by plain torchrun check it too, in FSDP2Backend.)"""
+    d, cfg, _ = setup
+    run = d / "offload"
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.cpu_offload=true")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "distributed.cpu_offload" in proc.stderr and "GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line, from the launching command
+    assert not (run / "checkpoints").exists()

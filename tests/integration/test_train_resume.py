@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from raclora_dist.cli import main
@@ -103,3 +104,19 @@ def test_mid_link_checkpoint_resumes_bitwise_equal(reference, tmp_path, small_da
     a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert step_losses(tmp_path / "run") == step_losses(reference)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_run_resumes_bitwise_and_matches_the_plain_run(reference, tmp_path, small_data):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run",
+                                                       train={"activation_checkpointing": True}))
+    assert main(["train", str(cfg), f"run.dir={tmp_path / 'whole'}"]) == 0
+    crashed = run_cli("train", str(cfg), faults(crash_at_step=5))
+    assert crashed.returncode == 17, crashed.stderr
+    resumed = run_cli("train", str(cfg), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = chain_tensors(tmp_path / "whole"), chain_tensors(tmp_path / "run")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # resume: bitwise
+    assert step_losses(tmp_path / "run") == step_losses(tmp_path / "whole")
+    ref = chain_tensors(reference)  # and recomputation changed nothing but memory
+    assert all(torch.allclose(ref[k], a[k], rtol=1e-5, atol=1e-7) for k in ref)

@@ -80,3 +80,13 @@ def test_config_reference_doc_is_current():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py")], capture_output=True,
                          text=True, check=True, cwd=ROOT)
     assert (ROOT / "docs" / "config.md").read_text() == out.stdout, "regenerate docs/config.md"
+
+
+def test_cpu_offload_needs_fsdp2_and_gpu_workers(cfg_file):
+    with pytest.raises(ConfigError, match=r"cpu_offload.*deepspeed.*offload_optimizer"):
+        load_config(cfg_file, ["distributed.strategy=deepspeed", "distributed.workers=2", "distributed.cpu_offload=true"])
+    with pytest.raises(ConfigError, match=r"cpu_offload.*ray.use_gpu is false"):
+        load_config(cfg_file, ["distributed.strategy=fsdp2", "ray.enabled=true", "distributed.cpu_offload=true"])
+    cfg = load_config(cfg_file, ["distributed.strategy=fsdp2", "ray.enabled=true", "ray.use_gpu=true",
+                                 "distributed.cpu_offload=true"])
+    assert cfg.distributed.cpu_offload
