@@ -12,3 +12,13 @@ def write_json(path: str | Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float))
     print(f"wrote {path}")
+
+
+def proc_status_kb(field: str) -> int:
+    """A field of /proc/self/status in KiB (``VmRSS``: resident now; ``VmHWM``: the peak,
+    reset to the current RSS by writing 5 to /proc/self/clear_refs). 0 where there is none."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0

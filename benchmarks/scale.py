@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import write_json
+from benchmarks import proc_status_kb, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,13 +121,6 @@ def before_case(name: str, records: list[dict], ckpt_mb: float, start_mb: float)
 
 
 # -- activation checkpointing, one process -------------------------------------------------
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
     """In this process: memory of one forward/backward at ``seq`` tokens, then tokens/s."""
     import torch
@@ -151,12 +144,12 @@ def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
     out = {"activation_checkpointing": ckpt, "seq": seq}
     with mapped_large_allocations():  # freed activations go back to the OS: RSS is what is held
         gc.collect()
-        before = _status_kb("VmRSS")
+        before = proc_status_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) := current RSS
         loss = session.model(batch, labels=batch).loss
-        out["held_after_forward_mb"] = (_status_kb("VmRSS") - before) / 1024
+        out["held_after_forward_mb"] = (proc_status_kb("VmRSS") - before) / 1024
         loss.backward()
-        out["peak_fwd_bwd_mb"] = (_status_kb("VmHWM") - before) / 1024
+        out["peak_fwd_bwd_mb"] = (proc_status_kb("VmHWM") - before) / 1024
         opt.step()
         opt.zero_grad(set_to_none=True)
         del loss

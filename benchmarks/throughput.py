@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_json
+from benchmarks import proc_status_kb, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "stdlib_docstrings.jsonl"
@@ -194,13 +194,6 @@ class Runner:
         return statistics.median(times)
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def child_peak_rss(method: str, size: str, args) -> float | None:
     """Peak RSS (MiB) of a few training steps above the RSS after building, in a fresh process."""
     if args.device != "cpu" or not Path("/proc/self/clear_refs").exists():
@@ -218,11 +211,11 @@ def run_child(args) -> None:
     _, seq, batch = SIZES[size]
     runner = Runner(args.child, size, args, batches(seq, batch, 4))
     gc.collect()
-    before = _rss_kb("VmRSS")
+    before = proc_status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
     for _ in range(3):
         runner.step()
-    print(json.dumps({"peak_above_build_mb": (_rss_kb("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_above_build_mb": (proc_status_kb("VmHWM") - before) / 1024}))
 
 
 def bench_size(size: str, args) -> dict:
