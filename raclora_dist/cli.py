@@ -79,6 +79,9 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.ray.enabled and not under_launcher():
         return _train_on_ray(cfg, args.resume)
     if cfg.distributed.strategy != "single" and not under_launcher():
+        from raclora_dist.train.run import preflight
+
+        preflight(cfg, args.resume)  # once, here: a bad start is one line, not one per worker
         # Engines need a process group even for one worker: start torchrun, which re-runs
         # this same command in each worker (checked above, so bad input fails here, once).
         argv = ["train", _config_path(args.config), *overrides] + (["--resume"] if args.resume else [])
@@ -95,12 +98,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_on_ray(cfg, resume: bool) -> int:
+    from pathlib import Path
+
     from raclora_dist.config import absolutize
     from raclora_dist.train.session import validate_model
 
     absolutize(cfg)
     validate_model(cfg)  # targets and rank: fail here, before any Ray worker starts
-    from raclora_dist.orchestration.ray_train import fit
+    from raclora_dist.orchestration.ray_train import fit, latest_in_storage
+    from raclora_dist.train.checkpoint import find_latest
+    from raclora_dist.train.run import preflight
+
+    if "://" not in cfg.ray.storage_path:  # remote storage: only the workers can look
+        # A checkpoint of this run in Ray storage resumes it (the workers install it into an
+        # empty run folder); otherwise the run folder decides, as without Ray.
+        stored = latest_in_storage(cfg)
+        if stored is None or find_latest(Path(cfg.run.dir)) is not None:
+            preflight(cfg, resume or stored is not None)
 
     try:
         result = fit(cfg, resume=resume)

@@ -64,19 +64,35 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
+def preflight(cfg: RunConfig, resume: bool) -> None:
+    """What the launching process checks before it starts any worker (torchrun's): the run
+    folder against ``--resume``, the config against the run's, the world size against the
+    checkpoint. Each worker checks the same again (a worker may see other files).
+
+    Raises:
+        ConfigError: the run cannot start; nothing was started or written.
+    """
+    ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume)
+    _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
+
+
 def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:
     if info.world_size != cfg.distributed.workers:
         raise ConfigError(
             f"distributed.workers={cfg.distributed.workers} but the launcher started "
             f"{info.world_size} processes (WORLD_SIZE)"
         )
+    _check_checkpoint_world(cfg, info.world_size, ckpt_path)
+
+
+def _check_checkpoint_world(cfg: RunConfig, world_size: int, ckpt_path: Path | None) -> None:
     if ckpt_path is not None:
         import json
 
         meta = json.loads((ckpt_path / "meta.json").read_text())
         was_ds, is_ds = meta.get("strategy") == "deepspeed", cfg.distributed.strategy == "deepspeed"
         if (was_ds or is_ds) and (meta.get("strategy"), meta.get("world_size")) != (
-            cfg.distributed.strategy, info.world_size
+            cfg.distributed.strategy, world_size
         ):
             raise ConfigError(
                 f"--resume: {ckpt_path.name} was written by {meta.get('strategy')} with "

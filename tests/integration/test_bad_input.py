@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from raclora_dist.cli import main
-from tests.conftest import tiny_config, write_config
+from tests.conftest import run_cli, tiny_config, write_config
 
 
 def snapshot(folder: Path) -> dict:
@@ -55,3 +55,30 @@ def test_validate_command(finished_run, capsys):
     assert main(["validate", str(cfg)]) == 0
     assert "valid (8 layers targeted" in capsys.readouterr().out
     assert main(["validate", str(cfg), "raclora.target_modules=[nope]"]) == 2
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
+@pytest.mark.parametrize("case", ["resume_without_checkpoint", "fresh_run_over_a_checkpoint", "other_config"])
+def test_launching_process_refuses_a_bad_start_before_any_worker(launcher, case, finished_run, tmp_path):
+    """Under torchrun and Ray the launching command checks the run folder itself: exit 2 with
+    one line, no worker (and no Ray) started, no traceback, nothing written."""
+    cfg, run = finished_run
+    target = {"resume_without_checkpoint": tmp_path / "empty", "fresh_run_over_a_checkpoint": run,
+              "other_config": run}[case]
+    args = ["train", str(cfg), f"run.dir={target}", "distributed.strategy=ddp", "distributed.workers=2",
+            f"ray.enabled={'true' if launcher == 'ray' else 'false'}"]
+    if case == "other_config":
+        args.append("train.lr=0.5")
+    if case != "fresh_run_over_a_checkpoint":
+        args.append("--resume")
+    before = snapshot(run)
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("raclora: error: ") and "Traceback" not in proc.stderr
+    expected = {"resume_without_checkpoint": "--resume: no complete checkpoint",
+                "fresh_run_over_a_checkpoint": "already holds a checkpoint",
+                "other_config": "train.lr"}[case]
+    assert expected in proc.stderr
+    assert "torch.distributed" not in proc.stderr and "Ray" not in proc.stderr.replace("Ray storage", "")
+    assert snapshot(run) == before and not (tmp_path / "empty").exists()
