@@ -6,9 +6,13 @@ from ``RAY_AUTH_TOKEN`` or the token file (``~/.ray/auth_token``); nothing here 
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # What the job's working directory upload leaves out (the venv, runs, VCS metadata).
@@ -34,13 +38,101 @@ def entrypoint(config: str, overrides: list[str]) -> str:
 
 
 def submit(address: str, config: str, overrides: list[str], *, working_dir: str = ".",
-           submission_id: str | None = None, pip: list[str] | None = None) -> str:
-    """Submits a training job with the working directory (config, data) uploaded; returns its id."""
-    runtime_env: dict = {"working_dir": working_dir, "excludes": EXCLUDES}
-    if pip:
-        runtime_env["pip"] = pip
-    return client(address).submit_job(entrypoint=entrypoint(config, overrides), runtime_env=runtime_env,
-                                      submission_id=submission_id)
+           submission_id: str | None = None, pip: list[str] | None = None,
+           log: Callable[[str], None] = print) -> str:
+    """Submits a training job with the working directory (config, data) uploaded; returns its id.
+
+    Ray's upload leaves out what ``.gitignore`` and ``.rayignore`` name (and :data:`EXCLUDES`).
+    The files the config needs that they would leave out (generated data, a tokenizer) are
+    uploaded anyway, through a staged copy of the working directory (:func:`stage_upload`).
+
+    Raises:
+        ConfigError: a file the config needs cannot reach the job (see :func:`stage_upload`).
+    """
+    with tempfile.TemporaryDirectory(prefix="raclora-upload-") as tmp:
+        upload, added = stage_upload(Path(working_dir), config, overrides, Path(tmp))
+        for rel in added:
+            log(f"uploading {rel} too: the config needs it, and .gitignore/.rayignore would leave it out")
+        runtime_env: dict = {"working_dir": str(upload), "excludes": EXCLUDES}
+        if pip:
+            runtime_env["pip"] = pip
+        return client(address).submit_job(entrypoint=entrypoint(config, overrides), runtime_env=runtime_env,
+                                          submission_id=submission_id)
+
+
+def uploaded_files(root: Path) -> set[Path]:
+    """The files Ray would upload from ``root`` as a job's working directory (resolved paths):
+    Ray's own traversal, with its ``.gitignore``/``.rayignore`` handling and :data:`EXCLUDES`."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = root.resolve()
+    found: list[Path] = []
+    _dir_travel(root, [_get_excludes(root, EXCLUDES)], found.append, include_gitignore=True)
+    return {p.resolve() for p in found if p.is_file()}
+
+
+def _needed(config: str, overrides: list[str], root: Path) -> list[tuple[str, Path]]:
+    """``(field, path)`` of every local file or folder the config names inside ``root``."""
+    from raclora_dist.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError:
+        return []  # the job reports it, with the field named, in its logs
+    fields = [("the config", config), ("data.path", cfg.data.path)]
+    if cfg.data.tokenizer != "bytes":
+        fields.append(("data.tokenizer", cfg.data.tokenizer))
+    if cfg.model.name_or_path is not None:
+        fields.append(("model.name_or_path", cfg.model.name_or_path))
+    out = []
+    for field, value in fields:
+        path = (root / value).resolve()  # the job resolves relative paths in the working dir
+        if Path(value).is_absolute() and not path.is_relative_to(root):
+            continue  # a path on the cluster: only the job can check it
+        if not path.is_relative_to(root):
+            raise ConfigError(f"{field}: {value!r} is outside the working directory {root}, which is all the "
+                              "job receives; move it in, or give the absolute path where the cluster sees it")
+        out.append((field, path))
+    return out
+
+
+def stage_upload(working_dir: Path, config: str, overrides: list[str], stage: Path) -> tuple[Path, list[str]]:
+    """What to upload so that the job finds every file the config needs.
+
+    Returns ``working_dir`` itself when Ray's upload holds them all; otherwise a copy in
+    ``stage`` of what Ray would upload plus the missing files, with their relative paths.
+    A model folder is never added this way (checkpoints are large; the cluster should see
+    it at an absolute path).
+
+    Raises:
+        ConfigError: a needed file is missing, or is a model folder Ray would leave out.
+    """
+    from raclora_dist.config import ConfigError
+
+    root = working_dir.resolve()
+    kept = uploaded_files(root)
+    missing: list[Path] = []
+    for field, path in _needed(config, overrides, root):
+        files = [path] if path.is_file() else sorted(p.resolve() for p in path.rglob("*") if p.is_file())
+        if not files:
+            raise ConfigError(f"{field}: {str(path.relative_to(root))!r} does not exist in the working directory {root}")
+        left_out = [f for f in files if f not in kept]
+        if left_out and field == "model.name_or_path":
+            raise ConfigError(f"model.name_or_path: {str(path.relative_to(root))!r} is left out of the job's upload "
+                              "(.gitignore or .rayignore); give the absolute path where the cluster's nodes see it")
+        missing += left_out
+    if not missing:
+        return working_dir, []
+    for f in sorted(kept | set(missing)):
+        if f.name in (".gitignore", ".rayignore"):
+            continue  # the staged copy is filtered already
+        dest = stage / f.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, dest)
+        except OSError:  # another file system
+            shutil.copy2(f, dest)
+    return stage, [str(f.relative_to(root)) for f in missing]
 
 
 def follow(address: str, job_id: str, poll_s: float = 1.0) -> str:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import ROOT, faults, run_cli, subprocess_env, tiny_config, write_config
+from tests.conftest import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +175,21 @@ def yaml_data_path(cfg: Path) -> str:
     import yaml
 
     return yaml.safe_load(cfg.read_text())["data"]["path"]
+
+
+def test_the_readme_submit_command_works_from_the_repository_folder(head, tmp_path, corpus):
+    """`raclora submit configs/quickstart.yaml --address ...` run from the repository folder,
+    whose .gitignore leaves out the bundled data: it is uploaded anyway, and the job trains.
+    (Shortened by overrides, and run.dir outside the repository: nothing else changes.)"""
+    address, env = head
+    run = tmp_path / "quickstart"
+    proc = subprocess.run([sys.executable, "-m", "raclora_dist", "submit", "configs/quickstart.yaml",
+                           f"run.dir={run}", "raclora.links=1", "raclora.steps_per_link=2", "train.eval_batches=1",
+                           "--address", address, "--submission-id", "raclora-test-readme"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "uploading data/stdlib_docstrings.jsonl too" in proc.stdout
+    assert "job raclora-test-readme: SUCCEEDED" in proc.stdout
+    links = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"]
+    assert [r["link"] for r in links] == [0] and links[0]["merged"]
+    assert list((run / "ray").rglob("checkpoint_*/meta.json")), "no checkpoint in Ray storage"
