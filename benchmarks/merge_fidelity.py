@@ -39,7 +39,7 @@ CASES = [
     ("bf16", "factored, lr 1e-4", "factored", ["train.lr=1e-4"]),
     *[(q, label, mode, extra) for q in ("nf4", "fp4") for label, mode, extra in [
         ("factored", "factored", []),
-        ("into_base", "into_base", []),
+        ("into_base", "into_base", ["raclora.allow_lossy_merge=true"]),
         ("into_base+stochastic", "into_base", ["raclora.stochastic_rounding=true"]),
         ("into_base+master", "into_base", ["raclora.master_weights=cpu"]),
     ]],

@@ -43,6 +43,10 @@ class RacLoraConfig(BaseModel):
     stochastic_rounding: bool = Field(
         False, description="into_base on a 4-bit base: round the merged weight to the 4-bit grid stochastically (unbiased)."
     )
+    allow_lossy_merge: bool = Field(
+        False, description="Allow into_base on a 4-bit base with neither master_weights nor stochastic_rounding "
+        "(requantizing in place keeps 26 % of the update after 20 links, docs/benchmarks.md).",
+    )
     max_chain_rank: int | None = Field(
         None, ge=1, description="factored mode: cap on kept chain rank (recompressed by SVD past it)."
     )

@@ -90,3 +90,22 @@ def test_cpu_offload_needs_fsdp2_and_gpu_workers(cfg_file):
     cfg = load_config(cfg_file, ["distributed.strategy=fsdp2", "ray.enabled=true", "ray.use_gpu=true",
                                  "distributed.cpu_offload=true"])
     assert cfg.distributed.cpu_offload
+
+
+def test_in_place_4bit_merges_are_refused_unless_allowed(cfg_file):
+    with pytest.raises(ConfigError, match=r"into_base on a 4-bit base requantizes .*allow_lossy_merge"):
+        load_config(cfg_file, ["model.quantization=nf4", "raclora.merge_mode=into_base"])
+    for keeps in (["raclora.master_weights=cpu"], ["raclora.stochastic_rounding=true"],
+                  ["raclora.allow_lossy_merge=true"], []):
+        mode = ["raclora.merge_mode=into_base"] if keeps else []  # [] : auto, which is factored on 4 bits
+        load_config(cfg_file, ["model.quantization=nf4", *mode, *keeps])
+    load_config(cfg_file, ["raclora.merge_mode=into_base"])  # a dense base merges exactly
+
+
+def test_the_readme_4bit_quickstart_line_is_exact(tmp_path):
+    """README: `raclora train configs/quickstart.yaml model.quantization=nf4 ...` must not land on
+    the lossy in-place mode."""
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml",
+                      ["model.quantization=nf4", "ray.enabled=false", "distributed.strategy=single",
+                       "distributed.workers=1"])
+    assert cfg.raclora.merge_mode == "auto"
