@@ -7,7 +7,9 @@ Layout: ``RUN/checkpoints/link-00003/`` holds
   sketches are regenerated from the seed, their fingerprints are in ``meta.json``;
 * ``optimizer.pt`` (or ``deepspeed/``) -- the backend's optimizer state; ``rng.pt``.
   Tensors only, loaded with ``weights_only=True``;
-* ``meta.json`` -- written last: its presence marks the checkpoint complete.
+* ``meta.json`` -- written last: its presence marks the checkpoint complete. It lists every
+  other file with its size and SHA-256 (``files``); :func:`verify_checkpoint` checks them,
+  and :func:`find_latest` passes over a damaged checkpoint to the newest intact one.
 
 A checkpoint is written into a temporary folder, fsynced, then renamed into place, and
 ``RUN/checkpoints/latest`` is replaced atomically afterwards: a crash at any point leaves
@@ -16,6 +18,7 @@ the previous checkpoint valid. The base model is not stored; resuming replays th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from raclora_dist.config import ConfigError
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
 
@@ -137,10 +142,12 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
         "skipped": chain.skipped,
         "cumulative_update_norm": chain.cumulative_update_norm,
     }
-    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync_file(f)
+    full_meta["files"] = _manifest(tmp)
+    (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+    _fsync_file(tmp / "meta.json")
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (a resumed run): swap it out whole
         trash = root / f".old-{final.name}"
@@ -158,6 +165,46 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
     _prune(root, keep, protect=final)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """``relative path -> [size, sha256]`` of every file in ``folder`` (meta.json aside)."""
+    return {f.relative_to(folder).as_posix(): [f.stat().st_size, _sha256(f)]
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "meta.json"}
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: intact).
+
+    Checks that ``meta.json`` parses and is of this format, and that every file it lists has
+    the size and SHA-256 it was written with (checkpoints from before the file list: that the
+    chain and RNG files exist).
+    """
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return [f"meta.json: unreadable ({err})"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        return [f"meta.json: not a raclora checkpoint of format {FORMAT_VERSION}"]
+    listed = meta.get("files") or {"chain.safetensors": None, "rng.pt": None}
+    problems = []
+    for rel, expected in listed.items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+        elif expected is not None and f.stat().st_size != expected[0]:
+            problems.append(f"{rel}: {f.stat().st_size} bytes, {expected[0]} when written")
+        elif expected is not None and _sha256(f) != expected[1]:
+            problems.append(f"{rel}: content differs from when it was written (sha256)")
+    return problems
+
+
 def _complete(root: Path) -> list[Path]:
     """Complete checkpoints (with ``meta.json``), oldest first."""
     return sorted(p for p in root.glob("link-*") if (p / "meta.json").is_file())
@@ -171,22 +218,38 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def find_latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None.
+def find_latest(run_dir: Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete and intact checkpoint of a run, or None.
 
-    Trusts ``latest`` when it names a complete checkpoint, else scans (a crash between the
-    rename and the pointer update leaves the pointer one behind, which is still valid).
+    Tries ``latest`` first when it names a complete checkpoint, then the others newest first
+    (a crash between the rename and the pointer update leaves the pointer one behind, which
+    is still valid). A damaged checkpoint (:func:`verify_checkpoint`) is passed over and,
+    with ``report``, named with what is wrong with it.
     """
     root = ckpt_root(run_dir)
     if not root.is_dir():
         return None
+    done = _complete(root)[::-1]
     pointer = root / "latest"
     if pointer.is_file():
         named = root / pointer.read_text().strip()
-        if (named / "meta.json").is_file():
-            return named
-    done = _complete(root)
-    return done[-1] if done else None
+        if named in done:
+            done.remove(named)
+            done.insert(0, named)
+    for path in done:
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        if report is not None:
+            report(f"checkpoint {path.name} is damaged ({'; '.join(problems)}); passing over it")
+    return None
+
+
+def damaged_checkpoints(run_dir: Path) -> dict[str, list[str]]:
+    """``name -> problems`` of the complete checkpoints that fail :func:`verify_checkpoint`."""
+    root = ckpt_root(run_dir)
+    out = {p.name: verify_checkpoint(p) for p in (_complete(root) if root.is_dir() else [])}
+    return {k: v for k, v in out.items() if v}
 
 
 def install_checkpoint(src: Path, run_dir: Path) -> Path:
@@ -200,24 +263,50 @@ def install_checkpoint(src: Path, run_dir: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
     final = root / name
-    if not (final / "meta.json").is_file():
+    if not (final / "meta.json").is_file() or verify_checkpoint(final):
         tmp = root / f".tmp-install-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-        os.replace(tmp, final)
+        for f in tmp.rglob("*"):  # durable before it becomes visible, as _commit does
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(tmp)
+        if final.exists():  # a damaged copy: swapped out whole
+            trash = root / f".old-{name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
     if not (Path(run_dir) / "config.yaml").is_file() and (final / "config.yaml").is_file():
         shutil.copyfile(final / "config.yaml", Path(run_dir) / "config.yaml")
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
+    _fsync_file(latest_tmp)
     os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
     return final
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Loads a checkpoint folder (tensors only; no pickled code is executed)."""
+    """Loads a checkpoint folder (tensors only; no pickled code is executed).
+
+    Raises:
+        ConfigError: the checkpoint is damaged (named by file) or unreadable.
+    """
+    problems = verify_checkpoint(path)
+    if problems:
+        raise ConfigError(f"checkpoint {path}: damaged: {'; '.join(problems)}")
+    try:
+        return _load(path)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        raise ConfigError(f"checkpoint {path}: unreadable: {type(err).__name__}: {err}") from None
+
+
+def _load(path: Path) -> Checkpoint:
     meta = json.loads((path / "meta.json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     factors: dict[int, dict[str, torch.Tensor]] = {}
     current: dict[str, torch.Tensor] = {}
     for key, t in load_file(path / "chain.safetensors").items():

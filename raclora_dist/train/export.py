@@ -17,7 +17,7 @@ import torch
 
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.core import compress_lora, concat_links, link_factors
-from raclora_dist.train.checkpoint import Checkpoint, find_latest, load_checkpoint
+from raclora_dist.train.checkpoint import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.session import base_folder
 
 
@@ -28,7 +28,9 @@ def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
     cfg = build_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
     path = find_latest(run_dir)
     if path is None:
-        raise ConfigError(f"{str(run_dir)!r} has no complete checkpoint to export")
+        damaged = damaged_checkpoints(run_dir)
+        listed = "".join(f"; {name} is damaged: {', '.join(p)}" for name, p in damaged.items())
+        raise ConfigError(f"{str(run_dir)!r} has no complete, intact checkpoint to export{listed}")
     ckpt = load_checkpoint(path)
     if not ckpt.chain.merged:
         raise ConfigError(f"{path}: the chain has no merged links to export")

@@ -7,6 +7,7 @@ run folder is touched, so a failed start never damages an earlier run's files.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from raclora_dist.backends import make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
 from raclora_dist.config import ConfigError, RunConfig, build_config, check_paths, diff_configs, read_yaml
 from raclora_dist.train.callbacks import Callback, load_callbacks
-from raclora_dist.train.checkpoint import find_latest, load_checkpoint
+from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.data import PackedData, pack, read_documents
 from raclora_dist.train.loop import Trainer
 from raclora_dist.train.metrics import current_rss_mb, peak_rss_mb, truncate_after
@@ -33,20 +34,29 @@ def load_data(cfg: RunConfig) -> PackedData:
     return PackedData(blocks, cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed)
 
 
-def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    ckpt = find_latest(run_dir)
+def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool,
+                  log: Callable[[str], None] | None = None) -> Path | None:
+    ckpt = find_latest(run_dir, report=log)
+    damaged = damaged_checkpoints(run_dir)
     if resume and ckpt is None:
+        if damaged:
+            listed = "; ".join(f"{name}: {', '.join(p)}" for name, p in damaged.items())
+            raise ConfigError(f"--resume: every checkpoint in run folder {str(run_dir)!r} is damaged ({listed})")
         raise ConfigError(f"--resume: no complete checkpoint in run folder {str(run_dir)!r}")
-    if not resume and ckpt is not None:
+    if not resume and (ckpt is not None or damaged):
         raise ConfigError(
             f"run.dir: {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
             "that run, or set run.dir to a new folder"
         )
     if resume:
-        saved = build_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-        diffs = diff_configs(saved, cfg)
-        if diffs:
-            raise ConfigError("--resume: the config differs from the run's:\n  " + "\n  ".join(diffs))
+        for saved_path in (run_dir / "config.yaml", ckpt / "config.yaml"):  # the run's, and the checkpoint's own
+            if not saved_path.is_file():
+                continue
+            saved = build_config(read_yaml(saved_path), str(saved_path))
+            diffs = diff_configs(saved, cfg)
+            if diffs:
+                whose = "the run's" if saved_path.parent == run_dir else f"that of checkpoint {ckpt.name}"
+                raise ConfigError(f"--resume: the config differs from {whose}:\n  " + "\n  ".join(diffs))
     return ckpt
 
 
@@ -72,7 +82,7 @@ def preflight(cfg: RunConfig, resume: bool) -> None:
     Raises:
         ConfigError: the run cannot start; nothing was started or written.
     """
-    ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume)
+    ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume, log=lambda line: print(line, file=sys.stderr))
     _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
 
 
@@ -131,7 +141,7 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     validate_model(cfg)  # targets and rank, on the meta device (imports the model's code)
     import_libraries(cfg)
     rss_start = current_rss_mb()  # after the libraries: the baseline the model is measured from
-    ckpt_path = _check_resume(cfg, run_dir, resume)
+    ckpt_path = _check_resume(cfg, run_dir, resume, log=log if info.is_main else None)
     _check_world(cfg, info, ckpt_path)
     data = load_data(cfg)
     barrier()  # every rank passed the checks before anything is written
