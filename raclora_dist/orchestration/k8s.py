@@ -6,6 +6,14 @@ go to durable storage: a ReadWriteMany PVC mounted on every pod (default), or an
 object-store URI whose credentials come from a Secret by reference. A retried job (each
 retry a new Ray cluster) then finds the previous attempt's checkpoints under the same
 ``ray.name`` and resumes. Pods run as non-root with no privilege escalation.
+
+The cluster's front door is locked twice. Ray token authentication (KubeRay ``authOptions``,
+mode ``token``) takes its token from a Secret the user creates (``<name>-ray-token``, key
+``auth_token``; never rendered, never in git): the operator sets ``RAY_AUTH_MODE`` and
+``RAY_AUTH_TOKEN`` on every Ray container. A NetworkPolicy admits to the cluster's pods only
+the pods of the same run (head, workers, the job's submitter) on any port, and pods labelled
+``raclora.io/ray-client: "true"`` on the dashboard/job port (8265) and the client port
+(10001): an outside ``raclora submit`` runs in such a pod, or through ``kubectl port-forward``.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ CONFIG_KEY = "train.yaml"
 STORAGE_DIR = "/mnt/raclora"
 IMAGE_DATA = "/opt/raclora/data/stdlib_docstrings.jsonl"  # built into the image (k8s/Dockerfile)
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CLIENT_LABEL = "raclora.io/ray-client"
+CLIENT_PORTS = (8265, 10001)  # dashboard + job submission, Ray client
 
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
                 "seccompProfile": {"type": "RuntimeDefault"}}
@@ -92,9 +102,11 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
         mounts.append({"name": "storage", "mountPath": STORAGE_DIR})
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": pvc}})
 
+    labels = {"app.kubernetes.io/name": "raclora", "app.kubernetes.io/instance": name}
+
     def pod(container: dict, extra: dict | None = None) -> dict:
         spec = {"securityContext": copy.deepcopy(POD_SECURITY), "containers": [container], "volumes": copy.deepcopy(volumes)}
-        return {"spec": {**spec, **(extra or {})}}
+        return {"metadata": {"labels": dict(labels)}, "spec": {**spec, **(extra or {})}}
 
     head = _container("ray-head", image, "1", "4Gi", 0, env, mounts)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
@@ -104,7 +116,7 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     submitter = _container("ray-job-submitter", image, "500m", "512Mi", 0, [], [])
     rayjob = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "raclora", "app.kubernetes.io/instance": name}},
+        "metadata": {"name": name, "labels": dict(labels)},
         "spec": {
             "entrypoint": f"raclora train {CONFIG_DIR}/{CONFIG_KEY}",
             "submissionMode": "K8sJobMode",
@@ -114,6 +126,7 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
             "backoffLimit": 2,  # each retry is a new cluster; it resumes from durable storage
             "rayClusterSpec": {
                 "rayVersion": "2.60.0",
+                "authOptions": {"mode": "token", "secretName": f"{name}-ray-token"},
                 "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                                   "template": pod(head)},
                 "workerGroupSpecs": [{"groupName": "gpu-workers" if gpu else "workers", "replicas": n,
@@ -128,7 +141,25 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     if not storage_uri:
         docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": pvc},
                      "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}})
-    return docs + [rayjob]
+    return docs + [network_policy(name, labels), rayjob]
+
+
+def network_policy(name: str, labels: dict[str, str]) -> dict:
+    """Ingress to the run's pods: from the run's own pods (Ray uses many ports between head
+    and workers), and from ``raclora.io/ray-client`` pods on the job and client ports only."""
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-ray", "labels": dict(labels)},
+        "spec": {
+            "podSelector": {"matchLabels": dict(labels)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": dict(labels)}}]},
+                {"from": [{"podSelector": {"matchLabels": {CLIENT_LABEL: "true"}}}],
+                 "ports": [{"protocol": "TCP", "port": p} for p in CLIENT_PORTS]},
+            ],
+        },
+    }
 
 
 def render_cluster(cfg: RunConfig, **kw) -> list[dict]:

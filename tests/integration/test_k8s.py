@@ -153,3 +153,34 @@ def test_committed_manifests_are_the_renderer_output(folder):
     first = text.splitlines()[0]
     args = shlex.split(first.split("raclora k8s render", 1)[1].split("(a test", 1)[0])
     assert [d for d in yaml.safe_load_all(text) if d] == render(*args), f"regenerate k8s/{folder}/manifests.yaml"
+
+
+def pod_labels(doc: dict) -> list[dict]:
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec", spec)
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+    if "submitterPodTemplate" in spec:
+        templates.append(spec["submitterPodTemplate"])
+    return [t.get("metadata", {}).get("labels", {}) for t in templates]
+
+
+def test_the_clusters_front_door_is_locked(sets):
+    """Ray token auth with the token from a user-created Secret (never shipped), and a
+    NetworkPolicy that admits only the run's own pods, and ray-client pods on 8265/10001."""
+    for name, docs in sets.items():
+        ray_doc = next(d for d in docs if d["kind"] in ("RayJob", "RayCluster"))
+        cluster = ray_doc["spec"].get("rayClusterSpec", ray_doc["spec"])
+        auth = cluster["authOptions"]
+        assert auth["mode"] == "token" and auth["secretName"].endswith("-ray-token"), name
+        assert not [d for d in docs if d["kind"] == "Secret"], name
+        (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        for labels in pod_labels(ray_doc):  # it covers the head, the workers and the submitter
+            assert selector.items() <= labels.items(), (name, labels)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        rules = policy["spec"]["ingress"]
+        assert all(r.get("from") for r in rules), "a rule without 'from' would admit every pod"
+        own, clients = rules
+        assert own["from"] == [{"podSelector": {"matchLabels": selector}}] and "ports" not in own
+        assert clients["from"] == [{"podSelector": {"matchLabels": {"raclora.io/ray-client": "true"}}}]
+        assert sorted(p["port"] for p in clients["ports"]) == [8265, 10001]
