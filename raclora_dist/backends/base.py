@@ -8,6 +8,8 @@ override what differs; the engines are imported inside the subclasses that need 
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -69,6 +71,11 @@ class Backend:
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wraps one micro-batch's forward and backward; ``last``: the one before the
+        optimizer step (engines that can skip gradient communication on the others do)."""
+        return contextlib.nullcontext()
 
     def step(self, clip: float | None) -> float:
         """Clips (global norm), steps, zeroes grads; returns the pre-clip grad norm."""

@@ -1,6 +1,8 @@
-"""DDP: replicated weights and factors; gradients all-reduced every step; dense merges."""
+"""DDP: replicated weights and factors; gradients all-reduced once per optimizer step; dense merges."""
 
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
@@ -27,3 +29,8 @@ class DDPBackend(Backend):
         self.model = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
                          broadcast_buffers=False)
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """With gradient accumulation only the last micro-batch all-reduces; the others
+        accumulate locally (``no_sync`` around forward and backward), to the same sum."""
+        return contextlib.nullcontext() if last else self.model.no_sync()

@@ -147,8 +147,9 @@ class Trainer:
         total = 0.0
         for micro in range(tc.grad_accum):
             batch = self.data.train_batch(self.global_step * tc.grad_accum + micro)  # (B, T)
-            loss = b.forward(b.local_batch(batch))  # (B / world, T) on this rank
-            b.backward(loss, tc.grad_accum)
+            with b.micro_batch(last=micro == tc.grad_accum - 1):
+                loss = b.forward(b.local_batch(batch))  # (B / world, T) on this rank
+                b.backward(loss, tc.grad_accum)
             total += loss.item()
         self._grad_norm = b.step(tc.grad_clip)
         # Logged loss: the mean over ranks (one scalar all-reduce; identity in one process).
