@@ -200,6 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raclora: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from raclora_dist.train.launch import under_launcher
+
+        if not under_launcher():
+            raise
+        # A torchrun worker: one line naming the rank and the cause; the traceback to a file.
+        rank = os.environ.get("RANK", "?")
+        path = _traceback_file(rank)
+        print(f"raclora: error: rank {rank}: {type(err).__name__}: {err} (traceback: {path})", file=sys.stderr)
+        return 1
+
+
+def _traceback_file(rank: str) -> str:
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"raclora-rank{rank}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exc(file=f)
+    return path
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ class Faults(Callback):
 
     Args:
         crash_at_step: exit right after this (1-based, global) optimizer step.
+        raise_at_step: raise a RuntimeError after this step, on ``raise_rank`` (an ordinary
+            bug in a worker, as opposed to a killed process).
         crash_in_checkpoint: exit halfway through this process's N-th checkpoint write (after
             the chain file, before ``meta.json``).
         sleep_per_step: seconds to sleep after each step (so that a kill lands mid-link).
@@ -37,8 +39,10 @@ class Faults(Callback):
 
     def __init__(self, crash_at_step: int | None = None, crash_in_checkpoint: int | None = None,
                  sleep_per_step: float = 0.0, pid_dir: str | None = None, die_before_report: int | None = None,
-                 desync_rank: int | None = None, nan_rank: int | None = None, nan_link: int | None = None) -> None:
+                 desync_rank: int | None = None, nan_rank: int | None = None, nan_link: int | None = None,
+                 raise_at_step: int | None = None, raise_rank: int = 0) -> None:
         self.crash_at_step, self.crash_in_checkpoint = crash_at_step, crash_in_checkpoint
+        self.raise_at_step, self.raise_rank = raise_at_step, raise_rank
         self.sleep_per_step, self.pid_dir, self.die_before_report = sleep_per_step, pid_dir, die_before_report
         self.desync_rank, self.nan_rank, self.nan_link = desync_rank, nan_rank, nan_link
         self._checkpoints = 0
@@ -58,6 +62,8 @@ class Faults(Callback):
             time.sleep(self.sleep_per_step)
         if self.crash_at_step == record["step"]:
             os._exit(FAULT_EXIT_CODE)
+        if self.raise_at_step == record["step"] and trainer.backend.info.rank == self.raise_rank:
+            raise RuntimeError(f"injected failure at step {record['step']}")
 
     @torch.no_grad()
     def before_boundary(self, trainer, link: int) -> None:

@@ -231,3 +231,21 @@ def test_ddp_gradient_accumulation_all_reduces_once_per_step(setup, tmp_path):
     assert torch.allclose(torch.tensor(losses(d / "ddp-accum2")), torch.tensor(losses(single)), atol=1e-5)
     per_step = {a: [b - a_ for a_, b in zip([0, *c], c)] for a, c in counts.items()}
     assert per_step[1][0] >= 1 and per_step[2] == per_step[1]
+
+
+def test_an_error_in_a_worker_is_one_line_naming_the_rank(setup):
+    """A bug in one worker (not a config error): the user sees one line with the rank and the
+    cause, and where the traceback went; neither the worker's nor torchrun's traceback."""
+    d, cfg, _ = setup
+    run = d / "worker-error"
+    proc = train(cfg, run, *ENGINES["ddp"], faults(raise_at_step=2, raise_rank=1))
+    assert proc.returncode != 0
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("raclora: error:")]
+    (line,) = [x for x in errors if "injected" in x]
+    assert line.startswith("raclora: error: rank 1: RuntimeError: injected failure at step 2 (traceback: ")
+    assert all(x.startswith("raclora: error: rank ") for x in errors)  # the other rank: its own consequence
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert "torch/distributed/elastic" not in proc.stderr
+    log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in log.read_text() and "injected failure" in log.read_text()
+    log.unlink()
