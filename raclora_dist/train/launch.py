@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
@@ -22,25 +21,37 @@ def launch_torchrun(argv: list[str], workers: int) -> int:
     """Runs ``python -m raclora_dist ARGV`` as ``workers`` torchrun processes; returns its code.
 
     ``--standalone`` rendezvous on a free localhost port, so parallel runs do not collide.
-    The workers' output passes through as it comes. A failing worker prints one line (rank,
-    cause, where its traceback went); torchrun's own report of the failure (its log lines and
-    the launcher's traceback) is left out, since it says nothing more.
+    The workers keep this process's terminal (progress bars stay). A failing worker prints
+    one line (rank, cause, where its traceback went); torchrun's own report of the failure
+    (its log lines and its ChildFailedError traceback) is left out: it says nothing more.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(worker_threads(workers)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
+    cmd = [sys.executable, "-m", "raclora_dist.train.launch", "--standalone", f"--nproc_per_node={workers}",
            "-m", "raclora_dist", *argv]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
-    report = False
-    for line in proc.stderr:
-        # torchrun logs in glog format ("E1130 12:00:00.000000 123 .../elastic/...": stopping
-        # the other workers, the failure) and then raises ChildFailedError: from the first
-        # such line on, it is torchrun's report.
-        report = report or _TORCHRUN_ERROR.match(line) is not None or line.startswith("Traceback (most recent")
-        if not report:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-    return proc.wait()
+    return subprocess.call(cmd, env=env)
 
 
-_TORCHRUN_ERROR = re.compile(r"^[EW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*torch/distributed/elastic/")
+def _quiet_torchrun(args: list[str]) -> int:
+    """torchrun with its failure report silenced (``python -m raclora_dist.train.launch ARGS``)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    for name in list(logging.root.manager.loggerDict):  # this process only; workers log as usual
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        main(args)
+    except ChildFailedError as err:
+        for rank, failure in sorted(err.failures.items()):  # keyed by global rank
+            if failure.exitcode != 1:  # 1: the worker printed its own line (raclora_dist.cli)
+                how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+                print(f"raclora: error: rank {rank}: the worker died ({how}, pid {failure.pid})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_quiet_torchrun(sys.argv[1:]))

@@ -106,6 +106,7 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     crashed = d / f"{engine}-crash"
     proc = train(cfg, crashed, *ENGINES[engine], faults(crash_at_step=5))
     assert proc.returncode != 0
+    assert "raclora: error: rank 0: the worker died (exit code 17" in proc.stderr  # os._exit, no message of its own
     assert find_latest(crashed).name == "link-00001-step-0000003"
     proc = train(cfg, crashed, *ENGINES[engine], resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
