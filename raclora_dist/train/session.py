@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raclora_dist.backends import backend_class
 from raclora_dist.backends.base import Backend, decoder_layers
 from raclora_dist.config import ConfigError, RunConfig
 from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
@@ -107,12 +108,7 @@ def plan_run(cfg: RunConfig) -> tuple[int, Estimate]:
 def import_libraries(cfg: RunConfig) -> None:
     """Imports what the run will use beyond the model's own code (the engine, bitsandbytes for
     a 4-bit base), so that memory measured from here on is the model's, not the libraries'."""
-    import importlib
-
-    engine = {"fsdp2": "raclora_dist.backends.fsdp2", "deepspeed": "raclora_dist.backends.deepspeed",
-              "ddp": "raclora_dist.backends.ddp"}.get(cfg.distributed.strategy)
-    if engine is not None:
-        importlib.import_module(engine)
+    backend_class(cfg.distributed.strategy)  # imports the engine
     if cfg.model.quantization.enabled:
         import raclora_dist.quant.bnb  # noqa: F401
 
