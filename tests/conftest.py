@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -89,3 +90,9 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict:
+    """``relative path -> sha256`` of every file under ``folder`` (to show nothing changed)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

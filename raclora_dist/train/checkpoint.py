@@ -149,20 +149,31 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
     _fsync_file(tmp / "meta.json")
     _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (a resumed run): swap it out whole
-        trash = root / f".old-{final.name}"
+    _move_into_place(tmp, final)  # the same step saved again (a resumed run) is swapped out whole
+    _point_latest(root, final.name)
+    _prune(root, keep, protect=final)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Renames the complete folder ``tmp`` to ``final``, swapping out one already there."""
+    if final.exists():
+        trash = final.parent / f".old-{final.name}"
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(final.parent)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Replaces ``root/latest`` atomically (written beside, fsynced, renamed)."""
     latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
+    latest_tmp.write_text(name + "\n")
     _fsync_file(latest_tmp)
     os.replace(latest_tmp, root / "latest")
-    _prune(root, keep, protect=final)
+    _fsync_dir(root)
 
 
 def _sha256(path: Path) -> str:
@@ -271,22 +282,10 @@ def install_checkpoint(src: Path, run_dir: Path) -> Path:
             if f.is_file():
                 _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # a damaged copy: swapped out whole
-            trash = root / f".old-{name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        _move_into_place(tmp, final)  # a damaged copy is swapped out whole
     if not (Path(run_dir) / "config.yaml").is_file() and (final / "config.yaml").is_file():
         shutil.copyfile(final / "config.yaml", Path(run_dir) / "config.yaml")
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    _fsync_file(latest_tmp)
-    os.replace(latest_tmp, root / "latest")
-    _fsync_dir(root)
+    _point_latest(root, name)
     return final
 
 

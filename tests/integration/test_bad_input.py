@@ -1,17 +1,11 @@
 """Bad input: a clear error naming the field, exit code 2, and no run folder damaged."""
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
 from raclora_dist.cli import main
-from tests.conftest import run_cli, tiny_config, write_config
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.conftest import run_cli, snapshot, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,9 @@ from safetensors.torch import load_file
 
 from raclora_dist.cli import main
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import tiny_config, write_config
+from tests.conftest import snapshot, tiny_config, write_config
 
 NEWEST, OLDER = "link-00003-step-0000009", "link-00002-step-0000006"
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
