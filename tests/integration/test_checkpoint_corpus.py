@@ -28,6 +28,14 @@ def finished(tmp_path_factory, small_data):
     return cfg, d / "run"
 
 
+def damaged_copy(ref: Path, tmp_path: Path, damage) -> Path:
+    """A copy of the finished run folder with ``damage`` applied to it (the original stays intact)."""
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    damage(run)
+    return run
+
+
 def truncate(run: Path, name: str, rel: str) -> None:
     f = run / "checkpoints" / name / rel
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -54,10 +62,8 @@ FALLBACK = {  # damage the newest checkpoint only: resume from the older one
 @pytest.mark.parametrize("case", list(FALLBACK))
 def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(case, finished, tmp_path, capsys):
     cfg, ref = finished
-    run = tmp_path / "run"
-    shutil.copytree(ref, run)
     damage, named = FALLBACK[case]
-    damage(run)
+    run = damaged_copy(ref, tmp_path, damage)
     assert find_latest(run).name == OLDER
     assert main(["train", str(cfg), f"run.dir={run}", "--resume"]) == 0  # redoes link 3 from link 2's checkpoint
     out = capsys.readouterr()
@@ -96,10 +102,8 @@ STOP = {
 @pytest.mark.parametrize("case", list(STOP))
 def test_no_usable_checkpoint_stops_with_a_clear_error_and_touches_nothing(case, finished, tmp_path, capsys):
     cfg, ref = finished
-    run = tmp_path / "run"
-    shutil.copytree(ref, run)
     damage, message = STOP[case]
-    damage(run)
+    run = damaged_copy(ref, tmp_path, damage)
     before = snapshot(run)
     assert main(["train", str(cfg), f"run.dir={run}", "--resume"]) == 2  # a ConfigError, not a traceback
     err = capsys.readouterr().err
@@ -109,9 +113,7 @@ def test_no_usable_checkpoint_stops_with_a_clear_error_and_touches_nothing(case,
 
 def test_export_of_a_damaged_run_names_the_file(finished, tmp_path, capsys):
     _, ref = finished
-    run = tmp_path / "run"
-    shutil.copytree(ref, run)
-    damage_all(run)
+    run = damaged_copy(ref, tmp_path, damage_all)
     assert main(["export", str(run), "--format", "peft"]) == 2
     err = capsys.readouterr().err
     assert f"{NEWEST} is damaged: chain.safetensors" in err and f"{OLDER} is damaged: rng.pt: 0 bytes" in err
