@@ -1,6 +1,15 @@
 """Large-model path: load memory per worker, activation checkpointing, time to first step.
 
 Usage: python -m benchmarks.scale --json OUT [--size 0.79b] [--before REF] [--cases fsdp2,zero3,fsdp2-nf4]
+       python -m benchmarks.scale --json OUT --device cuda [--size 8b] [--workers N]
+
+On GPUs (``--device cuda``): ``raclora train`` of a model built from config (Llama-3-8B's
+shapes by default) in bf16 with an NF4 base quantized on the GPU as it loads, FSDP2 over
+``--workers`` GPUs, with and without activation checkpointing at ``--seq`` (default 2048)
+tokens; per-rank peak GPU memory, load time, time to first step and tokens/s from the run's
+metrics. The PEFT QLoRA baseline on the same shapes is ``benchmarks.throughput --device cuda``.
+
+On CPUs:
 
 1. Writes a Llama-style model built from a config as a sharded fp32 safetensors folder (a
    stand-in for a pretrained checkpoint; streamed, never whole in memory).
@@ -39,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "0.79b": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 13, "num_attention_heads": 16,
               "num_key_value_heads": 16, "vocab_size": 32000},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0},
     "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 512},
 }
@@ -94,7 +105,8 @@ def train(code: Path, cfg: dict, run: Path, extra: list[str]) -> list[dict]:
     run.mkdir(parents=True, exist_ok=True)
     path = run.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "raclora_dist", "train", str(path), *extra],
                           capture_output=True, text=True, cwd=code, env=env)
     if proc.returncode != 0:
@@ -118,6 +130,54 @@ def before_case(name: str, records: list[dict], ckpt_mb: float, start_mb: float)
     above = step["rss_mb"] - start_mb
     return {"case": name, "peak_rss_mb_first_step_rank0": step["rss_mb"], "peak_above_start_mb": [above],
             "x_checkpoint": [above / ckpt_mb], "tokens_per_s": step["tokens_per_s"]}
+
+
+# -- GPUs: a config-built bf16 model, NF4 on load, FSDP2 ---------------------------------------
+GPU_CASES = {
+    "fsdp2-nf4": [],
+    "fsdp2-nf4-ckpt": ["train.activation_checkpointing=true"],
+}
+
+
+def gpu_run_config(size: str, run: Path, workers: int, seq: int, batch: int, steps: int) -> dict:
+    """A run of ``steps`` steps on a config-built ``size`` model in bf16, NF4 on load, FSDP2."""
+    cfg = run_config(Path("unused"), run, workers, seq, batch * workers)
+    cfg["model"] = {"config": model_config(size, seq), "dtype": "bfloat16",
+                    "quantization": {"method": "nf4", "compute_dtype": "bfloat16"}}
+    cfg["data"]["max_documents"] = 4000
+    cfg["raclora"]["steps_per_link"] = steps
+    cfg["distributed"] |= {"strategy": "fsdp2", "mixed_precision": "bf16"}
+    return cfg
+
+
+def gpu_case(name: str, records: list[dict]) -> dict:
+    st = next(r for r in records if r["type"] == "startup")
+    steps = [r for r in records if r["type"] == "step"]
+    later = [r["tokens_per_s"] for r in steps[1:]] or [steps[0]["tokens_per_s"]]  # the first step warms up
+    return {"case": name, "load_s": st["load_s"], "first_step_s": st["first_step_s"],
+            "gpu_peak_mb_loaded": st.get("gpu_peak_mb_loaded"), "gpu_peak_mb_first_step": st.get("gpu_peak_mb_first_step"),
+            "gpu_peak_mb": max(r.get("gpu_peak_mb", 0.0) for r in steps), "tokens_per_s": statistics.median(later),
+            "steps": len(steps), "losses": [r["loss"] for r in steps]}
+
+
+def run_gpu(args) -> dict:
+    out = {"device": "cuda", "size": args.size, "model": model_config(args.size, args.seq), "workers": args.workers,
+           "seq": args.seq, "batch_per_worker": args.batch, "cases": []}
+    try:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 -- informational only
+        pass
+    for name in args.cases.split(","):
+        with tempfile.TemporaryDirectory() as tmp:  # the saved config-built base is large: one at a time
+            run = Path(tmp) / name
+            cfg = gpu_run_config(args.size, run, args.workers, args.seq, args.batch, args.steps)
+            case = gpu_case(name, train(ROOT, cfg, run, GPU_CASES[name]))
+        out["cases"].append(case)
+        print(f"{name}: load {case['load_s']:.0f} s, first step {case['first_step_s']:.0f} s after start, "
+              f"{case['tokens_per_s']:.0f} tokens/s, peak GPU {case['gpu_peak_mb']:,.0f} MiB per rank", flush=True)
+    return out
 
 
 # -- activation checkpointing, one process -------------------------------------------------
@@ -168,7 +228,8 @@ def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
 def activation_case(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.scale", "--child", str(folder), "--act-seq", str(seq),
            "--act-steps", str(steps)] + (["--ckpt"] if ckpt else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
     if proc.returncode != 0:
         raise SystemExit(f"activation child failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -182,16 +243,29 @@ def worktree(ref: str, where: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--size", choices=sorted(SIZES), default="0.79b")
-    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128, help="sequence length of the 2-worker runs")
+    ap.add_argument("--size", choices=sorted(SIZES), help="model shapes (default: 0.79b on CPU, 8b on cuda)")
+    ap.add_argument("--cases", help="comma-separated (default: all): " + ", ".join(CASES) + "; cuda: " + ", ".join(GPU_CASES))
+    ap.add_argument("--workers", type=int, help="workers (default: 2 on CPU, 1 GPU on cuda)")
+    ap.add_argument("--seq", type=int, help="sequence length of the runs (default: 128 on CPU, 2048 on cuda)")
     ap.add_argument("--before", help="also run the cases with the code of this git ref (e.g. 3d3ecbe)")
     ap.add_argument("--act-seq", type=int, default=1024, help="sequence length of the activation measurement (0: skip)")
     ap.add_argument("--act-steps", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch", type=int, default=1, help="cuda: sequences per worker and step")
+    ap.add_argument("--steps", type=int, default=6, help="cuda: optimizer steps per case")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.size = args.size or ("8b" if gpu else "0.79b")
+    args.cases = args.cases or ",".join(GPU_CASES if gpu else CASES)
+    args.workers = args.workers or (1 if gpu else 2)
+    args.seq = args.seq or (2048 if gpu else 128)
+    if gpu:
+        if not args.json:
+            ap.error("--json is required")
+        write_json(args.json, run_gpu(args))
+        return
     if args.child:
         print(json.dumps(activation_child(Path(args.child), args.ckpt, args.act_seq, args.act_steps)))
         return

@@ -1,7 +1,12 @@
 """RAC-LoRA against PEFT LoRA and full fine-tuning: speed and memory, side by side, one process.
 
 Usage: python -m benchmarks.throughput --json OUT [--device cpu|cuda] [--sizes small,medium,large]
-       [--rounds 6] [--window 4] [--workers] [--quant nf4]
+       [--rounds 6] [--window 4] [--workers] [--quant nf4] [--dtype bfloat16] [--seq N] [--batch N]
+       [--activation-checkpointing]
+
+On a GPU (docs/benchmarks.md has the command): ``--device cuda --dtype bfloat16 --quant nf4
+--sizes 8b --methods peft_lora,rac_right`` is QLoRA on a Llama-3-8B-shaped model, each
+method's model built on the GPU in bf16 and quantized there.
 
 For each model size (Llama-style, built from a config with the same seed), every method
 trains the same model on the same batches (bundled corpus, byte tokenizer), with AdamW at
@@ -60,7 +65,12 @@ SIZES = {
                 "num_key_value_heads": 4}, 128, 16),
     "large": ({**_BASE, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
                "num_key_value_heads": 4}, 128, 8),
+    # Llama-3-8B's shapes (GQA 32/8 heads, 128k vocabulary, untied head): for GPUs
+    "8b": ({**_BASE, "vocab_size": 128256, "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "rope_theta": 500000.0}, 2048, 1),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def batches(seq_len: int, batch: int, count: int) -> list[torch.Tensor]:
@@ -75,24 +85,42 @@ def batches(seq_len: int, batch: int, count: int) -> list[torch.Tensor]:
     return [packed.train_batch(i) for i in range(count)]
 
 
-def build(method: str, size: str, rank: int, alpha: float, device: str, quant: str = "none"):
+def build(method: str, size: str, rank: int, alpha: float, device: str, quant: str = "none",
+          dtype: str = "float32", checkpointing: bool = False):
     """A fresh model for ``method`` (its linear layers in 4 bits with ``quant``); returns
-    (model, trainable params, chain or None)."""
+    (model, trainable params, chain or None).
+
+    On a GPU the model is built there (in ``dtype``) and quantized there; on a CPU it is built
+    in fp32 and cast. The weights are the same for every method (seed 0 on that device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raclora_dist.train.session import enable_activation_checkpointing
 
     cfg = dict(SIZES[size][0])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
-    if quant != "none":  # QLoRA: the same 4-bit base under PEFT and RAC-LoRA (uint8 storage, fp32 compute)
+    hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if device == "cuda":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).to(DTYPES[dtype])
+    if quant != "none":  # QLoRA: the same 4-bit base under PEFT and RAC-LoRA (uint8 storage)
         from raclora_dist.quant import QuantizationConfig
         from raclora_dist.quant.bnb import quantize_model
 
-        quantize_model(model, QuantizationConfig(method=quant), "uint8")
+        quantize_model(model, QuantizationConfig(method=quant, compute_dtype=dtype), "uint8")
         for m in model.modules():  # the CPU repacking of bitsandbytes' eval path (docs/quantization.md)
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
+    for p in model.parameters():
+        p.requires_grad_(False)  # the base is frozen under every adapter (full unfreezes it below)
+    if checkpointing:
+        enable_activation_checkpointing(model)
     chain = None
-    if method == "peft_lora":
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0))
@@ -120,7 +148,8 @@ class Runner:
 
     def __init__(self, method: str, size: str, args, data: list[torch.Tensor]) -> None:
         self.method, self.device, self.data = method, args.device, data
-        self.model, self.params, self.chain = build(method, size, args.rank, args.alpha, args.device, args.quant)
+        self.model, self.params, self.chain = build(method, size, args.rank, args.alpha, args.device, args.quant,
+                                                    args.dtype, args.activation_checkpointing)
         self.opt = torch.optim.AdamW(self.params, lr=args.lr)
         self.i = 0
         self.tokens_per_step = data[0].numel()
@@ -176,6 +205,8 @@ class Runner:
         out["train_bytes_above_weights"] = out["activation_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
         if self.device == "cuda":
             out["cuda_peak_above_start_bytes"] = torch.cuda.max_memory_allocated() - base
+            # what this method alone would need: its weights, and its step's peak above them
+            out["cuda_peak_own_bytes"] = out["weight_bytes"] + out["cuda_peak_above_start_bytes"]
         return out
 
     def boundary_ms(self, repeats: int = 5) -> float | None:
@@ -199,16 +230,24 @@ def child_peak_rss(method: str, size: str, args) -> float | None:
     if args.device != "cpu" or not Path("/proc/self/clear_refs").exists():
         return None
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--child", method, "--sizes", size, "--json", "-",
-           "--rank", str(args.rank), "--lr", str(args.lr), "--quant", args.quant]
+           "--rank", str(args.rank), "--lr", str(args.lr), "--quant", args.quant, "--dtype", args.dtype]
+    cmd += [f"--seq={args.seq}", f"--batch={args.batch}"] if args.seq else []
+    cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"memory child for {method}/{size} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_build_mb"]
 
 
+def shape(size: str, args) -> tuple[int, int]:
+    """(sequence length, batch) of ``size``, unless the command line sets them."""
+    _, seq, batch = SIZES[size]
+    return args.seq or seq, args.batch or batch
+
+
 def run_child(args) -> None:
     size = args.sizes[0]
-    _, seq, batch = SIZES[size]
+    seq, batch = shape(size, args)
     runner = Runner(args.child, size, args, batches(seq, batch, 4))
     gc.collect()
     before = proc_status_kb("VmRSS")
@@ -219,7 +258,7 @@ def run_child(args) -> None:
 
 
 def bench_size(size: str, args) -> dict:
-    _, seq, batch = SIZES[size]
+    seq, batch = shape(size, args)
     steps = args.warmup + args.rounds * args.window + 1
     data = batches(seq, batch, steps + 1)
     runners = {m: Runner(m, size, args, data) for m in args.methods}
@@ -267,14 +306,16 @@ def scaling(args) -> dict:
 def print_table(size: str, res: dict) -> None:
     print(f"\n{size}: seq {res['seq_len']} x batch {res['batch']}, hidden {res['model']['hidden_size']}")
     print(f"{'method':11} {'tokens/s':>9} {'vs PEFT':>7} {'trainable':>10} {'optim MiB':>9} {'activ MiB':>9} "
-          f"{'train MiB':>9} {'vs PEFT':>7} {'RSS+ MiB':>8} {'merge@100':>9} {'loss0':>7} {'loss_end':>8}")
+          f"{'train MiB':>9} {'vs PEFT':>7} {'RSS+ MiB':>8} {'GPU MiB':>8} {'merge@100':>9} {'loss0':>7} {'loss_end':>8}")
     for m, r in res["methods"].items():
         rss = r["peak_rss_above_build_mb"]
+        gpu = r.get("cuda_peak_own_bytes")
         merge = r.get("merge_share_at_100_steps")
         print(f"{m:11} {r['tokens_per_s']:>9.0f} {r.get('tokens_per_s_vs_peft', float('nan')):>7.2f} "
               f"{r['trainable_params']:>10,} {r['optimizer_bytes'] / 2**20:>9.2f} {r['activation_bytes'] / 2**20:>9.1f} "
               f"{r['train_bytes_above_weights'] / 2**20:>9.1f} {r.get('train_memory_vs_peft', float('nan')):>7.2f} "
-              f"{'-' if rss is None else f'{rss:.0f}':>8} {'-' if merge is None else f'{100 * merge:.2f}%':>9} "
+              f"{'-' if rss is None else f'{rss:.0f}':>8} {'-' if gpu is None else f'{gpu / 2**20:.0f}':>8} "
+              f"{'-' if merge is None else f'{100 * merge:.2f}%':>9} "
               f"{r['initial_loss']:>7.4f} {r['loss_at_equal_steps']:>8.4f}")
 
 
@@ -292,6 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--quant", choices=["none", "nf4", "fp4"], default="none",
                     help="hold every method's base in 4 bits (QLoRA); full fine-tuning is left out")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="weights and compute (4-bit: compute dtype); bf16 backward is slow on CPUs without bf16 units")
+    ap.add_argument("--seq", type=int, default=0, help="sequence length (0: the size's)")
+    ap.add_argument("--batch", type=int, default=0, help="sequences per step (0: the size's)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder block in backward")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-method child processes")
     ap.add_argument("--workers", action="store_true", help="also FSDP2 scaling, 1 vs 2 workers")
     ap.add_argument("--child", help=argparse.SUPPRESS)

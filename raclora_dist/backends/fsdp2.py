@@ -21,6 +21,7 @@ from torch import nn
 
 from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
 from raclora_dist.backends.dist import DistComm
+from raclora_dist.backends.fsdp2_compat import fully_shard_4bit as _fully_shard
 from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeResult, lowrank_fro_norm, merge_rows_into_weight
@@ -116,14 +117,12 @@ class FSDP2Backend(Backend):
         return kwargs
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
-        from torch.distributed.fsdp import fully_shard
-
         shard_masters(module, self.info.rank, self.info.world_size)
         if own_unit:
-            fully_shard(module, **self._shard_kwargs())
+            _fully_shard(module, **self._shard_kwargs())
 
     def setup(self, model: nn.Module) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule
 
         kwargs = self._shard_kwargs()
         # Bottom-up: each decoder block is one unit (all-gathered for its forward), then the
@@ -132,7 +131,7 @@ class FSDP2Backend(Backend):
         for block in decoder_layers(model):
             if not isinstance(block, FSDPModule):
                 shard_masters(block, self.info.rank, self.info.world_size)
-                fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+                _fully_shard(block, **kwargs)
+        _fully_shard(model, **kwargs)
         self.model = model
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])

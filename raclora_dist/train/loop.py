@@ -20,7 +20,7 @@ from raclora_dist.config import RunConfig
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
 from raclora_dist.train.callbacks import Callback, CallbackList
-from raclora_dist.train.metrics import MetricsWriter, progress_bar, rss_mb
+from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, progress_bar, rss_mb
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
@@ -103,6 +103,9 @@ class Trainer:
             tokens = tc.batch_size * tc.grad_accum * self.data.train.shape[1]
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
                    "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb()}
+            gpu = device_peak_mb(self.backend.info.device)
+            if gpu is not None:
+                rec["gpu_peak_mb"] = gpu
             self._write(rec)
             if self.startup is not None:
                 self._report_startup()
@@ -120,10 +123,14 @@ class Trainer:
     def _report_startup(self) -> None:
         """Writes how long loading and the first step took and each rank's memory (RSS in MiB:
         at the start of the run, just before loading the base, peak once loaded, peak after
-        the first step)."""
+        the first step; on GPUs also the allocator's peak once loaded and after the first step)."""
         st, self.startup = self.startup, None
-        columns = {k: self._per_rank(st[k]) for k in ("rss_mb_start", "rss_mb_before_load", "peak_rss_mb_loaded")}
+        keys = ["rss_mb_start", "rss_mb_before_load", "peak_rss_mb_loaded"]
+        columns = {k: self._per_rank(st[k]) for k in keys + (["gpu_peak_mb_loaded"] if "gpu_peak_mb_loaded" in st else [])}
         columns["peak_rss_mb_first_step"] = self._per_rank(rss_mb())
+        gpu = device_peak_mb(self.backend.info.device)
+        if gpu is not None:
+            columns["gpu_peak_mb_first_step"] = self._per_rank(gpu)
         first = time.perf_counter() - st["t_start"]
         self._write({"type": "startup", "load_s": st["load_s"], "first_step_s": first, **columns})
         above = [p - s for p, s in zip(columns["peak_rss_mb_first_step"], columns["rss_mb_start"])]

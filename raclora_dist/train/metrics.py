@@ -28,6 +28,16 @@ def current_rss_mb() -> float:
     return rss_mb()
 
 
+def device_peak_mb(device) -> float | None:
+    """Peak memory PyTorch's allocator has handed out on ``device`` since the process started
+    (or the last reset), in MiB; None on a CPU, where the RSS tells it."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 class MetricsWriter:
     """Appends records to ``metrics.jsonl``; flushed per record so a crash loses nothing."""
 

@@ -22,7 +22,7 @@ from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.data import PackedData, pack, read_documents
 from raclora_dist.train.loop import Trainer
-from raclora_dist.train.metrics import current_rss_mb, peak_rss_mb, truncate_after
+from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.train.tokenizer import load_tokenizer
 
@@ -172,6 +172,8 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     session.chain.access = backend.access
     startup = {"t_start": t_start, "load_s": load_s, "rss_mb_start": rss_start, "rss_mb_before_load": rss_before_load,
                "peak_rss_mb_loaded": peak_loaded}
+    if device_peak_mb(info.device) is not None:
+        startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
     log(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
     trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint, startup=startup,
                       callbacks=callbacks)
