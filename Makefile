@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 data: setup
 	$(VPY) scripts/build_corpus.py
+	$(VPY) scripts/build_chat.py
 
 demo: setup data
 	$(VENV)/bin/raclora train configs/quickstart.yaml

@@ -56,13 +56,34 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    path: str = Field(..., description="A .txt (blank-line separated documents) or .jsonl file.")
-    format: Literal["auto", "text", "jsonl"] = Field("auto", description="auto: by file extension.")
-    text_field: str = Field("text", description="JSONL field holding the text.")
-    tokenizer: str = Field("bytes", description="'bytes' (built-in byte-level) or a tokenizer folder.")
+    path: str = Field(..., description="Training data, read through Hugging Face datasets: a .jsonl/.json/.parquet/.csv/.txt "
+                      "file (.txt: blank-line separated documents), a folder of such files, or a save_to_disk folder.")
+    format: Literal["auto", "text", "jsonl", "instruction", "chat"] = Field(
+        "auto", description="text: raw text, packed across documents, loss on every token; instruction: Alpaca rows "
+        "(instruction, optional input, output); chat: rows of messages [{role, content}]; auto: chat if the rows have "
+        "messages_field, instruction if they have instruction_field and output_field, else text. jsonl: same as text.")
+    split: str = Field("train", description="The split of a dataset folder that has several (save_to_disk DatasetDict).")
+    text_field: str = Field("text", description="text format: the field holding the text.")
+    instruction_field: str = Field("instruction", description="instruction format: the field holding the instruction.")
+    input_field: str = Field("input", description="instruction format: the optional field holding the input.")
+    output_field: str = Field("output", description="instruction format: the field holding the response.")
+    messages_field: str = Field("messages", description="chat format: the field holding the list of messages.")
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: {"system": "system", "user": "user", "assistant": "assistant", "human": "user",
+                                 "gpt": "assistant"},
+        description="chat format: the dataset's role names -> system/user/assistant (ShareGPT's human/gpt included).")
+    chat_template: str | None = Field(
+        None, description="chat/instruction format: a Jinja chat template, or 'chatml', used when the tokenizer has none "
+        "(a tokenizer's own template wins unless this is set).")
+    train_on_prompt: bool = Field(False, description="instruction/chat: also train on prompt tokens (default: loss "
+                                  "only on responses, label -100 elsewhere).")
+    overlong: Literal["error", "truncate", "drop"] = Field(
+        "error", description="instruction/chat: an example longer than seq_len is an error, cut to seq_len, or skipped.")
+    tokenizer: str | None = Field(None, description="'bytes' (built-in byte-level) or a tokenizer folder; default: "
+                                  "model.name_or_path's own tokenizer if that folder has one, else 'bytes'.")
     seq_len: int = Field(128, ge=8, description="Tokens per packed sequence.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out.")
-    max_documents: int | None = Field(None, ge=1, description="Use only the first N documents.")
+    max_documents: int | None = Field(None, ge=1, description="Use only the first N documents (rows).")
 
 
 class TrainSection(_Section):
@@ -148,6 +169,15 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="after")
+    def _default_tokenizer(self) -> "RunConfig":
+        if self.data.tokenizer is None:
+            folder = self.model.name_or_path
+            own = folder is not None and any((Path(folder) / f).is_file()
+                                             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+            self.data.tokenizer = folder if own else "bytes"
+        return self
 
     @model_validator(mode="after")
     def _check_batch(self) -> "RunConfig":
@@ -282,8 +312,8 @@ def absolutize(cfg: RunConfig) -> RunConfig:
 
 def check_paths(cfg: RunConfig) -> None:
     """Checks that the files a config names exist (the config itself is already valid)."""
-    if not Path(cfg.data.path).is_file():
-        raise ConfigError(f"data.path: file {cfg.data.path!r} does not exist")
+    if not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path: {cfg.data.path!r} does not exist (a file or a folder)")
     if cfg.data.tokenizer != "bytes" and not Path(cfg.data.tokenizer).is_dir():
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is neither 'bytes' nor a folder")
     if cfg.model.name_or_path is not None and not Path(cfg.model.name_or_path).is_dir():

@@ -20,6 +20,30 @@ from raclora_dist.config import RunConfig
 from raclora_dist.core import Comm, DenseAccess, FactorAccess, LocalComm
 
 
+def lm_inputs(device: torch.device, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, num_items: float | None = None) -> dict:
+    """Keyword arguments of a causal-LM forward for one micro-batch, on ``device``.
+
+    Args:
+        input_ids: (B, T) token ids. labels: (B, T), -100 where no loss is taken; None: the
+            ids themselves (loss on every token).
+        position_ids: (B, T), restarting at 0 at each packed example, so that transformers
+            builds a block-diagonal causal mask (no attention across examples); None: 0..T-1.
+        num_items: the loss is the sum over labelled tokens divided by this (the global
+            micro-batch's labelled tokens / world size, so that the ranks' averaged gradient is
+            the one-process gradient); None: the mean over this rank's labelled tokens.
+    """
+    ids = input_ids.to(device)
+    if labels is None:
+        return {"input_ids": ids, "labels": ids}
+    out = {"input_ids": ids, "labels": labels.to(device), "use_cache": False}
+    if position_ids is not None:
+        out["position_ids"] = position_ids.to(device)
+    if num_items is not None:
+        out["num_items_in_batch"] = torch.tensor(float(num_items), device=device)
+    return out
+
+
 class Backend:
     """One process, no engine: the reference every distributed backend must match.
 
@@ -64,10 +88,10 @@ class Backend:
         return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
     # -- the step -----------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Causal-LM loss of one micro-batch (B, T) on this rank."""
-        ids = input_ids.to(self.info.device)
-        return self.model(input_ids=ids, labels=ids).loss
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, num_items: float | None = None) -> torch.Tensor:
+        """Causal-LM loss of one micro-batch (B, T) on this rank (see :func:`lm_inputs`)."""
+        return self.model(**lm_inputs(self.info.device, input_ids, labels, position_ids, num_items)).loss
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         (loss / accum).backward()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend, shard_masters
+from raclora_dist.backends.base import Backend, lm_inputs, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeResult
@@ -140,9 +140,9 @@ class DeepSpeedBackend(Backend):
         )
         self.model, self.optimizer, self.engine = engine, optimizer, engine
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.engine.device)
-        return self.engine(input_ids=ids, labels=ids).loss
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, num_items: float | None = None) -> torch.Tensor:
+        return self.engine(**lm_inputs(self.engine.device, input_ids, labels, position_ids, num_items)).loss
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself

@@ -1,41 +1,87 @@
-"""Text/JSONL data from disk: tokenize, pack to a sequence length, deterministic batches."""
+"""Training data: rows -> token blocks of ``seq_len`` -> batches that are a pure function of the step.
+
+``text`` documents are packed across document boundaries (each followed by eos) with the
+loss on every token. ``instruction``/``chat`` examples (:mod:`raclora_dist.train.formats`)
+are packed whole, first fit in order, with position ids restarting at each example, so that
+transformers' attention (its packed-sequence mask, found from the position ids) never lets
+one example see another; the rest of a block is padding without loss.
+"""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
+from raclora_dist.train.formats import IGNORE, Example, detect_format, encode_rows
+from raclora_dist.train.records import first_bad_utf8, load_rows
 
 
-def read_documents(dcfg: DataSection) -> list[str]:
-    """Reads documents: JSONL (one object per line, ``text_field``) or text (blank-line split)."""
-    path = Path(dcfg.path)
-    if not path.is_file():
-        raise ConfigError(f"data.path: file {dcfg.path!r} does not exist")
-    fmt = dcfg.format if dcfg.format != "auto" else ("jsonl" if path.suffix in (".jsonl", ".json") else "text")
-    docs: list[str] = []
-    if fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    docs.append(str(json.loads(line)[dcfg.text_field]))
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ConfigError(
-                        f"data.path: {dcfg.path}:{i} is not a JSON object with field "
-                        f"data.text_field={dcfg.text_field!r} ({err})"
-                    ) from None
-    else:
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
-    if dcfg.max_documents:
-        docs = docs[: dcfg.max_documents]
+def read_documents(dcfg: DataSection, rows=None) -> list[str]:
+    """The text documents of ``data.path``: ``data.text_field`` of each row as it is, or the
+    blank-line separated paragraphs of ``.txt`` files, stripped, empty ones skipped; the first
+    ``max_documents``."""
+    rows = load_rows(dcfg) if rows is None else rows
+    field = "text" if "text" in rows.column_names and dcfg.text_field not in rows.column_names else dcfg.text_field
+    if field not in rows.column_names:
+        raise ConfigError(f"data.path: {dcfg.path}, row 1: no field data.text_field={dcfg.text_field!r} "
+                          f"(the rows have {', '.join(rows.column_names)})")
+    paragraphs = rows.info.builder_name == "text"
+    docs = []
+    for i, value in enumerate(rows[field]):
+        if value is None:
+            raise ConfigError(f"data.path: {dcfg.path}, row {i + 1}: field {field!r} is missing")
+        if not paragraphs:
+            docs.append(str(value))
+        elif value.strip():
+            docs.append(value.strip())
+        if dcfg.max_documents and len(docs) == dcfg.max_documents:
+            break
     if not docs:
         raise ConfigError(f"data.path: {dcfg.path!r} holds no documents")
     return docs
+
+
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Whole examples into (N, seq_len) blocks, first fit in order (each example <= seq_len).
+
+    Returns:
+        ``input_ids``, ``labels`` (-100 on prompt and padding) and ``position_ids`` (0 at each
+        example's first token; padding counts on from the last example), each (N, seq_len).
+    """
+    blocks: list[tuple[list[int], list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+
+    def close() -> None:
+        pad = seq_len - len(ids)
+        start = pos[-1] + 1 if pos else 0
+        blocks.append((ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + list(range(start, start + pad))))
+
+    for ex in examples:
+        if len(ids) + len(ex.ids) > seq_len:
+            close()
+            ids, labels, pos = [], [], []
+        ids, labels, pos = ids + ex.ids, labels + ex.labels, pos + list(range(len(ex.ids)))
+    if ids:
+        close()
+    t = [torch.tensor(col, dtype=torch.long) for col in zip(*blocks)]
+    return {"input_ids": t[0], "labels": t[1], "position_ids": t[2]}
+
+
+def tokenized_blocks(dcfg: DataSection, tokenizer) -> dict[str, torch.Tensor]:
+    """``data.path`` read, rendered for its format, tokenized and packed: ``input_ids`` (N, T),
+    and for instruction/chat data ``labels`` and ``position_ids`` (N, T)."""
+    rows = load_rows(dcfg)
+    fmt = detect_format(rows.column_names, dcfg)
+    try:
+        if fmt == "text":
+            return {"input_ids": pack(read_documents(dcfg, rows), tokenizer, dcfg.seq_len)}
+        examples = encode_rows(rows, dcfg, tokenizer, fmt)
+    except UnicodeDecodeError:  # datasets decodes strings lazily, as the rows are read
+        raise ConfigError(f"data.path: {dcfg.path} could not be read: not UTF-8 at {first_bad_utf8(dcfg)}") from None
+    return pack_examples(examples, dcfg.seq_len, tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id)
 
 
 def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -59,21 +105,33 @@ class PackedData:
     batches the uninterrupted run would have drawn.
 
     Args:
-        blocks: (N, seq_len) token ids.
+        blocks: (N, seq_len) token ids, or the fields of :func:`tokenized_blocks`
+            (``input_ids`` and optionally ``labels`` and ``position_ids``, each (N, seq_len)).
         eval_fraction: share of blocks (the last ones) held out for evaluation.
         batch_size: sequences per micro-batch. seed: the shuffling seed.
     """
 
-    def __init__(self, blocks: torch.Tensor, eval_fraction: float, batch_size: int, seed: int) -> None:
-        n_eval = int(len(blocks) * eval_fraction)
-        if len(blocks) - n_eval < batch_size:
+    def __init__(self, blocks: torch.Tensor | dict[str, torch.Tensor], eval_fraction: float, batch_size: int,
+                 seed: int) -> None:
+        fields = blocks if isinstance(blocks, dict) else {"input_ids": blocks}
+        ids = fields["input_ids"]
+        n_eval = int(len(ids) * eval_fraction)
+        if len(ids) - n_eval < batch_size:
             raise ConfigError(
-                f"data: only {len(blocks) - n_eval} training sequences of length "
-                f"{blocks.shape[1]}, fewer than train.batch_size={batch_size}"
+                f"data: only {len(ids) - n_eval} training sequences of length "
+                f"{ids.shape[1]}, fewer than train.batch_size={batch_size}"
             )
-        self.train, self.eval = blocks[: len(blocks) - n_eval], blocks[len(blocks) - n_eval :]
+        cut = len(ids) - n_eval
+        self.fields = {k: v[:cut] for k, v in fields.items()}
+        self.eval_fields = {k: v[cut:] for k, v in fields.items()}
+        self.train, self.eval = self.fields["input_ids"], self.eval_fields["input_ids"]
         self.batch_size, self.seed = batch_size, seed
         self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def masked(self) -> bool:
+        """Whether the blocks carry their own labels (instruction/chat data)."""
+        return "labels" in self.fields
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
@@ -81,15 +139,25 @@ class PackedData:
             self._perms = {epoch: torch.randperm(len(self.train), generator=gen)}
         return self._perms[epoch]
 
-    def train_batch(self, micro_index: int) -> torch.Tensor:
-        """The ``micro_index``-th micro-batch of the run, shape (batch_size, seq_len)."""
+    def _rows(self, micro_index: int) -> torch.Tensor:
         n = len(self.train)
         start = micro_index * self.batch_size
-        rows = []
-        for i in range(start, start + self.batch_size):
-            rows.append(self._perm(i // n)[i % n])
-        return self.train[torch.stack(rows)]
+        return torch.stack([self._perm(i // n)[i % n] for i in range(start, start + self.batch_size)])
+
+    def train_batch(self, micro_index: int) -> torch.Tensor:
+        """The ``micro_index``-th micro-batch of the run's token ids, shape (batch_size, seq_len)."""
+        return self.train[self._rows(micro_index)]
+
+    def train_inputs(self, micro_index: int) -> dict[str, torch.Tensor]:
+        """The ``micro_index``-th micro-batch with all its fields, each (batch_size, seq_len)."""
+        rows = self._rows(micro_index)
+        return {k: v[rows] for k, v in self.fields.items()}
 
     def eval_batches(self, count: int) -> list[torch.Tensor]:
-        """Up to ``count`` fixed eval micro-batches."""
+        """Up to ``count`` fixed eval micro-batches of token ids."""
         return [b for b in self.eval.split(self.batch_size)][:count]
+
+    def eval_inputs(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """Up to ``count`` fixed eval micro-batches with all their fields."""
+        split = {k: v.split(self.batch_size)[:count] for k, v in self.eval_fields.items()}
+        return [{k: split[k][i] for k in split} for i in range(len(split["input_ids"]))]

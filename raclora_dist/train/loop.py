@@ -29,6 +29,19 @@ from raclora_dist.train.session import Session
 LANDED_WARNING = 0.9
 
 
+def _labelled(labels: torch.Tensor) -> int:
+    """Tokens a causal-LM loss covers in (B, T) labels: those after the first, not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _eval_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """A whole eval micro-batch (every rank evaluates all of it): its loss is the mean over
+    its labelled tokens (response tokens only for instruction/chat data)."""
+    if "labels" not in batch:
+        return batch
+    return {**batch, "num_items": max(_labelled(batch["labels"]), 1)}
+
+
 class Trainer:
     """Runs the chain's links on this rank.
 
@@ -103,6 +116,9 @@ class Trainer:
             tokens = tc.batch_size * tc.grad_accum * self.data.train.shape[1]
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
                    "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb()}
+            if self.data.masked:  # instruction/chat: the tokens the loss covers, apart from all tokens
+                rec["trained_tokens"] = self._trained_tokens
+                rec["trained_tokens_per_s"] = self._trained_tokens / dt
             gpu = device_peak_mb(self.backend.info.device)
             if gpu is not None:
                 rec["gpu_peak_mb"] = gpu
@@ -152,10 +168,16 @@ class Trainer:
         """
         tc, b = self.cfg.train, self.backend
         total = 0.0
+        self._trained_tokens = 0
         for micro in range(tc.grad_accum):
-            batch = self.data.train_batch(self.global_step * tc.grad_accum + micro)  # (B, T)
+            batch = self.data.train_inputs(self.global_step * tc.grad_accum + micro)  # fields (B, T)
+            local = {k: b.local_batch(v) for k, v in batch.items()}  # (B / world, T) on this rank
+            if "labels" in batch:
+                counted = _labelled(batch["labels"])
+                self._trained_tokens += counted
+                local["num_items"] = max(counted, 1) / b.info.world_size
             with b.micro_batch(last=micro == tc.grad_accum - 1):
-                loss = b.forward(b.local_batch(batch))  # (B / world, T) on this rank
+                loss = b.forward(**local)
                 b.backward(loss, tc.grad_accum)
             total += loss.item()
         self._grad_norm = b.step(tc.grad_clip)
@@ -198,12 +220,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed eval batches, each on every rank (NaN when none)."""
-        batches = self.data.eval_batches(self.cfg.train.eval_batches)
+        batches = self.data.eval_inputs(self.cfg.train.eval_batches)
         if not batches:
             return float("nan")
         model = self.backend.model
         model.eval()
-        losses = [self.backend.forward(b).item() for b in batches]
+        losses = [self.backend.forward(**_eval_inputs(b)).item() for b in batches]
         model.train()
         return sum(losses) / len(losses)
 

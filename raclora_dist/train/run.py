@@ -20,7 +20,7 @@ from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shut
 from raclora_dist.config import ConfigError, RunConfig, build_config, check_paths, diff_configs, read_yaml
 from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
-from raclora_dist.train.data import PackedData, pack, read_documents
+from raclora_dist.train.data import PackedData, tokenized_blocks
 from raclora_dist.train.loop import Trainer
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
@@ -28,10 +28,9 @@ from raclora_dist.train.tokenizer import load_tokenizer
 
 
 def load_data(cfg: RunConfig) -> PackedData:
-    """Reads, tokenizes and packs ``data.path``."""
+    """Reads, renders (instruction/chat), tokenizes and packs ``data.path``."""
     tok = load_tokenizer(cfg.data.tokenizer)
-    blocks = pack(read_documents(cfg.data), tok, cfg.data.seq_len)
-    return PackedData(blocks, cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed)
+    return PackedData(tokenized_blocks(cfg.data, tok), cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed)
 
 
 def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool,
@@ -77,13 +76,15 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
 def preflight(cfg: RunConfig, resume: bool) -> None:
     """What the launching process checks before it starts any worker (torchrun's): the run
     folder against ``--resume``, the config against the run's, the world size against the
-    checkpoint. Each worker checks the same again (a worker may see other files).
+    checkpoint, and the data (read, rendered and tokenized: a bad row is named here). Each
+    worker checks the same again (a worker may see other files).
 
     Raises:
         ConfigError: the run cannot start; nothing was started or written.
     """
     ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume, log=lambda line: print(line, file=sys.stderr))
     _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
+    load_data(cfg)
 
 
 def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:

@@ -20,7 +20,7 @@ CASES = {
     "broken_yaml": ([], "invalid YAML at line"),
     "unknown_field": (["raclora.rankk=4"], "raclora.rankk: unknown field"),
     "rank_too_large": (["raclora.rank=64", "raclora.sketch_side=right"], "raclora.rank=64: rank 64 exceeds"),
-    "missing_data": (["data.path=/no/such.jsonl"], "data.path: file '/no/such.jsonl' does not exist"),
+    "missing_data": (["data.path=/no/such.jsonl"], "data.path: '/no/such.jsonl' does not exist"),
     "unmatched_target": (["raclora.target_modules=[qkv]"], "'qkv' matched no module; candidates: q_proj"),
     "fresh_run_over_checkpoint": ([], "already holds a checkpoint; pass --resume"),
     "resume_with_other_seed": (["raclora.seed=5", "--resume"], "raclora.seed: run has 0, config has 5"),

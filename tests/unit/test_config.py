@@ -59,7 +59,7 @@ def test_model_needs_exactly_one_source(cfg_file):
 
 def test_missing_files_are_named(cfg_file):
     cfg = load_config(cfg_file, ["data.path=/no/such/file.jsonl"])
-    with pytest.raises(ConfigError, match="data.path: file '/no/such/file.jsonl' does not exist"):
+    with pytest.raises(ConfigError, match="data.path: '/no/such/file.jsonl' does not exist"):
         check_paths(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(cfg_file.parent / "missing.yaml")
