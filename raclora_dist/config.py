@@ -56,8 +56,19 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    path: str = Field(..., description="Training data, read through Hugging Face datasets: a .jsonl/.json/.parquet/.csv/.txt "
-                      "file (.txt: blank-line separated documents), a folder of such files, or a save_to_disk folder.")
+    path: str | list[str] = Field(
+        ..., description="Training data, read through Hugging Face datasets: a .jsonl/.json/.parquet/.csv/.txt file "
+        "(.txt: blank-line separated documents), a folder of such files, or a save_to_disk folder; or a list of these "
+        "(sources, mixed by data.weights).")
+    weights: list[float] | None = Field(
+        None, description="With several data.path sources: their shares of the training examples (normalised); each "
+        "source contributes its first rows in proportion until one runs out. Unset: all rows of every source.")
+    eval_path: str | list[str] | None = Field(
+        None, description="Held-out data in the same format (then data.eval_fraction is not used); unset: the last "
+        "data.eval_fraction of the packed training sequences.")
+    cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached (memory-mapped by every rank; built once per data, format "
+        "and tokenizer); default $RACLORA_CACHE or ~/.cache/raclora/tokenized.")
     format: Literal["auto", "text", "jsonl", "instruction", "chat"] = Field(
         "auto", description="text: raw text, packed across documents, loss on every token; instruction: Alpaca rows "
         "(instruction, optional input, output); chat: rows of messages [{role, content}]; auto: chat if the rows have "
@@ -83,7 +94,30 @@ class DataSection(_Section):
                                   "model.name_or_path's own tokenizer if that folder has one, else 'bytes'.")
     seq_len: int = Field(128, ge=8, description="Tokens per packed sequence.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out.")
-    max_documents: int | None = Field(None, ge=1, description="Use only the first N documents (rows).")
+    max_documents: int | None = Field(None, ge=1, description="Use only the first N documents (rows) of each source.")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "DataSection":
+        if self.weights is not None:
+            n = len(self.path) if isinstance(self.path, list) else 1
+            if len(self.weights) != n or any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
+                raise ValueError(f"data.weights: {self.weights} must be {n} non-negative numbers (one per data.path "
+                                 "source), not all zero")
+        if isinstance(self.path, list) and not self.path:
+            raise ValueError("data.path: an empty list; give a file or folder, or a list of them")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        """The training sources, as a list."""
+        return list(self.path) if isinstance(self.path, list) else [self.path]
+
+    @property
+    def eval_paths(self) -> list[str]:
+        """The held-out sources, as a list (empty: split from the training data)."""
+        if self.eval_path is None:
+            return []
+        return list(self.eval_path) if isinstance(self.eval_path, list) else [self.eval_path]
 
 
 class TrainSection(_Section):
@@ -102,6 +136,10 @@ class TrainSection(_Section):
         False, description="Recompute each decoder block's activations in the backward instead of keeping them "
         "(non-reentrant torch.utils.checkpoint per block): saved activations shrink to one hidden state per block.",
     )
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="Prompts answered greedily after each link (and before the first), written "
+        "to metrics.jsonl and samples.md; for instruction/chat data rendered as a user turn with the chat template.")
+    sample_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
     seed: int = Field(0, description="Data order seed.")
 
 
@@ -215,8 +253,9 @@ CPU_OFFLOAD_NEEDS_GPU = ("it moves FSDP2 shards between GPU and CPU memory, and 
                          "memory already; set it false")
 
 # Fields that may differ between a run and its resumption (they do not change the chain).
-RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "distributed.", "ray.")
-PATH_FIELDS = ("data.path", "data.tokenizer", "model.name_or_path")
+RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "train.sample_", "distributed.",
+                     "ray.")
+PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "model.name_or_path")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -296,7 +335,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def absolutize(cfg: RunConfig) -> RunConfig:
     """Makes the config's local paths absolute (in place): Ray workers run elsewhere."""
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
-    cfg.data.path = str(Path(cfg.data.path).resolve())
+    resolve = lambda p: str(Path(p).resolve())  # noqa: E731
+    cfg.data.path = [resolve(p) for p in cfg.data.path] if isinstance(cfg.data.path, list) else resolve(cfg.data.path)
+    if cfg.data.eval_path is not None:
+        cfg.data.eval_path = ([resolve(p) for p in cfg.data.eval_path] if isinstance(cfg.data.eval_path, list)
+                              else resolve(cfg.data.eval_path))
     if cfg.data.tokenizer != "bytes":
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
     if cfg.model.name_or_path is not None:
@@ -312,14 +355,22 @@ def absolutize(cfg: RunConfig) -> RunConfig:
 
 def check_paths(cfg: RunConfig) -> None:
     """Checks that the files a config names exist (the config itself is already valid)."""
-    if not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path: {cfg.data.path!r} does not exist (a file or a folder)")
+    for field, paths in (("data.path", cfg.data.paths), ("data.eval_path", cfg.data.eval_paths)):
+        for path in paths:
+            if not Path(path).exists():
+                raise ConfigError(f"{field}: {path!r} does not exist (a file or a folder)")
     if cfg.data.tokenizer != "bytes" and not Path(cfg.data.tokenizer).is_dir():
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is neither 'bytes' nor a folder")
     if cfg.model.name_or_path is not None and not Path(cfg.model.name_or_path).is_dir():
         raise ConfigError(
             f"model.name_or_path: {cfg.model.name_or_path!r} is not a local folder (no hub access)"
         )
+
+
+def _same_paths(a: str | list[str], b: str | list[str]) -> bool:
+    """Whether two path fields name the same files (relative or absolute)."""
+    a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    return len(a) == len(b) and all(Path(x).resolve() == Path(y).resolve() for x, y in zip(a, b))
 
 
 def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:
@@ -332,7 +383,7 @@ def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:
                 walk(a.get(k), b.get(k), f"{prefix}{k}.")
         elif a != b:
             key = prefix[:-1]
-            if key in PATH_FIELDS and a and b and a != "bytes" and Path(a).resolve() == Path(b).resolve():
+            if key in PATH_FIELDS and a and b and a != "bytes" and _same_paths(a, b):
                 return
             if not any(key == c or key.startswith(c) for c in RESUMABLE_CHANGES):
                 out.append(f"{key}: run has {a!r}, config has {b!r}")

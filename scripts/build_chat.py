@@ -20,7 +20,7 @@ import random
 import sysconfig
 from pathlib import Path
 
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
+from build_corpus import iter_nodes  # scripts/ is on sys.path when this file runs
 
 TASKS = [
     ("Write {name} in upper case.", lambda n: n.upper()),
@@ -32,20 +32,11 @@ TASKS = [
 
 def function_names(root: Path) -> list[str]:
     names: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        for fn in sorted(filenames):
-            if not fn.endswith(".py"):
-                continue
-            try:
-                tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    n = node.name.strip("_")
-                    if 4 <= len(n) <= 24 and n.isascii() and n.replace("_", "").isalpha() and n.islower():
-                        names.add(n)
+    for node in iter_nodes(root):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.name.strip("_")
+            if 4 <= len(n) <= 24 and n.isascii() and n.replace("_", "").isalpha() and n.islower():
+                names.add(n)
     return sorted(names)
 
 

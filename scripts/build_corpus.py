@@ -22,7 +22,9 @@ from pathlib import Path
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
 
 
-def iter_docstrings(root: Path):
+def iter_nodes(root: Path):
+    """Every AST node of the standard library's sources below ``root``, in a fixed order
+    (files parsed, never imported; tests and tools skipped)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for fn in sorted(filenames):
@@ -32,11 +34,15 @@ def iter_docstrings(root: Path):
                 tree = ast.parse(Path(dirpath, fn).read_text(encoding="utf-8"))
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node, clean=True)
-                    if doc:
-                        yield doc
+            yield from ast.walk(tree)
+
+
+def iter_docstrings(root: Path):
+    for node in iter_nodes(root):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                yield doc
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None) -> RunCon
     else:
         c.run.dir = f"{STORAGE_DIR}/runs/{name}"
         c.ray.storage_path = f"{STORAGE_DIR}/ray"
-    if c.data.path.endswith("stdlib_docstrings.jsonl"):
+    if isinstance(c.data.path, str) and c.data.path.endswith("stdlib_docstrings.jsonl"):
         c.data.path = IMAGE_DATA
     if c.distributed.strategy == "single":
         c.distributed.strategy = "fsdp2"

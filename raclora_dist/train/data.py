@@ -16,20 +16,22 @@ from raclora_dist.train.formats import IGNORE, Example, detect_format, encode_ro
 from raclora_dist.train.records import first_bad_utf8, load_rows
 
 
-def read_documents(dcfg: DataSection, rows=None) -> list[str]:
-    """The text documents of ``data.path``: ``data.text_field`` of each row as it is, or the
+def read_documents(dcfg: DataSection, rows=None, source: str | None = None) -> list[str]:
+    """The text documents of one source: ``data.text_field`` of each row as it is, or the
     blank-line separated paragraphs of ``.txt`` files, stripped, empty ones skipped; the first
-    ``max_documents``."""
-    rows = load_rows(dcfg) if rows is None else rows
+    ``max_documents``. ``rows``: the source's rows if read already; ``source``: its path
+    (default: the first of ``data.path``)."""
+    source = source or dcfg.paths[0]
+    rows = load_rows(dcfg, source) if rows is None else rows
     field = "text" if "text" in rows.column_names and dcfg.text_field not in rows.column_names else dcfg.text_field
     if field not in rows.column_names:
-        raise ConfigError(f"data.path: {dcfg.path}, row 1: no field data.text_field={dcfg.text_field!r} "
+        raise ConfigError(f"data.path: {source}, row 1: no field data.text_field={dcfg.text_field!r} "
                           f"(the rows have {', '.join(rows.column_names)})")
     paragraphs = rows.info.builder_name == "text"
     docs = []
     for i, value in enumerate(rows[field]):
         if value is None:
-            raise ConfigError(f"data.path: {dcfg.path}, row {i + 1}: field {field!r} is missing")
+            raise ConfigError(f"data.path: {source}, row {i + 1}: field {field!r} is missing")
         if not paragraphs:
             docs.append(str(value))
         elif value.strip():
@@ -37,7 +39,7 @@ def read_documents(dcfg: DataSection, rows=None) -> list[str]:
         if dcfg.max_documents and len(docs) == dcfg.max_documents:
             break
     if not docs:
-        raise ConfigError(f"data.path: {dcfg.path!r} holds no documents")
+        raise ConfigError(f"data.path: {source!r} holds no documents")
     return docs
 
 
@@ -69,19 +71,68 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[st
     return {"input_ids": t[0], "labels": t[1], "position_ids": t[2]}
 
 
-def tokenized_blocks(dcfg: DataSection, tokenizer) -> dict[str, torch.Tensor]:
-    """``data.path`` read, rendered for its format, tokenized and packed: ``input_ids`` (N, T),
-    and for instruction/chat data ``labels`` and ``position_ids`` (N, T)."""
-    rows = load_rows(dcfg)
+def mix(items: list[list], weights: list[float] | None) -> list:
+    """Several sources' items as one list.
+
+    Without weights: all items, source after source. With weights: source ``i`` gives its
+    first ``n_i`` items, ``n_i`` proportional to its weight, as many as the sources allow
+    before the first runs out; the sources are then interleaved in a fixed pseudo-random order.
+    """
+    if weights is None or len(items) == 1:
+        return [x for src in items for x in src]
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    scale = min(len(src) / p for src, p in zip(items, shares) if p > 0)
+    counts = [int(scale * p + 1e-9) for p in shares]
+    order = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
+    order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))]
+    taken = [0] * len(items)
+    out = []
+    for i in order.tolist():
+        out.append(items[i][taken[i]])
+        taken[i] += 1
+    return out
+
+
+def _source(dcfg: DataSection, tokenizer, source: str, field: str):
+    """One source's format and items: text documents, or encoded examples."""
+    rows = load_rows(dcfg, source, field)
     fmt = detect_format(rows.column_names, dcfg)
     try:
         if fmt == "text":
-            return {"input_ids": pack(read_documents(dcfg, rows), tokenizer, dcfg.seq_len)}
-        examples = encode_rows(rows, dcfg, tokenizer, fmt)
+            return "text", read_documents(dcfg, rows, source)
+        return fmt, encode_rows(rows, dcfg, tokenizer, fmt, f"{field}: {source}")
     except UnicodeDecodeError:  # datasets decodes strings lazily, as the rows are read
-        raise ConfigError(f"data.path: {dcfg.path} could not be read: not UTF-8 at {first_bad_utf8(dcfg)}") from None
-    return pack_examples(examples, dcfg.seq_len, tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                         else tokenizer.eos_token_id)
+        raise ConfigError(f"{field}: {source} could not be read: not UTF-8 at {first_bad_utf8(source)}") from None
+
+
+def _blocks(dcfg: DataSection, tokenizer, sources: list[str], field: str,
+            weights: list[float] | None) -> dict[str, torch.Tensor]:
+    read = [_source(dcfg, tokenizer, src, field) for src in sources]
+    kinds = {fmt == "text" for fmt, _ in read}
+    if len(kinds) > 1:
+        named = ", ".join(f"{src} ({fmt})" for src, (fmt, _) in zip(sources, read))
+        raise ConfigError(f"{field}: the sources mix text with instruction/chat rows ({named}); "
+                          "give data of one kind, or set data.format")
+    items = mix([it for _, it in read], weights)
+    if kinds == {True}:
+        return {"input_ids": pack(items, tokenizer, dcfg.seq_len)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pack_examples(items, dcfg.seq_len, pad)
+
+
+def tokenized_blocks(dcfg: DataSection, tokenizer) -> dict[str, dict[str, torch.Tensor]]:
+    """``data.path`` (and ``data.eval_path``) read, rendered for its format, tokenized, mixed
+    and packed.
+
+    Returns:
+        ``{"train": fields}``, plus ``"eval"`` with ``data.eval_path``; each field set has
+        ``input_ids`` (N, T) and, for instruction/chat data, ``labels`` and ``position_ids``.
+    """
+    out = {"train": _blocks(dcfg, tokenizer, dcfg.paths, "data.path", dcfg.weights)}
+    if dcfg.eval_paths:
+        out["eval"] = _blocks(dcfg, tokenizer, dcfg.eval_paths, "data.eval_path", None)
+    return out
 
 
 def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -105,17 +156,19 @@ class PackedData:
     batches the uninterrupted run would have drawn.
 
     Args:
-        blocks: (N, seq_len) token ids, or the fields of :func:`tokenized_blocks`
-            (``input_ids`` and optionally ``labels`` and ``position_ids``, each (N, seq_len)).
-        eval_fraction: share of blocks (the last ones) held out for evaluation.
+        blocks: (N, seq_len) token ids, or a field set of :func:`tokenized_blocks`
+            (``input_ids`` and optionally ``labels`` and ``position_ids``, each (N, seq_len);
+            integer tensors, memory-mapped int32 ones too).
+        eval_fraction: share of blocks (the last ones) held out for evaluation, unless
+            ``eval_blocks`` (a field set from ``data.eval_path``) are given.
         batch_size: sequences per micro-batch. seed: the shuffling seed.
     """
 
     def __init__(self, blocks: torch.Tensor | dict[str, torch.Tensor], eval_fraction: float, batch_size: int,
-                 seed: int) -> None:
+                 seed: int, eval_blocks: dict[str, torch.Tensor] | None = None) -> None:
         fields = blocks if isinstance(blocks, dict) else {"input_ids": blocks}
         ids = fields["input_ids"]
-        n_eval = int(len(ids) * eval_fraction)
+        n_eval = 0 if eval_blocks is not None else int(len(ids) * eval_fraction)
         if len(ids) - n_eval < batch_size:
             raise ConfigError(
                 f"data: only {len(ids) - n_eval} training sequences of length "
@@ -123,7 +176,7 @@ class PackedData:
             )
         cut = len(ids) - n_eval
         self.fields = {k: v[:cut] for k, v in fields.items()}
-        self.eval_fields = {k: v[cut:] for k, v in fields.items()}
+        self.eval_fields = eval_blocks if eval_blocks is not None else {k: v[cut:] for k, v in fields.items()}
         self.train, self.eval = self.fields["input_ids"], self.eval_fields["input_ids"]
         self.batch_size, self.seed = batch_size, seed
         self._perms: dict[int, torch.Tensor] = {}
@@ -146,18 +199,18 @@ class PackedData:
 
     def train_batch(self, micro_index: int) -> torch.Tensor:
         """The ``micro_index``-th micro-batch of the run's token ids, shape (batch_size, seq_len)."""
-        return self.train[self._rows(micro_index)]
+        return self.train[self._rows(micro_index)].long()
 
     def train_inputs(self, micro_index: int) -> dict[str, torch.Tensor]:
         """The ``micro_index``-th micro-batch with all its fields, each (batch_size, seq_len)."""
         rows = self._rows(micro_index)
-        return {k: v[rows] for k, v in self.fields.items()}
+        return {k: v[rows].long() for k, v in self.fields.items()}  # int32 when memory-mapped
 
     def eval_batches(self, count: int) -> list[torch.Tensor]:
         """Up to ``count`` fixed eval micro-batches of token ids."""
-        return [b for b in self.eval.split(self.batch_size)][:count]
+        return [b.long() for b in self.eval.split(self.batch_size)][:count]
 
     def eval_inputs(self, count: int) -> list[dict[str, torch.Tensor]]:
         """Up to ``count`` fixed eval micro-batches with all their fields."""
         split = {k: v.split(self.batch_size)[:count] for k, v in self.eval_fields.items()}
-        return [{k: split[k][i] for k in split} for i in range(len(split["input_ids"]))]
+        return [{k: split[k][i].long() for k in split} for i in range(len(split["input_ids"]))]

@@ -63,18 +63,18 @@ def chat_template(tokenizer, dcfg: DataSection) -> str:
                       "or to a Jinja template")
 
 
-def _where(dcfg: DataSection, row: int) -> str:
-    return f"data.path: {dcfg.path}, row {row + 1}"
+def _where(source: str, row: int) -> str:
+    return f"{source}, row {row + 1}"
 
 
-def instruction_messages(row: dict, dcfg: DataSection, index: int) -> list[dict]:
+def instruction_messages(row: dict, dcfg: DataSection, where: str) -> list[dict]:
     """An Alpaca row as a user turn and an assistant turn."""
     for field in (dcfg.instruction_field, dcfg.output_field):
         value = row.get(field)
         if not isinstance(value, str):
-            raise ConfigError(f"{_where(dcfg, index)}: field {field!r} is missing or not text")
+            raise ConfigError(f"{where}: field {field!r} is missing or not text")
     if not row[dcfg.output_field].strip():
-        raise ConfigError(f"{_where(dcfg, index)}: field {dcfg.output_field!r} (the response) is empty")
+        raise ConfigError(f"{where}: field {dcfg.output_field!r} (the response) is empty")
     prompt = row[dcfg.instruction_field]
     extra = row.get(dcfg.input_field)
     if isinstance(extra, str) and extra.strip():
@@ -82,27 +82,27 @@ def instruction_messages(row: dict, dcfg: DataSection, index: int) -> list[dict]
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row[dcfg.output_field]}]
 
 
-def chat_messages(row: dict, dcfg: DataSection, index: int) -> list[dict]:
+def chat_messages(row: dict, dcfg: DataSection, where: str) -> list[dict]:
     """A chat row's messages with roles mapped to system/user/assistant (checked)."""
     messages = row.get(dcfg.messages_field)
     if not isinstance(messages, list) or not messages:
-        raise ConfigError(f"{_where(dcfg, index)}: field {dcfg.messages_field!r} is missing or not a list of messages")
+        raise ConfigError(f"{where}: field {dcfg.messages_field!r} is missing or not a list of messages")
     out = []
     for k, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ConfigError(f"{_where(dcfg, index)}: message {k + 1} is not an object with role and content")
+            raise ConfigError(f"{where}: message {k + 1} is not an object with role and content")
         role, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
         if role not in dcfg.roles:
-            raise ConfigError(f"{_where(dcfg, index)}: message {k + 1} has role {role!r}; data.roles allows "
+            raise ConfigError(f"{where}: message {k + 1} has role {role!r}; data.roles allows "
                               f"{', '.join(sorted(dcfg.roles))}")
         if not isinstance(content, str):
-            raise ConfigError(f"{_where(dcfg, index)}: message {k + 1} has no text content")
+            raise ConfigError(f"{where}: message {k + 1} has no text content")
         out.append({"role": dcfg.roles[role], "content": content})
     answers = [m for m in out if m["role"] == "assistant"]
     if not answers:
-        raise ConfigError(f"{_where(dcfg, index)}: the conversation has no assistant message to train on")
+        raise ConfigError(f"{where}: the conversation has no assistant message to train on")
     if any(not m["content"].strip() for m in answers):
-        raise ConfigError(f"{_where(dcfg, index)}: an assistant message (a response) is empty")
+        raise ConfigError(f"{where}: an assistant message (a response) is empty")
     return out
 
 
@@ -120,7 +120,7 @@ class ChatEncoder:
         return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                             add_generation_prompt=generation_prompt)
 
-    def spans(self, messages: list[dict], index: int) -> tuple[str, list[tuple[int, int]]]:
+    def spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of its assistant turns."""
         text = self.render(messages)
         spans = []
@@ -130,14 +130,14 @@ class ChatEncoder:
             start = len(self.render(messages[:k], generation_prompt=True)) if k else 0
             end = len(self.render(messages[: k + 1]))
             if not text.startswith(self.render(messages[: k + 1])):
-                raise ConfigError(f"{_where(self.dcfg, index)}: the chat template does not render the conversation "
+                raise ConfigError(f"{where}: the chat template does not render the conversation "
                                   "turn by turn (a shorter conversation is not a prefix of the whole); choose another "
                                   "data.chat_template")
             spans.append((start, end))
         return text, spans
 
-    def encode(self, messages: list[dict], index: int) -> Example:
-        text, spans = self.spans(messages, index)
+    def encode(self, messages: list[dict], where: str) -> Example:
+        text, spans = self.spans(messages, where)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         labels = [IGNORE] * len(ids)
@@ -147,9 +147,12 @@ class ChatEncoder:
         return Example(ids, labels)
 
 
-def encode_rows(rows, dcfg: DataSection, tokenizer, fmt: str) -> list[Example]:
+def encode_rows(rows, dcfg: DataSection, tokenizer, fmt: str, source: str) -> list[Example]:
     """Every row of an instruction or chat dataset as an :class:`Example` (the first
     ``max_documents`` rows), checked before any is used.
+
+    Args:
+        source: where the rows come from, named in errors ("data.path: FILE").
 
     Raises:
         ConfigError: naming file, row and field: a missing or empty field, an unknown role,
@@ -160,10 +163,11 @@ def encode_rows(rows, dcfg: DataSection, tokenizer, fmt: str) -> list[Example]:
     out = []
     limit = len(rows) if dcfg.max_documents is None else min(dcfg.max_documents, len(rows))
     for i in range(limit):
-        ex = enc.encode(to_messages(rows[i], dcfg, i), i)
+        where = _where(source, i)
+        ex = enc.encode(to_messages(rows[i], dcfg, where), where)
         if len(ex.ids) > dcfg.seq_len:
             if dcfg.overlong == "error":
-                raise ConfigError(f"{_where(dcfg, i)}: {len(ex.ids)} tokens, longer than data.seq_len={dcfg.seq_len}; "
+                raise ConfigError(f"{where}: {len(ex.ids)} tokens, longer than data.seq_len={dcfg.seq_len}; "
                                   "raise seq_len, or set data.overlong to truncate or drop")
             if dcfg.overlong == "drop":
                 continue
@@ -171,8 +175,8 @@ def encode_rows(rows, dcfg: DataSection, tokenizer, fmt: str) -> list[Example]:
         if ex.trained == 0:
             if dcfg.overlong == "truncate":
                 continue  # its response was cut away entirely
-            raise ConfigError(f"{_where(dcfg, i)}: no response tokens after rendering")
+            raise ConfigError(f"{where}: no response tokens after rendering")
         out.append(ex)
     if not out:
-        raise ConfigError(f"data.path: {dcfg.path!r}: no example fits data.seq_len={dcfg.seq_len}")
+        raise ConfigError(f"{source}: no example fits data.seq_len={dcfg.seq_len}")
     return out

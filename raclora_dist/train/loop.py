@@ -69,6 +69,12 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.startup = startup  # load time and memory so far; reported after the first step
         self.callbacks = CallbackList(callbacks or [])
+        self.sampler = None
+        if cfg.train.sample_prompts:
+            from raclora_dist.train.samples import Sampler
+
+            self.sampler = Sampler(cfg.train.sample_prompts, session.tokenizer, cfg.data, data.masked,
+                                   cfg.train.sample_tokens)
 
     def _write(self, record: dict) -> None:
         if self.metrics is not None:
@@ -85,6 +91,7 @@ class Trainer:
         self.backend.model.train()
         if start_link == 0 and self.global_step == 0:
             self._write({"type": "eval", "step": 0, "eval_loss": self.evaluate()})
+            self._sample(-1)
         self.callbacks.on_train_start(self)
         try:
             for link in range(start_link, rc.links):
@@ -202,6 +209,7 @@ class Trainer:
                  f"{rec['eval_loss']:.4f}  tokens/s {tokens / link_time:.0f}  |sBA| {record.update_norm:.4g}  "
                  f"merge {record.merge_time_s * 1e3:.1f} ms  landed {record.landed_fraction:.3f}"
                  + ("" if record.merged else "  (discarded)"))
+        self._sample(link)
         if record.merged and record.landed_fraction < LANDED_WARNING:
             self.log(f"warning: link {link}: only {record.landed_fraction:.1%} of the intended update landed in the "
                      f"weights (cosine {record.landed_cosine:.2f}); rounding the merged weight to the base's precision (4-bit, bf16) drops small updates. "
@@ -216,6 +224,23 @@ class Trainer:
         self.callbacks.on_checkpoint(self, path, record)
         if self.on_checkpoint is not None:
             self.on_checkpoint(path, record)
+
+    def _sample(self, link: int) -> None:
+        """Answers the sample prompts (every rank, in lockstep); rank 0 records them."""
+        if self.sampler is None:
+            return
+        model = self.backend.model
+        model.eval()
+        answers = self.sampler.answers(model, self.backend.info.device)
+        model.train()
+        self._write({"type": "samples", "link": link, "step": self.global_step,
+                     "prompts": self.sampler.prompts, "answers": answers})
+        if self.is_main:
+            from raclora_dist.train.samples import write_samples_md
+
+            write_samples_md(self.run_dir)
+            for prompt, answer in zip(self.sampler.prompts, answers):
+                self.log(f"  sample: {prompt!r} -> {answer!r}")
 
     @torch.no_grad()
     def evaluate(self) -> float:

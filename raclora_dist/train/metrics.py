@@ -64,7 +64,7 @@ def truncate_after(run_dir: Path, global_step: int, next_link: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the crash
             continue
-        if rec.get("type") == "link" and rec["link"] >= next_link:
+        if rec.get("type") in ("link", "samples") and rec["link"] >= next_link:
             continue
         if rec.get("type") == "step" and rec["step"] > global_step:
             continue

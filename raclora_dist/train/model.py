@@ -60,9 +60,10 @@ def build_meta_model(mcfg: ModelSection, vocab_size: int, source: str | Path | N
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[mcfg.dtype])
     if model.config.vocab_size < vocab_size:
+        field = "model.config.vocab_size" if mcfg.config is not None else f"model.name_or_path ({mcfg.name_or_path})"
         raise ConfigError(
-            f"model.config.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
-            f"{vocab_size} tokens"
+            f"data.tokenizer: the tokenizer has {vocab_size} tokens, more than the model's embedding "
+            f"({field}: vocab_size {model.config.vocab_size}); use the model's own tokenizer"
         )
     return model
 

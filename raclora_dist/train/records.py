@@ -23,19 +23,19 @@ def _quiet_datasets() -> None:
     datasets.logging.set_verbosity_error()
 
 
-def _builder(files: list[Path], where: str) -> str:
+def _builder(files: list[Path], where: str, field: str) -> str:
     kinds = {BUILDERS.get(f.suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
         suffixes = sorted({f.suffix or "(none)" for f in files})
-        raise ConfigError(f"data.path: {where}: cannot read files ending {', '.join(suffixes)}; use one kind of "
+        raise ConfigError(f"{field}: {where}: cannot read files ending {', '.join(suffixes)}; use one kind of "
                           f"{', '.join(sorted(BUILDERS))}, or a save_to_disk folder")
     return kinds.pop()
 
 
-def first_bad_utf8(dcfg: DataSection) -> str:
-    """Where ``data.path`` first fails to decode as UTF-8 ("FILE, line N"), found by reading
-    it line by line (only after datasets reported a decoding error)."""
-    path = Path(dcfg.path)
+def first_bad_utf8(source: str) -> str:
+    """Where ``source`` first fails to decode as UTF-8 ("FILE, line N"), found by reading it
+    line by line (only after datasets reported a decoding error)."""
+    path = Path(source)
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     for f in files:
         with f.open("rb") as fh:
@@ -47,8 +47,8 @@ def first_bad_utf8(dcfg: DataSection) -> str:
     return str(path)
 
 
-def load_rows(dcfg: DataSection):
-    """All rows of ``data.path`` as a ``datasets.Dataset`` (in file order).
+def load_rows(dcfg: DataSection, source: str, field: str = "data.path"):
+    """All rows of ``source`` (one of ``field``'s paths) as a ``datasets.Dataset`` (in file order).
 
     Raises:
         ConfigError: the path is missing, of an unknown kind, or cannot be parsed (the message
@@ -57,35 +57,35 @@ def load_rows(dcfg: DataSection):
     import datasets
 
     _quiet_datasets()
-    path = Path(dcfg.path)
+    path = Path(source)
     if not path.exists():
-        raise ConfigError(f"data.path: {dcfg.path!r} does not exist (a file or a folder)")
+        raise ConfigError(f"{field}: {source!r} does not exist (a file or a folder)")
     try:
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
                               or (path / "state.json").is_file()):
             rows = datasets.load_from_disk(str(path))
             if isinstance(rows, datasets.DatasetDict):
                 if dcfg.split not in rows:
-                    raise ConfigError(f"data.split: {dcfg.split!r} is not a split of {dcfg.path} "
+                    raise ConfigError(f"data.split: {dcfg.split!r} is not a split of {source} "
                                       f"(it has {', '.join(rows)})")
                 rows = rows[dcfg.split]
         else:
             files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")) if path.is_dir() \
                 else [path]
             if not files:
-                raise ConfigError(f"data.path: folder {dcfg.path!r} holds no data files")
-            builder = _builder(files, dcfg.path)
+                raise ConfigError(f"{field}: folder {source!r} holds no data files")
+            builder = _builder(files, source, field)
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             rows = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except ConfigError:
         raise
     except UnicodeDecodeError:
-        raise ConfigError(f"data.path: {dcfg.path} could not be read: not UTF-8 at {first_bad_utf8(dcfg)}") from None
+        raise ConfigError(f"{field}: {source} could not be read: not UTF-8 at {first_bad_utf8(source)}") from None
     except Exception as err:  # noqa: BLE001 -- datasets wraps parser errors in several types
         cause = err
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
-        raise ConfigError(f"data.path: {dcfg.path} could not be read: {type(cause).__name__}: {cause}") from None
+        raise ConfigError(f"{field}: {source} could not be read: {type(cause).__name__}: {cause}") from None
     if len(rows) == 0:
-        raise ConfigError(f"data.path: {dcfg.path!r} holds no documents")
+        raise ConfigError(f"{field}: {source!r} holds no documents")
     return rows

@@ -21,16 +21,20 @@ from raclora_dist.config import ConfigError, RunConfig, build_config, check_path
 from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.data import PackedData, tokenized_blocks
+from raclora_dist.train.token_cache import cached_blocks
 from raclora_dist.train.loop import Trainer
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.train.tokenizer import load_tokenizer
 
 
-def load_data(cfg: RunConfig) -> PackedData:
-    """Reads, renders (instruction/chat), tokenizes and packs ``data.path``."""
+def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> PackedData:
+    """``data.path``'s packed blocks: memory-mapped from the tokenized cache, which is built
+    first (read, rendered, tokenized, packed; ``log`` says so) if this data has none."""
     tok = load_tokenizer(cfg.data.tokenizer)
-    return PackedData(tokenized_blocks(cfg.data, tok), cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed)
+    sets = cached_blocks(cfg.data, tok, lambda: tokenized_blocks(cfg.data, tok), log)
+    return PackedData(sets["train"], cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed,
+                      eval_blocks=sets.get("eval"))
 
 
 def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool,
@@ -84,7 +88,7 @@ def preflight(cfg: RunConfig, resume: bool) -> None:
     """
     ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume, log=lambda line: print(line, file=sys.stderr))
     _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
-    load_data(cfg)
+    load_data(cfg, log=lambda line: print(line, file=sys.stderr))  # tokenized here, once: workers map it
 
 
 def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:
@@ -144,8 +148,10 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     rss_start = current_rss_mb()  # after the libraries: the baseline the model is measured from
     ckpt_path = _check_resume(cfg, run_dir, resume, log=log if info.is_main else None)
     _check_world(cfg, info, ckpt_path)
-    data = load_data(cfg)
+    # Rank 0 tokenizes (when the launching process has not), the others map its cache.
+    data = load_data(cfg, log) if info.is_main else None
     barrier()  # every rank passed the checks before anything is written
+    data = data or load_data(cfg)
     # Inputs are good: from here on the run folder may be written (by rank 0).
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

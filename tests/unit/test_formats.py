@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
-from raclora_dist.train.data import pack_examples, tokenized_blocks
+from raclora_dist.train.data import mix, pack_examples, tokenized_blocks
 from raclora_dist.train.formats import IGNORE, Example
 from raclora_dist.train.tokenizer import byte_tokenizer, load_tokenizer
 from tests.conftest import TINY_MODEL
@@ -37,8 +37,12 @@ def write(rows: list[dict], path, kind: str):
     return path
 
 
+def train_blocks(dcfg, tok):
+    return tokenized_blocks(dcfg, tok)["train"]
+
+
 def section(path, **kw) -> DataSection:
-    return DataSection(**{"path": str(path), "tokenizer": "bytes", "chat_template": "chatml", "seq_len": 256, **kw})
+    return DataSection(**{"path": path if isinstance(path, list) else str(path), "tokenizer": "bytes", "chat_template": "chatml", "seq_len": 256, **kw})
 
 
 def labelled_text(tok, ids, labels) -> list[str]:
@@ -60,7 +64,7 @@ def labelled_text(tok, ids, labels) -> list[str]:
 def test_chat_rows_label_only_assistant_turns(tmp_path, kind):
     path = write(CHAT, tmp_path / f"chat.{ 'x' if kind == 'disk' else kind}", kind)
     tok = byte_tokenizer()
-    out = tokenized_blocks(section(path, seq_len=320), tok)
+    out = train_blocks(section(path, seq_len=320), tok)
     ids, labels, pos = out["input_ids"][0].tolist(), out["labels"][0].tolist(), out["position_ids"][0].tolist()
     # the two conversations share one block; only the assistants' turns (with the end of turn) carry loss
     assert labelled_text(tok, ids, labels) == ["ABC<|im_end|>\n", "yx<|im_end|>\n", "1<|im_end|>\n"]
@@ -75,12 +79,12 @@ def test_chat_rows_label_only_assistant_turns(tmp_path, kind):
 def test_instruction_rows(tmp_path, kind):
     path = write(ALPACA, tmp_path / f"alpaca.{kind}", kind)
     tok = byte_tokenizer()
-    out = tokenized_blocks(section(path), tok)
+    out = train_blocks(section(path), tok)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     assert labelled_text(tok, ids, labels) == ["ABC<|im_end|>\n", "hi<|im_end|>\n"]
     assert "<|im_start|>user\nUpper\n\nabc<|im_end|>" in tok.decode(ids)  # input follows a blank line
     assert "<|im_start|>user\nSay hi<|im_end|>" in tok.decode(ids)  # an empty input is left out
-    every = tokenized_blocks(section(path, train_on_prompt=True), tok)
+    every = train_blocks(section(path, train_on_prompt=True), tok)
     real = every["input_ids"][0] != tok.pad_token_id
     assert torch.equal(every["labels"][0][real], every["input_ids"][0][real])
 
@@ -95,7 +99,7 @@ def test_text_rows_keep_todays_packing(tmp_path, kind):
     else:
         path = write([{"text": d} for d in docs], tmp_path / f"d.{kind}", kind)
     tok = byte_tokenizer()
-    out = tokenized_blocks(DataSection(path=str(path), seq_len=16), tok)
+    out = train_blocks(DataSection(path=str(path), seq_len=16), tok)
     assert set(out) == {"input_ids"}  # loss on every token, no restart
     want = []
     for d in docs:
@@ -112,7 +116,7 @@ def test_tokenizer_with_its_own_template_and_special_tokens(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     loaded = load_tokenizer(str(tmp_path / "tok"))
     path = write(CHAT[1:], tmp_path / "c.jsonl", "jsonl")
-    out = tokenized_blocks(DataSection(path=str(path), tokenizer=str(tmp_path / "tok"), seq_len=64), loaded)
+    out = train_blocks(DataSection(path=str(path), tokenizer=str(tmp_path / "tok"), seq_len=64), loaded)
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     end, user, assistant = (loaded.convert_tokens_to_ids(t) for t in ("<|end|>", "<|user|>", "<|assistant|>"))
     assert ids[0] == user and ids.count(end) == 2 and assistant in ids  # special tokens as single ids
@@ -162,21 +166,104 @@ def test_bad_rows_are_named(tmp_path, case):
     rows, fmt, message = BAD[case]
     path = write(rows, tmp_path / "bad.jsonl", "jsonl")
     with pytest.raises(ConfigError, match=re.escape(f"data.path: {path}, ") + message):
-        tokenized_blocks(section(path, format="instruction" if fmt == "alpaca" else "chat"), byte_tokenizer())
+        train_blocks(section(path, format="instruction" if fmt == "alpaca" else "chat"), byte_tokenizer())
 
 
 def test_non_utf8_file_is_named(tmp_path):
     path = tmp_path / "bin.jsonl"
     path.write_bytes(b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n')
     with pytest.raises(ConfigError, match=re.escape(f"data.path: {path} could not be read: not UTF-8 at {path}, line 1")):
-        tokenized_blocks(section(path), byte_tokenizer())
+        train_blocks(section(path), byte_tokenizer())
 
 
 def test_overlong_rule_drop_and_truncate(tmp_path):
     rows = [CHAT[1], {"messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "y"}]}]
     path = write(rows, tmp_path / "c.jsonl", "jsonl")
     tok = byte_tokenizer()
-    dropped = tokenized_blocks(section(path, overlong="drop"), tok)
+    dropped = train_blocks(section(path, overlong="drop"), tok)
     assert labelled_text(tok, dropped["input_ids"][0].tolist(), dropped["labels"][0].tolist()) == ["1<|im_end|>\n"]
-    cut = tokenized_blocks(section(path, overlong="truncate"), tok)  # its response was cut away: skipped
+    cut = train_blocks(section(path, overlong="truncate"), tok)  # its response was cut away: skipped
     assert torch.equal(cut["labels"], dropped["labels"])
+
+
+def test_sources_mixed_by_weight(tmp_path):
+    a = write([{"messages": [{"role": "user", "content": f"a{i}"}, {"role": "assistant", "content": "A"}]}
+               for i in range(30)], tmp_path / "a.jsonl", "jsonl")
+    b = write([{"instruction": f"b{i}", "output": "B"} for i in range(40)], tmp_path / "b.parquet", "parquet")
+    tok = byte_tokenizer()
+    both = train_blocks(section([str(a), str(b)], seq_len=80), tok)  # chat + instruction: one kind
+    answers = [t for row in labelled_runs(tok, both) for t in row]
+    assert answers.count("A<|im_end|>\n") == 30 and answers.count("B<|im_end|>\n") == 40
+    mixed = train_blocks(section([str(a), str(b)], seq_len=80, weights=[1, 3]), tok)
+    answers = [t for row in labelled_runs(tok, mixed) for t in row]
+    # 1:3 until a source runs out: b's 40 rows allow 13 of a's
+    assert answers.count("A<|im_end|>\n") == 13 and answers.count("B<|im_end|>\n") == 40
+    assert mix([[1, 2, 3], ["x", "y", "z", "w"]], [1, 1]) != [1, 2, 3, "x", "y", "z"]  # interleaved
+    text = write([{"text": "plain"}], tmp_path / "t.jsonl", "jsonl")
+    with pytest.raises(ConfigError, match="the sources mix text with instruction/chat rows"):
+        train_blocks(section([str(a), str(text)]), tok)
+    with pytest.raises(ValueError, match=r"data.weights: \[1.0\] must be 2 non-negative numbers"):
+        section([str(a), str(b)], weights=[1])
+
+
+def labelled_runs(tok, blocks):
+    return [labelled_text(tok, i.tolist(), lab.tolist()) for i, lab in zip(blocks["input_ids"], blocks["labels"])]
+
+
+def test_eval_path_is_held_out_as_given(tmp_path):
+    from raclora_dist.train.data import PackedData
+
+    train = write(CHAT * 4, tmp_path / "train.jsonl", "jsonl")
+    held = write([CHAT[1]], tmp_path / "eval.jsonl", "jsonl")
+    tok = byte_tokenizer()
+    sets = tokenized_blocks(section(train, eval_path=str(held)), tok)
+    data = PackedData(sets["train"], 0.3, 2, 0, eval_blocks=sets["eval"])
+    assert len(data.train) == len(sets["train"]["input_ids"])  # eval_fraction not taken from training
+    (batch,) = data.eval_inputs(4)
+    assert labelled_runs(tok, batch) == [["1<|im_end|>\n"]]
+
+
+def test_tokenized_cache_is_built_once_and_memory_mapped(tmp_path):
+    from raclora_dist.train.token_cache import cache_key, cached_blocks
+
+    path = write(CHAT * 3, tmp_path / "c.jsonl", "jsonl")
+    dcfg = section(path, cache_dir=str(tmp_path / "cache"))
+    tok = byte_tokenizer()
+    built = tokenized_blocks(dcfg, tok)
+    lines = []
+    first = cached_blocks(dcfg, tok, lambda: built, lines.append)
+    assert len(lines) == 1 and "tokenized" in lines[0]
+
+    def must_not_build():
+        raise AssertionError("tokenized again")
+
+    again = cached_blocks(dcfg, tok, must_not_build, lines.append)
+    assert len(lines) == 1 and len(list((tmp_path / "cache").iterdir())) == 1
+    for k, v in built["train"].items():
+        assert torch.equal(first["train"][k].long(), v) and torch.equal(again["train"][k].long(), v)
+    key = cache_key(dcfg, tok)
+    assert cache_key(section(path, cache_dir=str(tmp_path / "cache"), train_on_prompt=True), tok) != key
+    path.write_text(path.read_text() + json.dumps(CHAT[1]) + "\n")  # the data changed: a new entry
+    assert cache_key(dcfg, tok) != key
+
+
+def test_sampler_renders_a_user_turn_and_cuts_at_the_end_of_turn():
+    from raclora_dist.train.samples import Sampler
+
+    tok = byte_tokenizer()
+    sampler = Sampler(["Upper: ab"], tok, section("unused.jsonl"), chat=True, tokens=4)
+    assert tok.decode(sampler.inputs[0]) == "<|im_start|>user\nUpper: ab<|im_end|>\n<|im_start|>assistant\n"
+    assert sampler.stops[0] == "<|im_end|>"
+
+    class Echo(torch.nn.Module):  # a "model" whose next token spells "AB<|im_end|>..."
+        def forward(self, input_ids, use_cache):
+            want = [ord(c) for c in "AB<|im_end|>xyz"]
+            nxt = want[input_ids.shape[1] - len(sampler.inputs[0])]
+            logits = torch.zeros(1, input_ids.shape[1], 300)
+            logits[0, -1, nxt] = 1
+            return type("Out", (), {"logits": logits})
+
+    sampler.tokens = 14
+    assert sampler.answers(Echo(), torch.device("cpu")) == ["AB"]
+    plain = Sampler(["def f"], tok, section("unused.jsonl"), chat=False, tokens=4)
+    assert tok.decode(plain.inputs[0]) == "def f" and plain.stops == [tok.eos_token]

@@ -1,0 +1,112 @@
+"""Tokenize once: packed blocks cached on disk and memory-mapped by every rank.
+
+The first process that needs a data set (the launching process's preflight, or rank 0)
+reads, renders, tokenizes and packs it (:func:`raclora_dist.train.data.tokenized_blocks`)
+and writes the blocks as raw int32 files into ``data.cache_dir/<key>/``; every process then
+maps those files (``torch.from_file``, copy-on-write), so the pages are shared through the
+page cache and a corpus larger than a process's memory is read only where batches touch it.
+
+The key is a hash of everything the blocks depend on: the data settings, each source
+file's name, size and modification time, the tokenizer (its full definition and chat
+template) and :data:`VERSION` of this code. A changed file or setting is a new key; an entry
+is written into a temporary folder and renamed into place, so a reader never sees half of
+one, and two writers racing leave one whole entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from raclora_dist.config import DataSection
+
+VERSION = 1  # bump when the rendering or packing of blocks changes
+SETTINGS_NOT_IN_KEY = ("cache_dir", "eval_fraction")  # the split is taken after the cache
+
+
+def cache_root(dcfg: DataSection) -> Path:
+    if dcfg.cache_dir is not None:
+        return Path(dcfg.cache_dir)
+    env = os.environ.get("RACLORA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "raclora" / "tokenized"
+
+
+def _files(source: str) -> list[list]:
+    path = Path(source)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256((spec + json.dumps(extra, default=str)).encode()).hexdigest()
+
+
+def cache_key(dcfg: DataSection, tokenizer) -> str:
+    """The hash naming the cache entry of ``dcfg``'s blocks under ``tokenizer``."""
+    settings = {k: v for k, v in dcfg.model_dump(mode="json").items() if k not in SETTINGS_NOT_IN_KEY}
+    settings.pop("tokenizer", None)  # the tokenizer's content counts, not where it lies
+    sources = {p: _files(p) for p in dcfg.paths + dcfg.eval_paths}
+    blob = json.dumps({"v": VERSION, "settings": settings, "sources": sources,
+                       "tokenizer": _tokenizer_fingerprint(tokenizer)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _write(folder: Path, sets: dict[str, dict[str, torch.Tensor]]) -> None:
+    meta = {}
+    for part, fields in sets.items():
+        for name, t in fields.items():
+            t.to(torch.int32).contiguous().numpy().tofile(folder / f"{part}.{name}.bin")
+            meta[f"{part}.{name}"] = list(t.shape)
+    (folder / "meta.json").write_text(json.dumps({"version": VERSION, "shapes": meta}))
+
+
+def _read(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    meta = json.loads((folder / "meta.json").read_text())
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, shape in meta["shapes"].items():
+        part, name = key.split(".", 1)
+        n = 1
+        for d in shape:
+            n *= d
+        t = torch.from_file(str(folder / f"{key}.bin"), shared=False, size=n, dtype=torch.int32)
+        out.setdefault(part, {})[name] = t.view(*shape)
+    return out
+
+
+def cached_blocks(dcfg: DataSection, tokenizer, build: Callable[[], dict[str, dict[str, torch.Tensor]]],
+                  log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The blocks of ``dcfg`` from the cache, built by ``build()`` and stored first if absent.
+
+    Returns:
+        ``{"train": fields, "eval"?: fields}`` of memory-mapped int32 (N, T) tensors.
+    """
+    root = cache_root(dcfg)
+    entry = root / cache_key(dcfg, tokenizer)
+    if not (entry / "meta.json").is_file():
+        sets = build()
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
+        try:
+            _write(tmp, sets)
+            try:
+                os.rename(tmp, entry)
+            except OSError:  # another process finished the same entry first: keep theirs
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if log is not None:
+            train = sets["train"]
+            trained = int((train["labels"][:, 1:] != -100).sum()) if "labels" in train else train["input_ids"].numel()
+            log(f"tokenized {', '.join(dcfg.paths)}: {len(train['input_ids'])} sequences of {dcfg.seq_len} tokens "
+                f"({trained:,} with loss) -> {entry}")
+    return _read(entry)
