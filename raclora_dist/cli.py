@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="merged: weight dtype (auto: the base's; a 4-bit run's dequantized layers are float32)")
     pl = sub.add_parser("plot", help="draw RUN/plot.png from RUN/metrics.jsonl")
     pl.add_argument("run")
+    rn = sub.add_parser("runs", help="a table of the runs in a folder (engine, links done, eval loss, state)")
+    rn.add_argument("folder", nargs="?", default="runs")
     sb = sub.add_parser("submit", help="submit training as a Ray job (uploads the working directory)")
     sb.add_argument("config")
     sb.add_argument("overrides", nargs="*")
@@ -149,7 +151,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from raclora_dist.config import check_paths, load_config
+    from raclora_dist.config import ConfigError, check_paths, load_config
 
     if args.command == "train":
         return _train(args)
@@ -184,6 +186,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = export_peft(args.run, args.out, args.rank) if args.format == "peft" else export_merged(args.run, args.out, args.dtype)
         print(f"exported {args.format}: {out}")
+    elif args.command == "runs":
+        from pathlib import Path
+
+        from raclora_dist.train.runs import list_runs, table
+
+        if not Path(args.folder).is_dir():
+            raise ConfigError(f"runs: {args.folder!r} is not a folder")
+        print(table(list_runs(Path(args.folder))))
     elif args.command == "plot":
         from raclora_dist.train.plot import plot_run
 

@@ -32,6 +32,13 @@ class RunSection(_Section):
         default_factory=list, description="Training-loop callbacks built in every worker: 'package.module:Class' or "
         "{class: 'package.module:Class', args: {...}} (raclora_dist.train.callbacks.Callback).",
     )
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers fed by rank 0 at each checkpoint (TensorBoard event files "
+        "in RUN/tensorboard, MLflow, W&B); each library is imported only when named.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; default the local folder RUN/mlruns.")
+    wandb_project: str = Field("raclora", description="W&B project.")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode (offline: RUN/wandb, "
+                                                                 "sync later with `wandb sync`).")
 
 
 class ModelSection(_Section):

@@ -23,6 +23,7 @@ from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load
 from raclora_dist.train.data import PackedData, tokenized_blocks
 from raclora_dist.train.token_cache import cached_blocks
 from raclora_dist.train.loop import Trainer
+from raclora_dist.train.runs import clear_running, mark_running
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.train.tokenizer import load_tokenizer
@@ -173,8 +174,17 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     load_s, peak_loaded = time.perf_counter() - t_load, peak_rss_mb()
     if info.is_main:
         _write_config(cfg, run_dir)
+        mark_running(run_dir)  # `raclora runs` shows it running while this process lives
         if ckpt is not None:
             truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
+    trackers = None
+    if info.is_main and cfg.run.trackers:  # after the truncation: they continue from the checkpoint
+        from raclora_dist.train.trackers import Trackers
+
+        r = cfg.run
+        trackers = Trackers(r.trackers, run_dir, cfg.model_dump(mode="json"), r.mlflow_tracking_uri, r.wandb_project,
+                            r.wandb_mode)
+        callbacks.append(trackers)
     backend.setup(session.model)
     session.chain.access = backend.access
     startup = {"t_start": t_start, "load_s": load_s, "rss_mb_start": rss_start, "rss_mb_before_load": rss_before_load,
@@ -199,5 +209,8 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
         from raclora_dist.train.plot import plot_run
 
         plot_run(run_dir)
+        if trackers is not None:
+            trackers.finish()
+        clear_running(run_dir)
     barrier()
     return history
