@@ -14,6 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file, or a run folder (with --resume)")
     t.add_argument("overrides", nargs="*", help="section.field=value")
     t.add_argument("--resume", action="store_true", help="continue the run in run.dir from its latest checkpoint")
+    t.add_argument("--verbose", action="store_true",
+                   help="under Ray: show Ray's and every worker's own output (also RACLORA_LOG=debug)")
     v = sub.add_parser("validate", help="check a config (fields, files, targets, rank) without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
@@ -79,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU}")
     if cfg.ray.enabled and not under_launcher():
-        return _train_on_ray(cfg, args.resume)
+        verbose = args.verbose or os.environ.get("RACLORA_LOG", "").lower() == "debug"
+        return _train_on_ray(cfg, args.resume, verbose)
     if cfg.distributed.strategy != "single" and not under_launcher():
         from raclora_dist.train.run import preflight
 
@@ -99,7 +102,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_on_ray(cfg, resume: bool) -> int:
+def _describe(cfg) -> str:
+    m = cfg.model
+    if m.name_or_path is not None:
+        model = m.name_or_path
+    else:
+        c = m.config
+        model = (f"{c['model_type']} from config ({c.get('num_hidden_layers', '?')} layers, hidden "
+                 f"{c.get('hidden_size', '?')})")
+    quant = f", {m.quantization.method}" if m.quantization.enabled else ""
+    return f"{model}{quant}, {cfg.distributed.strategy} x {cfg.distributed.workers}"
+
+
+def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
+    import time
     from pathlib import Path
 
     from raclora_dist.config import absolutize
@@ -118,12 +134,31 @@ def _train_on_ray(cfg, resume: bool) -> int:
         if stored is None or find_latest(Path(cfg.run.dir)) is not None:
             preflight(cfg, resume or stored is not None)
 
+    embedded = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    follower = None
+    if embedded and not verbose:
+        # One machine: the driver shows the run from metrics.jsonl; Ray's and the workers'
+        # own output stays in Ray's logs (--verbose shows it).
+        from raclora_dist.train.progress import Follower
+
+        where = "an embedded Ray"
+        print(f"training {_describe(cfg)} under {where}; run folder {cfg.run.dir}, Ray storage {cfg.ray.storage_path}")
+        follower = Follower(cfg)
+        follower.start()
+    t0 = time.perf_counter()
     try:
-        result = fit(cfg, resume=resume)
+        result = fit(cfg, resume=resume, quiet=not verbose)
     except RuntimeError as err:
+        if follower is not None:
+            follower.stop()
         print(f"raclora: error: {err}", file=sys.stderr)
         return 1
-    print(f"run folder: {cfg.run.dir}\nray checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    if follower is not None:
+        follower.stop()
+        print(follower.summary(time.perf_counter() - t0))
+    else:
+        print(f"run folder: {cfg.run.dir}")
+    print(f"ray checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     return 0
 
 

@@ -11,7 +11,9 @@ storage, each worker gets the latest reported checkpoint back and resumes from i
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         is_main = ray.train.get_context().get_world_rank() == 0
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if is_main else None)
 
-    run_training(cfg, resume=resume, on_checkpoint=report)
+    def log(line: str) -> None:
+        # Not print(): Ray Train's print patch would send each line to the driver twice.
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    run_training(cfg, resume=resume, log=log, on_checkpoint=report)
 
 
 def latest_in_storage(cfg: RunConfig) -> Path | None:
@@ -76,11 +83,17 @@ def latest_in_storage(cfg: RunConfig) -> Path | None:
     return max(found)[1] if found else None
 
 
-def fit(cfg: RunConfig, resume: bool = False):
+def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
     """Runs ``cfg`` under Ray Train from the driver; returns Ray's ``Result``.
 
     Starts an embedded local Ray (dashboard off, or bound to 127.0.0.1) unless
     ``ray.address`` names a cluster or this process is already connected (a Ray job).
+
+    Args:
+        quiet: turn Ray's own output down through its settings (its loggers at ERROR,
+            Ray Train's at WARNING, and with an embedded Ray, whose run folder is on this
+            machine, the workers' output kept in Ray's log files: the caller follows
+            ``metrics.jsonl`` instead, :class:`raclora_dist.train.progress.Follower`).
 
     Raises:
         RuntimeError: the run failed after Ray's allowed restarts (the worker error attached).
@@ -89,11 +102,14 @@ def fit(cfg: RunConfig, resume: bool = False):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    quiet_init = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR")} if quiet else {}
     if not ray.is_initialized():
         if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=cfg.ray.address)  # a cluster (inside a Ray job, RAY_ADDRESS names it)
+            # a cluster (inside a Ray job, RAY_ADDRESS names it): the workers' lines are the log
+            ray.init(address=cfg.ray.address, **quiet_init)
         else:
-            ray.init(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1")
+            ray.init(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=not quiet,
+                     **quiet_init)
     from raclora_dist.train.checkpoint import find_latest
 
     stored = latest_in_storage(cfg)
@@ -108,6 +124,7 @@ def fit(cfg: RunConfig, resume: bool = False):
             name=cfg.ray.name, storage_path=cfg.ray.storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
         ),
     )
     result = trainer.fit()

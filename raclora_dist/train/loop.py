@@ -20,7 +20,8 @@ from raclora_dist.config import RunConfig
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
 from raclora_dist.train.callbacks import Callback, CallbackList
-from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, progress_bar, rss_mb
+from raclora_dist.train.metrics import (MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar,
+                                        rss_mb)
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
@@ -69,6 +70,8 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.startup = startup  # load time and memory so far; reported after the first step
         self.callbacks = CallbackList(callbacks or [])
+        self.tokens_per_link = (cfg.train.batch_size * cfg.train.grad_accum * data.train.shape[1]
+                                * cfg.raclora.steps_per_link)
         self.sampler = None
         if cfg.train.sample_prompts:
             from raclora_dist.train.samples import Sampler
@@ -204,16 +207,11 @@ class Trainer:
                "link_time_s": link_time, "step": self.global_step}
         self._write(rec)
         self.history.append(rec)
-        tokens = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.data.train.shape[1] * rc.steps_per_link
-        self.log(f"link {link + 1}/{rc.links}  step {self.global_step}  train_loss {train_loss:.4f}  eval_loss "
-                 f"{rec['eval_loss']:.4f}  tokens/s {tokens / link_time:.0f}  |sBA| {record.update_norm:.4g}  "
-                 f"merge {record.merge_time_s * 1e3:.1f} ms  landed {record.landed_fraction:.3f}"
-                 + ("" if record.merged else "  (discarded)"))
+        self.log(link_line(rec, rc.links, self.tokens_per_link))
+        warning = landed_warning(rec, LANDED_WARNING)
+        if warning is not None:
+            self.log(warning)
         self._sample(link)
-        if record.merged and record.landed_fraction < LANDED_WARNING:
-            self.log(f"warning: link {link}: only {record.landed_fraction:.1%} of the intended update landed in the "
-                     f"weights (cosine {record.landed_cosine:.2f}); rounding the merged weight to the base's precision (4-bit, bf16) drops small updates. "
-                     "Use raclora.merge_mode=factored (or, on a 4-bit base, raclora.master_weights=cpu) to keep them.")
         self.callbacks.on_boundary(self, rec)
         last = link + 1 == rc.links
         if last or (link + 1) % self.cfg.checkpoint.every_links == 0:

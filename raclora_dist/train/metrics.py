@@ -74,6 +74,24 @@ def truncate_after(run_dir: Path, global_step: int, next_link: int) -> None:
     os.replace(tmp, path)
 
 
+def link_line(rec: dict, links: int, tokens_per_link: int) -> str:
+    """The console line of a link record (the same from a worker or the driver)."""
+    return (f"link {rec['link'] + 1}/{links}  step {rec['step']}  train_loss {rec['train_loss']:.4f}  eval_loss "
+            f"{rec['eval_loss']:.4f}  tokens/s {tokens_per_link / rec['link_time_s']:.0f}  |sBA| {rec['update_norm']:.4g}  "
+            f"merge {rec['merge_time_s'] * 1e3:.1f} ms  landed {rec['landed_fraction']:.3f}"
+            + ("" if rec["merged"] else "  (discarded)"))
+
+
+def landed_warning(rec: dict, threshold: float) -> str | None:
+    """The warning for a merge that kept less than ``threshold`` of its update, else None."""
+    if not rec["merged"] or rec["landed_fraction"] >= threshold:
+        return None
+    return (f"warning: link {rec['link']}: only {rec['landed_fraction']:.1%} of the intended update landed in the "
+            f"weights (cosine {rec['landed_cosine']:.2f}); rounding the merged weight to the base's precision (4-bit, "
+            "bf16) drops small updates. Use raclora.merge_mode=factored (or, on a 4-bit base, "
+            "raclora.master_weights=cpu) to keep them.")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

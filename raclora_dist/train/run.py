@@ -200,7 +200,8 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
         trainer.global_step = ckpt.global_step
         torch.set_rng_state(ckpt.rng)
         start_link, start_step = ckpt.next_link, ckpt.step_in_link
-        log(f"resumed {run_dir} at link {start_link} (step {ckpt.global_step})")
+        log(f"resumed {run_dir} at link {start_link + 1} (step {ckpt.global_step})")
+        trainer._write({"type": "resume", "link": start_link, "step": ckpt.global_step})
     log(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
         f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
         f"{cfg.distributed.strategy} x {info.world_size}")

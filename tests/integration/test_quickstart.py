@@ -29,3 +29,11 @@ def test_shortened_quickstart_lowers_the_eval_loss(tmp_path, corpus):
     start = next(r["eval_loss"] for r in recs if r["type"] == "eval")
     end = [r for r in recs if r["type"] == "link"][-1]["eval_loss"]
     assert end < start - 0.5, (start, end)
+    # a short report: a start line, the eval before, the start-up, one line per link, a summary
+    out = (proc.stdout + proc.stderr).splitlines()
+    assert len(out) <= 12, "\n".join(out)
+    for link in (1, 2):
+        assert sum(line.startswith(f"link {link}/2 ") for line in out) == 1, "\n".join(out)
+    assert out[0].startswith("training llama from config") and "fsdp2 x 2 under an embedded Ray" in out[0]
+    assert any(line.startswith("done: 2/2 links") for line in out)
+    assert not any("PlacementGroupCleaner" in line or "RayTrainWorker" in line for line in out)

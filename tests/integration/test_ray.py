@@ -85,7 +85,8 @@ def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrup
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
     assert int((pids / "rank1.pid").read_text()) != victim, "Ray did not restart the worker group"
-    assert "resumed" in out
+    assert "resumed at link 2 (step 3): the worker group was (re)started" in out  # shown even when quiet
+    assert sum(line.startswith("link 2/3 ") for line in out.splitlines()) == 1  # once, not per attempt
     assert_chain_equals(single, run)
 
 
@@ -111,7 +112,7 @@ def test_a_restarted_driver_resumes_from_storage(setup):
     assert first.returncode != 0
     second = run_cli(*args)  # same name and storage: Ray hands back the latest checkpoint
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed" in second.stdout + second.stderr and "at link 1 (step 3)" in second.stdout + second.stderr
+    assert "resumed" in second.stdout + second.stderr and "at link 2 (step 3)" in second.stdout + second.stderr
     assert_chain_equals(single, run)
 
 
