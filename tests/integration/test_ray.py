@@ -71,7 +71,7 @@ def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrup
     env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}",
                              "distributed.workers=2", "ray.max_failures=1", *STRATEGIES["fsdp2"],
-                             faults(pid_dir=str(pids), sleep_per_step=1.0)],
+                             "run.trackers=[tensorboard]", faults(pid_dir=str(pids), sleep_per_step=1.0)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -87,6 +87,12 @@ def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrup
     assert int((pids / "rank1.pid").read_text()) != victim, "Ray did not restart the worker group"
     assert "resumed at link 2 (step 3): the worker group was (re)started" in out  # shown even when quiet
     assert sum(line.startswith("link 2/3 ") for line in out.splitlines()) == 1  # once, not per attempt
+    # the restarted group's rank 0 continued the same TensorBoard run: every step once, in order
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 10))
     assert_chain_equals(single, run)
 
 
