@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints/cpu.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast clean data
+.PHONY: setup demo test test-fast clean data lint
 
 setup: $(STAMP)
 
@@ -26,10 +26,13 @@ demo: setup data
 	$(VENV)/bin/raclora export runs/quickstart --format peft
 	$(VENV)/bin/raclora export runs/quickstart --format merged
 
-test: setup data
+test: setup data lint
 	$(VPY) -m pytest tests -q
 
-test-fast: setup data
+lint: setup
+	$(VPY) -m ruff check raclora_dist tests benchmarks scripts
+
+test-fast: setup data lint
 	$(VPY) -m pytest tests -q -m "not slow"
 
 clean:

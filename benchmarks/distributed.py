@@ -68,7 +68,8 @@ def main() -> None:
             out["runs"].append(m)
             rows.append(m)
     base = rows[0]["tokens_per_s"]
-    print(f"{'engine':8} {'workers':>7} {'tokens/s':>9} {'vs single':>9} {'merge ms/link':>13} {'merge share':>11} {'eval loss':>9}")
+    print(f"{'engine':8} {'workers':>7} {'tokens/s':>9} {'vs single':>9} {'merge ms/link':>13} {'merge share':>11} "
+          f"{'eval loss':>9}")
     for m in rows:
         print(f"{m['engine']:8} {m['workers']:>7} {m['tokens_per_s']:>9.0f} {m['tokens_per_s'] / base:>9.2f} "
               f"{m['merge_ms_per_link']:>13.1f} {100 * m['merge_share']:>10.2f}% {m['final_eval_loss']:>9.4f}")

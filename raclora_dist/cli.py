@@ -219,7 +219,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from raclora_dist.train.export import export_merged, export_peft
 
-        out = export_peft(args.run, args.out, args.rank) if args.format == "peft" else export_merged(args.run, args.out, args.dtype)
+        if args.format == "peft":
+            out = export_peft(args.run, args.out, args.rank)
+        else:
+            out = export_merged(args.run, args.out, args.dtype)
         print(f"exported {args.format}: {out}")
     elif args.command == "runs":
         from pathlib import Path

@@ -192,12 +192,14 @@ class DistributedSection(_Section):
 
 class RaySection(_Section):
     enabled: bool = Field(False, description="Run the workers under Ray Train (TorchTrainer); distributed.workers of them.")
-    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://HOST:10001'); unset: start an embedded local Ray.")
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://HOST:10001'); unset: start an embedded local Ray.")
     name: str | None = Field(None, description="Ray Train run name; default: the run folder's name. Same name + storage resumes.")
     storage_path: str | None = Field(
         None, description="Where Ray keeps checkpoints (a folder or a pyarrow URI such as s3://...); default <run.dir>/ray."
     )
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray allows (-1: unlimited); each resumes from the latest checkpoint.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts Ray allows (-1: unlimited); each resumes from the latest checkpoint.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker.")
     dashboard: bool = Field(False, description="Embedded Ray only: start the dashboard (bound to 127.0.0.1).")

@@ -39,7 +39,8 @@ def render() -> str:
                 out.append(f"| `{prefix}.{name}` | section | see below | {f.description or ''} |")
                 continue
             default = "required" if f.is_required() else (
-                "(computed)" if f.default_factory is not None and prefix != "raclora" else repr(f.get_default(call_default_factory=True))
+                "(computed)" if f.default_factory is not None and prefix != "raclora"
+                else repr(f.get_default(call_default_factory=True))
             )
             out.append(f"| `{prefix}.{name}` | {_type(ann)} | `{default}` | {f.description or ''} |")
         out.append("")

@@ -9,7 +9,6 @@ override what differs; the engines are imported inside the subclasses that need 
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 import torch

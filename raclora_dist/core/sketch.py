@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+
 import torch
 
 SKETCH_DISTS: tuple[str, ...] = ("orthogonal", "gaussian", "kaiming_uniform")

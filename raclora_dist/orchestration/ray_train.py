@@ -99,7 +99,8 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
         RuntimeError: the run failed after Ray's allowed restarts (the worker error attached).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
     quiet_init = {"logging_level": logging.ERROR, "logging_config": ray.LoggingConfig(log_level="ERROR")} if quiet else {}

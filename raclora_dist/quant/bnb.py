@@ -26,7 +26,7 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 
 from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
-from raclora_dist.core.layer import MergeResult, MergeMode, landed_stats, lowrank_fro_norm
+from raclora_dist.core.layer import MergeMode, MergeResult, landed_stats, lowrank_fro_norm
 from raclora_dist.quant.config import QuantizationConfig
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -274,7 +274,10 @@ class Linear4bitRacLora(RacLoraLinear):
             target = stochastic_round(target, state.code, state.blocksize, gen)
         new_packed, new_state = requantize_like(target, state, packed.dtype)
         set_quant_state(self.base_layer, new_state)
-        landed = landed_stats(dequantize(new_packed, new_state) - before, intended) if owner else torch.zeros(3, dtype=torch.float64)
+        if owner:
+            landed = landed_stats(dequantize(new_packed, new_state) - before, intended)
+        else:
+            landed = torch.zeros(3, dtype=torch.float64)
         return new_packed, MergeResult(self.scale * lowrank_fro_norm(B, A), landed)
 
     def extra_repr(self) -> str:

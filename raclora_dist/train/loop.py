@@ -17,14 +17,12 @@ import torch
 
 from raclora_dist.backends import Backend
 from raclora_dist.config import RunConfig
+from raclora_dist.train.callbacks import Callback, CallbackList
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
-from raclora_dist.train.callbacks import Callback, CallbackList
-from raclora_dist.train.metrics import (MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar,
-                                        rss_mb)
+from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
-
 
 # Below this share of an update landing in the weights, a merge warns (4-bit in place).
 LANDED_WARNING = 0.9

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-
 from collections.abc import Callable
 from pathlib import Path
 

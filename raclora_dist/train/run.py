@@ -21,11 +21,11 @@ from raclora_dist.config import ConfigError, RunConfig, build_config, check_path
 from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.data import PackedData, tokenized_blocks
-from raclora_dist.train.token_cache import cached_blocks
 from raclora_dist.train.loop import Trainer
-from raclora_dist.train.runs import clear_running, mark_running
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
+from raclora_dist.train.runs import clear_running, mark_running
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
+from raclora_dist.train.token_cache import cached_blocks
 from raclora_dist.train.tokenizer import load_tokenizer
 
 

@@ -34,7 +34,12 @@ from raclora_dist.train.metrics import interactive
 from raclora_dist.train.model import build_meta_model, save_base, weight_source
 from raclora_dist.train.tokenizer import load_tokenizer
 from raclora_dist.train.weights import (
-    WeightSource, load_units, mapped_large_allocations, materialize, meta_tensors, tensor_owners,
+    WeightSource,
+    load_units,
+    mapped_large_allocations,
+    materialize,
+    meta_tensors,
+    tensor_owners,
 )
 
 

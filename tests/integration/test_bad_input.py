@@ -1,6 +1,5 @@
 """Bad input: a clear error naming the field, exit code 2, and no run folder damaged."""
 
-from pathlib import Path
 
 import pytest
 

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-
-from raclora_dist.config import load_config
 from safetensors.torch import load_file
 
+from raclora_dist.config import load_config
 from raclora_dist.train.checkpoint import find_latest
 from tests.conftest import TINY_MODEL, faults, read_jsonl, run_cli, tiny_config, write_config
 from tests.distributed.test_backends import losses, train

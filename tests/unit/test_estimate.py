@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from raclora_dist.config import build_config
-from raclora_dist.core import RacLoraLinear
 from raclora_dist.train.session import build_session, plan_run
 from tests.conftest import TINY_MODEL, run_cli, tiny_config, write_config
 

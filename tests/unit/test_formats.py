@@ -42,7 +42,8 @@ def train_blocks(dcfg, tok):
 
 
 def section(path, **kw) -> DataSection:
-    return DataSection(**{"path": path if isinstance(path, list) else str(path), "tokenizer": "bytes", "chat_template": "chatml", "seq_len": 256, **kw})
+    path = path if isinstance(path, list) else str(path)
+    return DataSection(**{"path": path, "tokenizer": "bytes", "chat_template": "chatml", "seq_len": 256, **kw})
 
 
 def labelled_text(tok, ids, labels) -> list[str]:
@@ -151,7 +152,8 @@ def test_packed_examples_do_not_attend_to_each_other():
 
 BAD = {
     "missing field": ([{"instruction": "x"}], "alpaca", "row 1: field 'output' is missing"),
-    "empty response": ([ALPACA[0], {"instruction": "x", "output": "  "}], "alpaca",  r"row 2: field 'output' \(the response\) is empty"),
+    "empty response": ([ALPACA[0], {"instruction": "x", "output": "  "}], "alpaca",
+                       r"row 2: field 'output' \(the response\) is empty"),
     "wrong role": ([{"messages": [{"role": "robot", "content": "hi"}]}], "chat", "row 1: message 1 has role 'robot'"),
     "no assistant": ([{"messages": [{"role": "user", "content": "hi"}]}], "chat", "row 1: the conversation has no assistant"),
     "empty assistant": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}],
