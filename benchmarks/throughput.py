@@ -108,10 +108,7 @@ def build(method: str, size: str, rank: int, alpha: float, device: str, quant: s
         from raclora_dist.quant import QuantizationConfig
         from raclora_dist.quant.bnb import quantize_model
 
-        quantize_model(model, QuantizationConfig(method=quant, compute_dtype=dtype), "uint8")
-        for m in model.modules():  # the CPU repacking of bitsandbytes' eval path (docs/quantization.md)
-            if hasattr(m, "support_avx512bf16_for_cpu"):
-                m.support_avx512bf16_for_cpu = False
+        quantize_model(model, QuantizationConfig(method=quant, compute_dtype=dtype), "uint8")  # no CPU repacking
     for p in model.parameters():
         p.requires_grad_(False)  # the base is frozen under every adapter (full unfreezes it below)
     if checkpointing:

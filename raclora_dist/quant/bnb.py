@@ -79,6 +79,20 @@ def stochastic_round(W: torch.Tensor, code: torch.Tensor, blocksize: int, genera
     return q.flatten()[: flat.numel()].view(shape)
 
 
+def disable_cpu_repack(module: nn.Module) -> nn.Module:
+    """Keeps every ``Linear4bit`` in ``module`` in bitsandbytes' standard layout (in place).
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks ``weight.data`` and its quant state into a
+    CPU-only layout at the first no-grad eval forward. Merges, sharding and checkpoints need
+    the standard layout, and the repacking fails for ``in_features < blocksize``. Applies to
+    layers made here and to those ``transformers`` loads with a ``BitsAndBytesConfig``.
+    """
+    for m in module.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return module
+
+
 def to_linear4bit(linear: nn.Linear, qcfg: QuantizationConfig, storage: torch.dtype) -> Linear4bit:
     """A frozen ``Linear4bit`` holding ``linear``'s weight in 4 bits (its bias as is)."""
     packed, state = quantize_weight(linear.weight.detach(), qcfg.method, qcfg.blocksize, qcfg.double_quant, storage)
@@ -89,10 +103,7 @@ def to_linear4bit(linear: nn.Linear, qcfg: QuantizationConfig, storage: torch.dt
                           compress_statistics=qcfg.double_quant, quant_type=qcfg.method,
                           quant_storage=storage, bnb_quantized=True, module=q)
     q.quant_state = state  # where FSDP-gathered weights recover it from (bitsandbytes' convention)
-    # On CPUs with AVX512-BF16, bitsandbytes repacks weight.data and its quant state into a
-    # CPU-only layout at the first no-grad eval forward. Merges, sharding and checkpoints
-    # need the standard layout, and the repacking fails for in_features < blocksize.
-    q.support_avx512bf16_for_cpu = False
+    disable_cpu_repack(q)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     return q

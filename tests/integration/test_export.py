@@ -59,12 +59,11 @@ def test_compressed_export_reports_discarded_energy(tmp_path, small_data):
 
 
 def _no_cpu_repack(model):
-    """bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at an eval forward, which
-    fails when in_features < blocksize (this tiny model's 32 < 64); real models are wider."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
+    """This tiny model's in_features (32) are below the 4-bit blocksize (64), where
+    bitsandbytes' CPU repacking fails; real models are wider."""
+    from raclora_dist.quant.bnb import disable_cpu_repack
+
+    return disable_cpu_repack(model)
 
 
 def test_4bit_factored_run_exports_an_adapter_that_peft_loads_onto_the_4bit_base(tmp_path, small_data):
