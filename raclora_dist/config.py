@@ -201,6 +201,9 @@ class RaySection(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts Ray allows (-1: unlimited); each resumes from the latest checkpoint.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes: PACK fills a node first (fast intra-node "
+        "collectives), SPREAD spreads them, STRICT_* insist.")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker.")
     dashboard: bool = Field(False, description="Embedded Ray only: start the dashboard (bound to 127.0.0.1).")
 

@@ -120,7 +120,8 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
                            "resume_from": str(stored) if stored else None,
                            "started_fresh": find_latest(Path(cfg.run.dir)) is None},
         scaling_config=ScalingConfig(num_workers=cfg.distributed.workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=dict(cfg.ray.resources_per_worker)),
+                                     resources_per_worker=dict(cfg.ray.resources_per_worker),
+                                     placement_strategy=cfg.ray.placement_strategy),
         run_config=RayRunConfig(
             name=cfg.ray.name, storage_path=cfg.ray.storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
