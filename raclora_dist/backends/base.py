@@ -16,7 +16,7 @@ from torch import nn
 
 from raclora_dist.backends.dist import DistInfo, barrier
 from raclora_dist.config import RunConfig
-from raclora_dist.core import Comm, DenseAccess, FactorAccess, LocalComm
+from raclora_dist.core import Comm, DenseAccess, FactorAccess, LocalComm, RacLoraLinear
 
 
 def lm_inputs(device: torch.device, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -155,7 +155,7 @@ class Backend:
 def shard_masters(model: nn.Module, rank: int, world: int) -> None:
     """Keeps each 4-bit layer's master copy (if any) as this rank's slice only."""
     for module in model.modules():
-        if hasattr(module, "shard_master"):
+        if isinstance(module, RacLoraLinear):
             module.shard_master(rank, world)
 
 

@@ -53,7 +53,7 @@ class DeepSpeedAccess:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 if factored:
                     res = layer.merge_into_chain(layer.chain_B.data, layer.chain_A.data, B, A)
-                elif getattr(layer, "packed_base", False):
+                elif layer.packed_base:
                     weight = layer.base_layer.weight
                     packed, res = layer.requantize(weight.data, B, A, gather=self.comm.all_gather_flat)
                     weight.data.copy_(packed)

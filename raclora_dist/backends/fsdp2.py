@@ -62,7 +62,7 @@ class FSDP2Access:
         B, A = layer.factors_with(factor)  # refuses a non-finite factor
         if layer.merge_mode == "factored":
             res = self._merge_chain(layer, B, A)
-        elif getattr(layer, "packed_base", False):
+        elif layer.packed_base:
             weight = layer.base_layer.weight
             packed, res = layer.requantize(weight.full_tensor(), B, A, gather=self.comm.all_gather_flat,
                                            owner=self.rank == 0)

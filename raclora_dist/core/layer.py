@@ -196,6 +196,21 @@ class RacLoraLinear(nn.Module):
             self.register_buffer("chain_A", torch.zeros(0, n, dtype=factor_dtype, device=dev), persistent=False)
         self.chain_rank = 0
 
+    # -- what engines may ask of a layer (declared here; a 4-bit layer overrides them) ----------
+    packed_base = False
+    """True: the base weight is packed codes, merged by :meth:`requantize` on the whole weight
+    (engines gather it first); False: a dense weight, merged row by row."""
+
+    def requantize(self, packed: torch.Tensor, B: torch.Tensor, A: torch.Tensor, gather=None,
+                   owner: bool = True) -> tuple[torch.Tensor, MergeResult]:
+        """Merges ``s B A`` into a whole packed weight; returns the new codes and the result.
+        Only layers with ``packed_base`` have one."""
+        raise NotImplementedError(f"{type(self).__name__} has a dense base; it has no packed weight to requantize")
+
+    def shard_master(self, rank: int, world: int) -> None:
+        """Keeps only this rank's slice of a high-precision master copy of the base; a dense
+        layer has none (nothing to do)."""
+
     def default_merge_mode(self) -> MergeMode:
         """``auto``'s choice for this base: ``into_base`` for fp32 weights (exact), else
         ``factored`` (a bf16/fp16 weight rounds a small update away; docs/benchmarks.md)."""
