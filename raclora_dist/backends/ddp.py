@@ -17,7 +17,7 @@ class DDPBackend(Backend):
     def __init__(self, cfg, info) -> None:
         super().__init__(cfg, info)
         self.comm = DistComm(info.device)
-        self.access = DenseAccess(owner=info.is_main)  # replicated: rank 0 reports what landed
+        self.access = DenseAccess()  # replicated: the chain counts rank 0's landed statistics
 
     def setup(self, model: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP

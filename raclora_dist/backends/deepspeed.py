@@ -55,12 +55,11 @@ class DeepSpeedAccess:
                     res = layer.merge_into_chain(layer.chain_B.data, layer.chain_A.data, B, A)
                 elif layer.packed_base:
                     weight = layer.base_layer.weight
-                    packed, res = layer.requantize(weight.data, B, A, gather=self.comm.all_gather_flat)
+                    packed, res = layer.requantize(weight.data, B, A, gather=self.comm.all_gather_flat,
+                                                   owner=self.rank == 0)
                     weight.data.copy_(packed)
                 else:
                     res = layer.merge_into_base(B, A)
-        if self.rank:  # replicated or gathered: rank 0 reports what landed
-            res.landed = torch.zeros(3, dtype=torch.float64)
         self.zero_factor(layer)
         return res
 

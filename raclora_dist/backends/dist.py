@@ -57,6 +57,10 @@ class DistComm:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         buf = t.to(self.device)
         dist.all_reduce(buf, op=op)

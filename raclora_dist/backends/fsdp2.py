@@ -74,7 +74,7 @@ class FSDP2Access:
             landed = torch.zeros(3, dtype=torch.float64)
             if rows:  # each rank owns its rows: the landed statistics add up across ranks
                 landed = merge_rows_into_weight(W_local, B[start : start + rows], A, layer.scale)
-            res = MergeResult(layer.scale * lowrank_fro_norm(B, A), landed)
+            res = MergeResult(layer.scale * lowrank_fro_norm(B, A), landed, rows_only=True)
         self.zero_factor(layer)
         return res
 
@@ -83,8 +83,6 @@ class FSDP2Access:
         res = layer.merge_into_chain(chain_B, chain_A, B, A)  # the same on every rank
         _write_shard(layer.chain_B, chain_B, self.rank, self.world)
         _write_shard(layer.chain_A, chain_A, self.rank, self.world)
-        if self.rank:
-            res.landed = torch.zeros(3, dtype=torch.float64)
         return res
 
     @torch.no_grad()

@@ -25,7 +25,10 @@ from raclora_dist.core.sketch import sample_sketch
 
 
 class Comm(Protocol):
-    """The collectives the chain needs; each returns the reduced tensor (may be in place)."""
+    """The collectives the chain needs; each returns the reduced tensor (may be in place).
+    ``rank``: this process's rank (0 in one process)."""
+
+    rank: int
 
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor: ...
 
@@ -38,6 +41,8 @@ class Comm(Protocol):
 
 class LocalComm:
     """One process: every reduction is the identity."""
+
+    rank = 0
 
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -71,7 +76,8 @@ class FactorAccess(Protocol):
     def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
         """Adds ``s B A`` into this rank's part of the weight (or chain), in place, and zeroes
         the factor. ``factor`` is the whole trainable factor (from ``full_factor``). The
-        result's landed statistics cover the part of the layer this rank owns."""
+        result's landed statistics cover the whole layer, or its rows on this rank with
+        ``rows_only`` (:class:`~raclora_dist.core.layer.MergeResult`)."""
         ...
 
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -80,15 +86,8 @@ class FactorAccess(Protocol):
 
 
 class DenseAccess:
-    """Unsharded layers (one process, DDP, ZeRO-2): the factor and weight are plain tensors.
-
-    Args:
-        owner: whether this rank reports the landed statistics. Replicated engines merge the
-            same full copy on every rank, so only one of them owns it.
-    """
-
-    def __init__(self, owner: bool = True) -> None:
-        self.owner = owner
+    """Unsharded layers (one process, DDP, ZeRO-2): the factor and weight are plain tensors
+    (replicated engines merge the same full copy on every rank)."""
 
     def local_finite(self, layer: RacLoraLinear) -> bool:
         return layer.is_finite()
@@ -97,8 +96,7 @@ class DenseAccess:
         return layer.factor.detach()
 
     def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
-        res = layer.merge(factor)
-        return res if self.owner else MergeResult(res.norm, torch.zeros(3, dtype=torch.float64), res.discarded)
+        return layer.merge(factor)
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -239,9 +237,10 @@ class RacLoraChain:
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)
             res = self.access.merge(layer, full)
             sq += res.norm**2
-            landed += res.landed
+            if res.rows_only or comm.rank == 0:  # whole-layer statistics: rank 0's count once
+                landed += res.landed
             discarded = max(discarded, res.discarded)
-        # Ranks own disjoint parts of each layer: one small all-reduce gives the whole model's.
+        # One small all-reduce gives the whole model's (row parts add up; whole layers once).
         inner, dd, ii = comm.all_reduce_sum(landed).tolist()
         rec = self._record(self.link, factors, sq**0.5, time.perf_counter() - t0)
         if ii > 0:

@@ -32,16 +32,20 @@ class MergeResult:
 
     Attributes:
         norm: ``||s B A||_F``, the intended update's norm.
-        landed: float64 (3,): ``<dW_eff, dW>``, ``||dW_eff||^2``, ``||dW||^2`` over the part
-            of the layer this rank owns (parts partition the layer across ranks, so the chain
-            sums them), where ``dW = s B A`` is the intended update and ``dW_eff`` the change
-            of the effective weight the forward uses.
+        landed: float64 (3,): ``<dW_eff, dW>``, ``||dW_eff||^2``, ``||dW||^2``, where
+            ``dW = s B A`` is the intended update and ``dW_eff`` the change of the effective
+            weight the forward uses; over the whole layer, or with ``rows_only`` over this
+            rank's rows.
         discarded: share of the chain's energy a factored-mode recompression dropped.
+        rows_only: ``landed`` covers only the rows this rank merged (the ranks' parts partition
+            the layer and the chain sums them); False: the whole layer, the same on every rank
+            that computed it, and the chain counts rank 0's alone.
     """
 
     norm: float
     landed: torch.Tensor
     discarded: float = 0.0
+    rows_only: bool = False
 
 
 class RankError(ValueError):

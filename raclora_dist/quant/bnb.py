@@ -264,7 +264,8 @@ class Linear4bitRacLora(RacLoraLinear):
             B: (m, r). A: (r, n): the link's factors.
             gather: collects the master copy's slices of all ranks (collective); None when
                 this process holds the whole master.
-            owner: whether this rank reports the landed statistics.
+            owner: whether to compute the landed statistics (a dequantize of the whole weight);
+                the chain counts rank 0's, so other ranks may skip it.
 
         Returns:
             The new packed weight (P, 1) and the merge result.
