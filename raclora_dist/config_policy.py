@@ -1,0 +1,79 @@
+"""What a config names on disk, and what may change when a run resumes.
+
+Kept apart from :mod:`raclora_dist.config` (the schema and how a config is read): these
+rules look at files and at a run's saved config, and the Ray driver rewrites paths for
+workers that run elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raclora_dist.config import ConfigError, RunConfig
+
+# Fields that may differ between a run and its resumption (they do not change the chain).
+RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "train.sample_", "distributed.",
+                     "ray.")
+PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "model.name_or_path")
+
+
+
+def absolutize(cfg: RunConfig) -> RunConfig:
+    """Makes the config's local paths absolute (in place): Ray workers run elsewhere."""
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())
+    resolve = lambda p: str(Path(p).resolve())  # noqa: E731
+    cfg.data.path = [resolve(p) for p in cfg.data.path] if isinstance(cfg.data.path, list) else resolve(cfg.data.path)
+    if cfg.data.eval_path is not None:
+        cfg.data.eval_path = ([resolve(p) for p in cfg.data.eval_path] if isinstance(cfg.data.eval_path, list)
+                              else resolve(cfg.data.eval_path))
+    if cfg.data.tokenizer != "bytes":
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
+    if cfg.model.name_or_path is not None:
+        cfg.model.name_or_path = str(Path(cfg.model.name_or_path).resolve())
+    if cfg.ray.storage_path is None:
+        cfg.ray.storage_path = str(Path(cfg.run.dir) / "ray")
+    elif "://" not in cfg.ray.storage_path:
+        cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
+    if cfg.ray.name is None:
+        cfg.ray.name = Path(cfg.run.dir).name
+    return cfg
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Checks that the files a config names exist (the config itself is already valid)."""
+    for field, paths in (("data.path", cfg.data.paths), ("data.eval_path", cfg.data.eval_paths)):
+        for path in paths:
+            if not Path(path).exists():
+                raise ConfigError(f"{field}: {path!r} does not exist (a file or a folder)")
+    if cfg.data.tokenizer != "bytes" and not Path(cfg.data.tokenizer).is_dir():
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is neither 'bytes' nor a folder")
+    if cfg.model.name_or_path is not None and not Path(cfg.model.name_or_path).is_dir():
+        raise ConfigError(
+            f"model.name_or_path: {cfg.model.name_or_path!r} is not a local folder (no hub access)"
+        )
+
+
+def _same_paths(a: str | list[str], b: str | list[str]) -> bool:
+    """Whether two path fields name the same files (relative or absolute)."""
+    a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    return len(a) == len(b) and all(Path(x).resolve() == Path(y).resolve() for x, y in zip(a, b))
+
+
+def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:
+    """Dotted fields whose values differ, excluding those a resumption may change."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            key = prefix[:-1]
+            if key in PATH_FIELDS and a and b and a != "bytes" and _same_paths(a, b):
+                return
+            if not any(key == c or key.startswith(c) for c in RESUMABLE_CHANGES):
+                out.append(f"{key}: run has {a!r}, config has {b!r}")
+
+    walk(saved.model_dump(mode="json"), given.model_dump(mode="json"), "")
+    return out
