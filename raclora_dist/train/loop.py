@@ -24,9 +24,6 @@ from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, landed_war
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
-# Below this share of an update landing in the weights, a merge warns (4-bit in place).
-LANDED_WARNING = 0.9
-
 
 def _labelled(labels: torch.Tensor) -> int:
     """Tokens a causal-LM loss covers in (B, T) labels: those after the first, not -100."""
@@ -206,7 +203,7 @@ class Trainer:
         self._write(rec)
         self.history.append(rec)
         self.log(link_line(rec, rc.links, self.tokens_per_link))
-        warning = landed_warning(rec, LANDED_WARNING)
+        warning = landed_warning(rec)
         if warning is not None:
             self.log(warning)
         self._sample(link)

@@ -82,7 +82,11 @@ def link_line(rec: dict, links: int, tokens_per_link: int) -> str:
             + ("" if rec["merged"] else "  (discarded)"))
 
 
-def landed_warning(rec: dict, threshold: float) -> str | None:
+# Below this share of an update landing in the weights, a merge warns (4-bit in place).
+LANDED_WARNING = 0.9
+
+
+def landed_warning(rec: dict, threshold: float = LANDED_WARNING) -> str | None:
     """The warning for a merge that kept less than ``threshold`` of its update, else None."""
     if not rec["merged"] or rec["landed_fraction"] >= threshold:
         return None

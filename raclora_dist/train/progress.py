@@ -18,8 +18,6 @@ from pathlib import Path
 from raclora_dist.config import RunConfig
 from raclora_dist.train.metrics import interactive, landed_warning, link_line
 
-LANDED_WARNING = 0.9
-
 
 class Follower(threading.Thread):
     """Follows ``RUN/metrics.jsonl`` until :meth:`stop`; prints through ``emit``."""
@@ -82,7 +80,7 @@ class Follower(threading.Thread):
         elif kind == "link" and rec["link"] not in self._seen_links:
             self._seen_links.add(rec["link"])
             self._print(link_line(rec, self.cfg.raclora.links, self.tokens_per_link))
-            warning = landed_warning(rec, LANDED_WARNING)
+            warning = landed_warning(rec)
             if warning is not None:
                 self._print(warning)
         elif kind == "resume" and (rec["link"], rec["step"]) not in self._seen_resumes:

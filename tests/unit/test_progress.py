@@ -1,0 +1,46 @@
+"""The driver's console under the embedded Ray, from metrics.jsonl: each link line once (also when a
+resumed run rewrites the file), the warnings that matter, and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from raclora_dist.config import build_config
+from raclora_dist.train.progress import Follower
+from tests.conftest import TINY_MODEL
+
+
+def link(i, landed=1.0):
+    return {"type": "link", "link": i, "step": 3 * (i + 1), "merged": True, "train_loss": 2.0, "eval_loss": 3.0 - i,
+            "link_time_s": 1.0, "update_norm": 1.0, "merge_time_s": 0.01, "landed_fraction": landed,
+            "landed_cosine": 0.9}
+
+
+def test_follower_prints_each_link_once_and_the_warnings(tmp_path):
+    cfg = build_config({"run": {"dir": str(tmp_path)}, "model": {"config": dict(TINY_MODEL)},
+                        "data": {"path": "x.jsonl", "seq_len": 32},
+                        "raclora": {"links": 3, "steps_per_link": 3}, "train": {"batch_size": 4}})
+    out: list[str] = []
+    f = Follower(cfg, emit=out.append, bar=False)
+    path = tmp_path / "metrics.jsonl"
+
+    def write(recs, replace=False):
+        text = "".join(json.dumps(r) + "\n" for r in recs)
+        if replace:  # as truncate_after does: a new file moved into place
+            (tmp_path / "m.tmp").write_text(text)
+            os.replace(tmp_path / "m.tmp", path)
+        else:
+            with path.open("a") as fh:
+                fh.write(text)
+        f.poll()
+
+    write([{"type": "eval", "step": 0, "eval_loss": 6.0}, link(0), link(1, landed=0.4)])
+    write([link(0)], replace=True)  # a restarted group cut the file back to link 0's checkpoint...
+    write([{"type": "resume", "link": 1, "step": 3}, link(1), link(2)])  # ...and trained on
+    assert out[0] == "eval_loss before training: 6.0000"
+    assert [line.split()[1] for line in out if line.startswith("link ")] == ["1/3", "2/3", "3/3"]
+    assert sum("only 40.0% of the intended update landed" in line for line in out) == 1
+    assert sum(line.startswith("resumed at link 2 (step 3)") for line in out) == 1
+    assert "tokens/s 384" in out[1]  # 4 x 32 tokens x 3 steps in 1 s
+    assert f.summary(75).startswith("done: 3/3 links in 1m15s, eval_loss 6.0000 -> 1.0000")
