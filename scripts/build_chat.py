@@ -20,7 +20,7 @@ import random
 import sysconfig
 from pathlib import Path
 
-from build_corpus import iter_nodes  # scripts/ is on sys.path when this file runs
+from build_corpus import already_built, iter_nodes  # scripts/ is on sys.path when this file runs
 
 TASKS = [
     ("Write {name} in upper case.", lambda n: n.upper()),
@@ -46,8 +46,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4000)
     args = ap.parse_args()
     out = Path(args.out)
-    if out.is_file() and out.stat().st_size > 0:
-        print(f"{out} exists ({out.stat().st_size / 1e6:.1f} MB); leaving it")
+    if already_built(out):
         return
     names = function_names(Path(sysconfig.get_paths()["stdlib"]))
     rng = random.Random(0)

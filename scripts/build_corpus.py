@@ -37,6 +37,14 @@ def iter_nodes(root: Path):
             yield from ast.walk(tree)
 
 
+def already_built(out: Path) -> bool:
+    """Whether ``out`` exists and is not empty (then it is left alone: the builds are idempotent)."""
+    if out.is_file() and out.stat().st_size > 0:
+        print(f"{out} exists ({out.stat().st_size / 1e6:.1f} MB); leaving it")
+        return True
+    return False
+
+
 def iter_docstrings(root: Path):
     for node in iter_nodes(root):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -52,8 +60,7 @@ def main() -> None:
     ap.add_argument("--min-chars", type=int, default=200)
     args = ap.parse_args()
     out = Path(args.out)
-    if out.is_file() and out.stat().st_size > 0:
-        print(f"{out} exists ({out.stat().st_size / 1e6:.1f} MB); leaving it")
+    if already_built(out):
         return
     root = Path(sysconfig.get_paths()["stdlib"])
     seen: set[str] = set()
