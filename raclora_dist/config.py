@@ -104,7 +104,7 @@ class DataSection(_Section):
     max_documents: int | None = Field(None, ge=1, description="Use only the first N documents (rows) of each source.")
 
     @model_validator(mode="after")
-    def _check_sources(self) -> "DataSection":
+    def _weights_match_sources(self) -> "DataSection":
         if self.weights is not None:
             n = len(self.path) if isinstance(self.path, list) else 1
             if len(self.weights) != n or any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
@@ -177,13 +177,21 @@ class DistributedSection(_Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "DistributedSection":
+    def _single_runs_one_worker(self) -> "DistributedSection":
         if self.strategy == "single" and self.workers > 1:
             raise ValueError("strategy 'single' runs one worker; use ddp, fsdp2 or deepspeed for workers > 1")
+        return self
+
+    @model_validator(mode="after")
+    def _cpu_offload_is_fsdp2s(self) -> "DistributedSection":
         if self.cpu_offload and self.strategy != "fsdp2":
             hint = ("set zero_optimization.offload_optimizer / offload_param in distributed.deepspeed"
                     if self.strategy == "deepspeed" else "it applies to the fsdp2 strategy")
             raise ValueError(f"cpu_offload: not available with strategy {self.strategy!r}; {hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _zero_stage_2_or_3(self) -> "DistributedSection":
         stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
         if self.strategy == "deepspeed" and stage not in (2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")
@@ -230,19 +238,31 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _check_batch(self) -> "RunConfig":
+    def _batch_splits_over_workers(self) -> "RunConfig":
         if self.train.batch_size % self.distributed.workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
                 f"({self.distributed.workers}): each worker takes an equal slice of every batch"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _master_weights_need_4bit(self) -> "RunConfig":
         rc = self.raclora
         if (rc.master_weights != "none" or rc.stochastic_rounding) and not self.model.quantization.enabled:
             raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to 4-bit bases; "
                              "set model.quantization (nf4 or fp4) or leave them unset")
+        return self
+
+    @model_validator(mode="after")
+    def _cpu_offload_needs_gpu_workers(self) -> "RunConfig":
         if self.distributed.cpu_offload and self.ray.enabled and not self.ray.use_gpu:
             raise ValueError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU} (ray.use_gpu is false)")
-        q = self.model.quantization
+        return self
+
+    @model_validator(mode="after")
+    def _no_lossy_4bit_merge_unless_allowed(self) -> "RunConfig":
+        rc, q = self.raclora, self.model.quantization
         if (q.enabled and rc.merge_mode == "into_base" and rc.master_weights == "none" and not rc.stochastic_rounding
                 and not rc.allow_lossy_merge):
             raise ValueError(
@@ -251,6 +271,11 @@ class RunConfig(_Section):
                 "0.41 nats worse; 0.07 % per link on a pretrained model). Use merge_mode auto or factored (exact), "
                 "or into_base with master_weights: cpu or stochastic_rounding: true; or set "
                 "raclora.allow_lossy_merge: true to accept the loss")
+        return self
+
+    @model_validator(mode="after")
+    def _packed_codes_survive_bf16(self) -> "RunConfig":
+        q = self.model.quantization
         if q.enabled and self.distributed.mixed_precision == "bf16" and q.storage in ("float32", "float16"):
             raise ValueError(f"model.quantization.storage_dtype={q.storage_dtype!r} with distributed.mixed_precision=bf16: "
                              "the engine would cast the packed 4-bit codes to bf16 and corrupt them; use uint8 (auto) "

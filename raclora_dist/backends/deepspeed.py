@@ -11,7 +11,9 @@ replay on resume reproduces it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from raclora_dist.backends.base import Backend, lm_inputs, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.core import RacLoraLinear
-from raclora_dist.core.layer import MergeResult
+from raclora_dist.core.layer import MergeView
 
 TAG = "state"
 
@@ -37,31 +39,19 @@ class DeepSpeedAccess:
     def local_finite(self, layer: RacLoraLinear) -> bool:
         return bool(torch.isfinite(self.full_factor(layer)).all())
 
-    @torch.no_grad()
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
-        B, A = layer.factors_with(factor)  # refuses a non-finite factor
+    @contextlib.contextmanager
+    def merge_view(self, layer: RacLoraLinear) -> Iterator[MergeView]:
         if self.stage != 3:  # ZeRO-2: the weights (and chain) are replicated; merge the copy
-            res = layer.merge_into_chain(layer.chain_B, layer.chain_A, B, A) if layer.merge_mode == "factored" \
-                else layer.merge_into_base(B, A)
-        else:
-            import deepspeed
+            yield layer.local_view()
+            return
+        import deepspeed
 
-            factored = layer.merge_mode == "factored"
-            params = [layer.chain_B, layer.chain_A] if factored else [layer.base_layer.weight]
-            # Every rank computes the same merge (4-bit layers must all set their new quant
-            # state); rank 0's result is what is re-partitioned on exit.
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if factored:
-                    res = layer.merge_into_chain(layer.chain_B.data, layer.chain_A.data, B, A)
-                elif layer.packed_base:
-                    weight = layer.base_layer.weight
-                    packed, res = layer.requantize(weight.data, B, A, gather=self.comm.all_gather_flat,
-                                                   owner=self.rank == 0)
-                    weight.data.copy_(packed)
-                else:
-                    res = layer.merge_into_base(B, A)
-        self.zero_factor(layer)
-        return res
+        params = [layer.chain_B, layer.chain_A] if layer.merge_target == "chain" else [layer.base_layer.weight]
+        # Every rank computes the same merge on the gathered tensors (4-bit layers must all
+        # set their new quant state); rank 0's result is what is re-partitioned on exit.
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield MergeView(weight=layer.base_layer.weight.data, chain_B=layer.chain_B.data,
+                            chain_A=layer.chain_A.data, gather=self.comm.all_gather_flat, owner=self.rank == 0)
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:

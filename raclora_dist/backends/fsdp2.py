@@ -14,7 +14,9 @@ appended to, and re-sliced the same way (both are small next to W).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from raclora_dist.backends.dist import DistComm
 from raclora_dist.backends.fsdp2_compat import fully_shard_4bit as _fully_shard
 from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
 from raclora_dist.core import RacLoraLinear
-from raclora_dist.core.layer import MergeResult, lowrank_fro_norm, merge_rows_into_weight
+from raclora_dist.core.layer import MergeView
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -57,33 +59,28 @@ class FSDP2Access:
         f = layer.factor.detach()
         return f.full_tensor() if hasattr(f, "full_tensor") else f  # all-gather: (m, r) or (r, n)
 
-    @torch.no_grad()
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
-        B, A = layer.factors_with(factor)  # refuses a non-finite factor
-        if layer.merge_mode == "factored":
-            res = self._merge_chain(layer, B, A)
-        elif layer.packed_base:
+    @contextlib.contextmanager
+    def merge_view(self, layer: RacLoraLinear) -> Iterator[MergeView]:
+        target = layer.merge_target
+        if target == "rows":
+            # Each rank owns its rows of W and merges them with no communication; the landed
+            # statistics of the ranks' rows add up to the layer's.
             weight = layer.base_layer.weight
-            packed, res = layer.requantize(weight.full_tensor(), B, A, gather=self.comm.all_gather_flat,
-                                           owner=self.rank == 0)
-            _write_shard(weight, packed, self.rank, self.world)
+            yield MergeView(weight=_local(weight), row_start=_row_offset(layer.out_features, self.rank, self.world),
+                            rows_only=True)
+            return
+        # The packed codes' chunks follow neither W's rows nor its quantization blocks, and a
+        # chain recompression mixes all rows: gather the whole tensor, let every rank compute
+        # the same result, keep this rank's chunk.
+        params = [layer.chain_B, layer.chain_A] if target == "chain" else [layer.base_layer.weight]
+        full = [p.full_tensor() for p in params]
+        if target == "chain":
+            full = [t.clone() for t in full]
+            yield MergeView(chain_B=full[0], chain_A=full[1])
         else:
-            W_local = _local(layer.base_layer.weight)  # (rows, n): this rank's row chunk
-            start = _row_offset(layer.out_features, self.rank, self.world)
-            rows = W_local.shape[0]
-            landed = torch.zeros(3, dtype=torch.float64)
-            if rows:  # each rank owns its rows: the landed statistics add up across ranks
-                landed = merge_rows_into_weight(W_local, B[start : start + rows], A, layer.scale)
-            res = MergeResult(layer.scale * lowrank_fro_norm(B, A), landed, rows_only=True)
-        self.zero_factor(layer)
-        return res
-
-    def _merge_chain(self, layer: RacLoraLinear, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
-        chain_B, chain_A = layer.chain_B.full_tensor().clone(), layer.chain_A.full_tensor().clone()
-        res = layer.merge_into_chain(chain_B, chain_A, B, A)  # the same on every rank
-        _write_shard(layer.chain_B, chain_B, self.rank, self.world)
-        _write_shard(layer.chain_A, chain_A, self.rank, self.world)
-        return res
+            yield MergeView(weight=full[0], gather=self.comm.all_gather_flat, owner=self.rank == 0)
+        for p, whole in zip(params, full):
+            _write_shard(p, whole, self.rank, self.world)
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:

@@ -14,13 +14,15 @@ Collectives go through a tiny :class:`Comm` protocol, so the same code runs in o
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
 
-from raclora_dist.core.layer import LayerSpec, MergeResult, RacLoraLinear
+from raclora_dist.core.layer import LayerSpec, MergeView, RacLoraLinear
 from raclora_dist.core.sketch import sample_sketch
 
 
@@ -73,11 +75,10 @@ class FactorAccess(Protocol):
         """The whole trainable factor (B (m, r) or A (r, n)), identical on every rank."""
         ...
 
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
-        """Adds ``s B A`` into this rank's part of the weight (or chain), in place, and zeroes
-        the factor. ``factor`` is the whole trainable factor (from ``full_factor``). The
-        result's landed statistics cover the whole layer, or its rows on this rank with
-        ``rows_only`` (:class:`~raclora_dist.core.layer.MergeResult`)."""
+    def merge_view(self, layer: RacLoraLinear) -> contextlib.AbstractContextManager[MergeView]:
+        """Hands the layer the tensors its merge edits (``layer.merge_target``: the chain, the
+        whole packed base, or this rank's dense rows) and, on a clean exit, writes them back
+        to where the engine keeps them. On an exception nothing is written back."""
         ...
 
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -95,8 +96,9 @@ class DenseAccess:
     def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
         return layer.factor.detach()
 
-    def merge(self, layer: RacLoraLinear, factor: torch.Tensor) -> MergeResult:
-        return layer.merge(factor)
+    @contextlib.contextmanager
+    def merge_view(self, layer: RacLoraLinear) -> Iterator[MergeView]:
+        yield layer.local_view()  # the layer's own tensors: edited in place, nothing to write back
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:
@@ -235,7 +237,9 @@ class RacLoraChain:
         for name, layer in self.layers.items():
             full = self.access.full_factor(layer)
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)
-            res = self.access.merge(layer, full)
+            with torch.no_grad(), self.access.merge_view(layer) as view:
+                res = layer.merge_link(full, view)  # the math, in one place, for every engine
+            self.access.zero_factor(layer)
             sq += res.norm**2
             if res.rows_only or comm.rank == 0:  # whole-layer statistics: rank 0's count once
                 landed += res.landed

@@ -59,16 +59,28 @@ class RacLoraConfig(BaseModel):
     seed: int = Field(0, description="Chain seed: sketches are a pure function of (seed, link, module name).")
 
     @model_validator(mode="after")
-    def _check(self) -> "RacLoraConfig":
+    def _targets_not_empty(self) -> "RacLoraConfig":
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must name at least one module")
+        return self
+
+    @model_validator(mode="after")
+    def _sketch_groups_share_the_right_sketch(self) -> "RacLoraConfig":
         if self.sketch_groups and self.sketch_side == "left":
             raise ValueError("sketch_groups share the input-side (right) sketch; they need sketch_side right or auto")
         if any(len(g) < 2 for g in self.sketch_groups):
             raise ValueError(f"each of sketch_groups needs at least two module names, got {self.sketch_groups}")
+        return self
+
+    @model_validator(mode="after")
+    def _master_weights_need_into_base(self) -> "RacLoraConfig":
         if (self.master_weights != "none" or self.stochastic_rounding) and self.merge_mode != "into_base":
             raise ValueError(f"master_weights and stochastic_rounding need merge_mode into_base, "
                              f"got merge_mode {self.merge_mode!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _chain_cap_holds_a_link(self) -> "RacLoraConfig":
         if self.max_chain_rank is not None and self.max_chain_rank < self.rank:
             raise ValueError(f"max_chain_rank ({self.max_chain_rank}) must be >= rank ({self.rank})")
         return self

@@ -14,6 +14,7 @@ frozen factors ``chain_B (m, R)``, ``chain_A (R, n)`` with the scale folded into
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -24,6 +25,7 @@ from raclora_dist.core.sketch import sample_sketch, tensor_fingerprint
 
 Side = Literal["left", "right"]
 MergeMode = Literal["into_base", "factored"]
+MergeTarget = Literal["chain", "packed", "rows"]
 
 
 @dataclass
@@ -46,6 +48,37 @@ class MergeResult:
     landed: torch.Tensor
     discarded: float = 0.0
     rows_only: bool = False
+
+
+@dataclass
+class MergeView:
+    """The tensors of one layer that a merge may edit (in place), as an engine hands them over.
+
+    The engine owns the bytes: it gathers what :attr:`RacLoraLinear.merge_target` names, builds
+    the view, and writes the edited tensors back to its shards afterwards. The layer owns the
+    math (:meth:`RacLoraLinear.merge_link`) and never asks where the tensors came from.
+
+    Attributes:
+        weight: ``rows`` target: the dense weight's rows ``row_start:row_start + rows`` (the
+            whole (m, n) weight, or this rank's row chunk); ``packed`` target: the whole packed
+            4-bit codes (P, 1), overwritten with the new codes. Unused for ``chain``.
+        row_start: the first global row of ``weight`` (``rows`` target).
+        rows_only: ``weight`` holds only this rank's rows; the ranks' landed statistics then
+            add up to the layer's (:class:`MergeResult`).
+        chain_B: (m, cap), chain_A: (cap, n): the whole factored chain (``chain`` target).
+        gather: collects a sharded master copy's slices from all ranks (collective,
+            ``gather(local_flat, total) -> whole flat``); None: this process holds it all.
+        owner: whether this rank computes whole-layer landed statistics that only rank 0's
+            count of (a 4-bit merge may skip the extra dequantize elsewhere).
+    """
+
+    weight: torch.Tensor | None = None
+    row_start: int = 0
+    rows_only: bool = False
+    chain_B: torch.Tensor | None = None
+    chain_A: torch.Tensor | None = None
+    gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    owner: bool = True
 
 
 class RankError(ValueError):
@@ -202,14 +235,17 @@ class RacLoraLinear(nn.Module):
 
     # -- what engines may ask of a layer (declared here; a 4-bit layer overrides them) ----------
     packed_base = False
-    """True: the base weight is packed codes, merged by :meth:`requantize` on the whole weight
-    (engines gather it first); False: a dense weight, merged row by row."""
+    """True: the base weight is packed codes, merged on the whole weight (engines gather it
+    first); False: a dense weight, merged row by row."""
 
-    def requantize(self, packed: torch.Tensor, B: torch.Tensor, A: torch.Tensor, gather=None,
-                   owner: bool = True) -> tuple[torch.Tensor, MergeResult]:
-        """Merges ``s B A`` into a whole packed weight; returns the new codes and the result.
-        Only layers with ``packed_base`` have one."""
-        raise NotImplementedError(f"{type(self).__name__} has a dense base; it has no packed weight to requantize")
+    @property
+    def merge_target(self) -> MergeTarget:
+        """What a merge edits, so that an engine knows what to gather into the :class:`MergeView`:
+        ``chain`` (the factored chain), ``packed`` (the whole packed base) or ``rows`` (the dense
+        weight, any row chunk)."""
+        if self.merge_mode == "factored":
+            return "chain"
+        return "packed" if self.packed_base else "rows"
 
     def shard_master(self, rank: int, world: int) -> None:
         """Keeps only this rank's slice of a high-precision master copy of the base; a dense
@@ -303,6 +339,10 @@ class RacLoraLinear(nn.Module):
         """Whether the trainable factor holds only finite values."""
         return bool(torch.isfinite(self.factor).all())
 
+    def local_view(self) -> MergeView:
+        """The :class:`MergeView` of an unsharded layer: its own tensors, edited in place."""
+        return MergeView(weight=self.base_layer.weight.data, chain_B=self.chain_B, chain_A=self.chain_A)
+
     @torch.no_grad()
     def merge(self, factor: torch.Tensor | None = None) -> MergeResult:
         """Merges the link ``s * B @ A`` (in place) on an unsharded layer.
@@ -320,18 +360,37 @@ class RacLoraLinear(nn.Module):
         Raises:
             FloatingPointError: if the factor holds a non-finite value; nothing is merged.
         """
-        B, A = self.factors_with(self.factor if factor is None else factor)
-        if self.merge_mode == "into_base":
-            res = self.merge_into_base(B, A)
-        else:
-            res = self.merge_into_chain(self.chain_B, self.chain_A, B, A)
+        res = self.merge_link(self.factor if factor is None else factor, self.local_view())
         self.factor.zero_()
         return res
 
-    def merge_into_base(self, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
-        """``W += s B A`` on the full dense weight (in place); quantized subclasses override."""
-        landed = merge_rows_into_weight(self.base_layer.weight.data, B, A, self.scale)
-        return MergeResult(self.scale * lowrank_fro_norm(B, A), landed)
+    @torch.no_grad()
+    def merge_link(self, factor: torch.Tensor, view: MergeView) -> MergeResult:
+        """The one merge entry point: adds the link ``s B A`` into the tensors of ``view`` (in
+        place), whichever the merge mode and however the engine holds the layer.
+
+        The trainable factor itself is left as it is (the engine zeroes it where it lives).
+
+        Args:
+            factor: the whole trained factor, B (m, r) or A (r, n).
+            view: what the engine gathered for :attr:`merge_target`.
+
+        Raises:
+            FloatingPointError: the factor holds a non-finite value; nothing is merged.
+        """
+        B, A = self.factors_with(factor)
+        if self.merge_target == "chain":
+            return self.merge_into_chain(view.chain_B, view.chain_A, B, A)
+        return self.merge_into_base(view, B, A)
+
+    def merge_into_base(self, view: MergeView, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
+        """``W[rows] += s B[rows] A`` on the dense rows in ``view`` (in place); the 4-bit layer
+        overrides it with a requantizing merge of the whole packed weight."""
+        W = view.weight
+        landed = torch.zeros(3, dtype=torch.float64)
+        if W.shape[0]:  # a rank may own no rows of a small layer
+            landed = merge_rows_into_weight(W, B[view.row_start : view.row_start + W.shape[0]], A, self.scale)
+        return MergeResult(self.scale * lowrank_fro_norm(B, A), landed, rows_only=view.rows_only)
 
     @torch.no_grad()
     def merge_into_chain(self, chain_B: torch.Tensor, chain_A: torch.Tensor,

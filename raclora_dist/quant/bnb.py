@@ -26,7 +26,7 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 
 from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
-from raclora_dist.core.layer import MergeMode, MergeResult, landed_stats, lowrank_fro_norm
+from raclora_dist.core.layer import MergeMode, MergeResult, MergeView, landed_stats, lowrank_fro_norm
 from raclora_dist.quant.config import QuantizationConfig
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,9 +246,11 @@ class Linear4bitRacLora(RacLoraLinear):
     def dense_base_weight(self) -> torch.Tensor:
         return dequantize(self.base_layer.weight.data, self.base_layer.quant_state)
 
-    def merge_into_base(self, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
-        packed, res = self.requantize(self.base_layer.weight.data, B, A)
-        self.base_layer.weight.data = packed
+    def merge_into_base(self, view: MergeView, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
+        """Requantizes the whole packed weight in ``view`` with ``s B A`` added; the codes are
+        overwritten in place (same shape) and the layer takes the new quant state."""
+        packed, res = self.requantize(view.weight, B, A, gather=view.gather, owner=view.owner)
+        view.weight.copy_(packed)
         return res
 
     @torch.no_grad()
@@ -260,7 +262,7 @@ class Linear4bitRacLora(RacLoraLinear):
         bits of stochastic rounding are keyed by (seed, link, module name)).
 
         Args:
-            packed: the whole packed weight (P, 1) (gathered if sharded); not modified.
+            packed: the whole packed weight (P, 1) (gathered if sharded); not modified here.
             B: (m, r). A: (r, n): the link's factors.
             gather: collects the master copy's slices of all ranks (collective); None when
                 this process holds the whole master.
