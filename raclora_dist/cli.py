@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raclora_dist.config import load_config
-    from raclora_dist.config_policy import check_paths
+    from raclora_dist.train.config_checks import check_paths
     from raclora_dist.train.launch import launch_torchrun, under_launcher
 
     overrides = list(args.overrides)
@@ -119,7 +119,7 @@ def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
     import time
     from pathlib import Path
 
-    from raclora_dist.config_policy import absolutize
+    from raclora_dist.orchestration.paths import absolutize
     from raclora_dist.train.session import validate_model
 
     absolutize(cfg)
@@ -188,7 +188,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from raclora_dist.config import ConfigError, load_config
-    from raclora_dist.config_policy import check_paths
+    from raclora_dist.train.config_checks import check_paths
 
     if args.command == "train":
         return _train(args)

@@ -26,7 +26,8 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 
 from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
-from raclora_dist.core.layer import MergeMode, MergeResult, MergeView, landed_stats, lowrank_fro_norm
+from raclora_dist.core.landed import MergeResult, landed_stats, lowrank_fro_norm
+from raclora_dist.core.layer import MergeMode, MergeView
 from raclora_dist.quant.config import QuantizationConfig
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

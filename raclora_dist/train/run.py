@@ -18,9 +18,9 @@ import torch.distributed as dist
 from raclora_dist.backends import make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
-from raclora_dist.config_policy import check_paths, diff_configs
 from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
+from raclora_dist.train.config_checks import check_paths, diff_configs
 from raclora_dist.train.data import PackedData, tokenized_blocks
 from raclora_dist.train.loop import Trainer
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after

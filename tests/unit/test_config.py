@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raclora_dist.config import ConfigError, load_config, parse_overrides
-from raclora_dist.config_policy import check_paths
+from raclora_dist.train.config_checks import check_paths
 from tests.conftest import tiny_config, write_config
 
 
