@@ -175,6 +175,13 @@ class DistributedSection(_Section):
         default_factory=lambda: {"zero_optimization": {"stage": 2}},
         description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.",
     )
+    sync: Literal["step", "link"] = Field(
+        "step", description="step: gradients are averaged at every optimizer step. link: RAC-LoRA's federated "
+        "form (docs/link-sync.md): each group of workers trains a whole link on its own data with no "
+        "communication, and one all-reduce averages the trained factors at the boundary (ddp only).")
+    sync_groups: int | None = Field(
+        None, ge=1, description="sync: link only: how many groups average per link (contiguous ranks, e.g. one "
+        "per node); inside a group, gradients are averaged every step (DDP). Default: every worker is a group.")
 
     @model_validator(mode="after")
     def _single_runs_one_worker(self) -> "DistributedSection":
@@ -188,6 +195,19 @@ class DistributedSection(_Section):
             hint = ("set zero_optimization.offload_optimizer / offload_param in distributed.deepspeed"
                     if self.strategy == "deepspeed" else "it applies to the fsdp2 strategy")
             raise ValueError(f"cpu_offload: not available with strategy {self.strategy!r}; {hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _link_sync_runs_on_ddp(self) -> "DistributedSection":
+        if self.sync == "link" and self.strategy not in ("ddp", "single"):
+            raise ValueError(f"sync: link needs strategy ddp (or single), not {self.strategy!r}: each worker keeps "
+                             "whole factors and trains them alone during a link; fsdp2 and deepspeed shard them")
+        if self.sync_groups is not None:
+            if self.sync != "link":
+                raise ValueError("sync_groups applies to sync: link; set sync: link or leave sync_groups unset")
+            if self.workers % self.sync_groups:
+                raise ValueError(f"sync_groups ({self.sync_groups}) must divide workers ({self.workers}): "
+                                 "every group has the same number of workers")
         return self
 
     @model_validator(mode="after")
@@ -244,6 +264,13 @@ class RunConfig(_Section):
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
                 f"({self.distributed.workers}): each worker takes an equal slice of every batch"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _link_sync_resets_the_optimizer(self) -> "RunConfig":
+        if self.distributed.sync == "link" and self.raclora.optimizer_state != "reset":
+            raise ValueError("raclora.optimizer_state: keep with distributed.sync: link: each group's moments describe "
+                             "its own factor, not the averaged one the next link starts from; use reset")
         return self
 
     @model_validator(mode="after")

@@ -47,27 +47,15 @@ class DumpShards(Callback):
         (self.out / f"rank{rank}.json").write_text(json.dumps(where))
 
 
-class CountAllReduces(Callback):
-    """Counts DDP's gradient all-reduces (one per bucket, through a comm hook that does the
-    default all-reduce) and writes ``out/rank<R>.json``: the count after each optimizer step."""
+class DumpFactors(Callback):
+    """Before each boundary, each rank writes its trained factors (before any averaging) to
+    ``out/rank<R>-link<L>.safetensors``, keyed by module name."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
-        self.calls = 0
-        self.per_step: list[int] = []
 
-    def on_train_start(self, trainer) -> None:
-        import torch.distributed as dist
-
-        def hook(state, bucket):
-            self.calls += 1
-            world = dist.get_world_size()
-            fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
-            return fut.then(lambda f: f.value()[0])
-
-        trainer.backend.model.register_comm_hook(None, hook)
-
-    def on_step_end(self, trainer, record: dict) -> None:
-        self.per_step.append(self.calls)
+    @torch.no_grad()
+    def before_boundary(self, trainer, link: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"rank{trainer.backend.info.rank}.json").write_text(json.dumps(self.per_step))
+        factors = {n: layer.factor.detach().cpu().clone() for n, layer in trainer.s.layers.items()}
+        save_file(factors, self.out / f"rank{trainer.backend.info.rank}-link{link}.safetensors")

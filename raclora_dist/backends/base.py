@@ -55,6 +55,7 @@ class Backend:
     def __init__(self, cfg: RunConfig, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
         self.comm: Comm = LocalComm()
+        self.step_comm: Comm | None = None  # per-step statistics; None: ``comm`` (all ranks)
         self.access: FactorAccess = DenseAccess()
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -99,6 +100,12 @@ class Backend:
         """Wraps one micro-batch's forward and backward; ``last``: the one before the
         optimizer step (engines that can skip gradient communication on the others do)."""
         return contextlib.nullcontext()
+
+    def loss_scale_items(self, labelled: list[int]) -> float:
+        """``num_items`` for this rank's loss (:func:`lm_inputs`), given the labelled tokens of
+        every rank's slice of a global micro-batch (rank order): the global count / world
+        size, so that the ranks' averaged gradient is the one-process gradient."""
+        return max(sum(labelled), 1) / self.info.world_size
 
     def step(self, clip: float | None) -> float:
         """Clips (global norm), steps, zeroes grads; returns the pre-clip grad norm."""

@@ -47,15 +47,30 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+class Traffic:
+    """Bytes this process put into collectives: the payload of each call (a tensor of N bytes
+    all-reduced counts N, whatever the algorithm moves on the wire). Every collective the
+    trainer issues goes through :class:`DistComm` or the DDP gradient hook, which add here."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, t: torch.Tensor) -> None:
+        self.total += t.numel() * t.element_size()
+
+
+TRAFFIC = Traffic()
+
+
 class DistComm:
-    """The chain's :class:`~raclora_dist.core.chain.Comm` over the default process group.
+    """The chain's :class:`~raclora_dist.core.chain.Comm` over a process group (default: all).
 
     Tensors are reduced on the collective's device (CPU for gloo, the GPU for nccl) and
-    returned on the caller's device.
+    returned on the caller's device. ``rank`` is the global rank, whatever the group.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.device, self.group = device, group
 
     @property
     def rank(self) -> int:
@@ -63,7 +78,8 @@ class DistComm:
 
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         buf = t.to(self.device)
-        dist.all_reduce(buf, op=op)
+        TRAFFIC.add(buf)
+        dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(t.device)
 
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +89,7 @@ class DistComm:
         return self._reduce(t, dist.ReduceOp.MAX)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self._reduce(t, dist.ReduceOp.SUM) / dist.get_world_size()
+        return self._reduce(t, dist.ReduceOp.SUM) / dist.get_world_size(self.group)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self._reduce(t, dist.ReduceOp.SUM)
@@ -84,13 +100,27 @@ class DistComm:
         Slices are the equal ``ceil(total / world)`` chunks in rank order (the last may be
         short); returned on ``local``'s device.
         """
-        world = dist.get_world_size()
+        world = dist.get_world_size(self.group)
         chunk = -(-total // world)
         buf = torch.zeros(chunk, dtype=local.dtype, device=self.device)
         buf[: local.numel()] = local.flatten().to(self.device)
         parts = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(parts, buf)
+        TRAFFIC.add(buf)
+        dist.all_gather(parts, buf, group=self.group)
         return torch.cat(parts)[:total].to(local.device)
+
+
+def contiguous_groups(groups: int) -> dist.ProcessGroup:
+    """Splits the ranks into ``groups`` groups of consecutive ranks (0..g-1, g..2g-1, ...: one
+    per node when workers are packed) and returns this rank's. Collective: every rank calls it."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = world // groups
+    mine = None
+    for g in range(groups):  # new_group must be called by every rank for every group
+        pg = dist.new_group(list(range(g * size, (g + 1) * size)))
+        if g == rank // size:
+            mine = pg
+    return mine
 
 
 def barrier() -> None:

@@ -212,11 +212,16 @@ class RacLoraChain:
         ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
-    def end_link(self, comm: Comm | None = None) -> LinkRecord:
-        """Ends the current link on this rank: guard, merge, record.
+    def end_link(self, comm: Comm | None = None, average: bool = False) -> LinkRecord:
+        """Ends the current link on this rank: guard, (average), merge, record.
 
         Args:
             comm: collectives; every rank must call this at the same step.
+            average: link-sync (federated) mode: the ranks trained their factors apart; one
+                all-reduce of all layers' factors averages them first (after the guard, so a
+                non-finite factor on one rank never reaches the others), and every rank
+                merges the same mean. Within a link the sketch is shared, so the mean of the
+                factors is exactly the mean of the ranks' updates, ``s (mean B_i) A``.
 
         Returns:
             The link's record. A link discarded by the guard merges nothing anywhere.
@@ -234,8 +239,11 @@ class RacLoraChain:
         sq, discarded = 0.0, 0.0
         landed = torch.zeros(3, dtype=torch.float64)
         factors: dict[str, torch.Tensor] = {}
+        fulls = {name: self.access.full_factor(layer) for name, layer in self.layers.items()}
+        if average:
+            fulls = _mean_over_ranks(fulls, comm)
         for name, layer in self.layers.items():
-            full = self.access.full_factor(layer)
+            full = fulls[name]
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)
             with torch.no_grad(), self.access.merge_view(layer) as view:
                 res = layer.merge_link(full, view)  # the math, in one place, for every engine
@@ -282,6 +290,17 @@ class RacLoraChain:
 
 
 @torch.no_grad()
+def _mean_over_ranks(tensors: dict[str, torch.Tensor], comm: Comm) -> dict[str, torch.Tensor]:
+    """Every rank's tensors averaged, in one all-reduce of their flat concatenation (fp32)."""
+    flat = torch.cat([t.detach().float().flatten() for t in tensors.values()])
+    flat = comm.all_reduce_mean(flat)
+    out, i = {}, 0
+    for name, t in tensors.items():
+        out[name] = flat[i : i + t.numel()].view_as(t).to(t.dtype)
+        i += t.numel()
+    return out
+
+
 def replay_layer(layer: RacLoraLinear, state: ChainState) -> None:
     """Re-applies every merged link of ``state`` to one unsharded layer, in order (in place).
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from raclora_dist.backends import Backend
+from raclora_dist.backends.dist import TRAFFIC
 from raclora_dist.config import RunConfig
 from raclora_dist.train.callbacks import Callback, CallbackList
 from raclora_dist.train.checkpoint import save_checkpoint
@@ -56,6 +57,8 @@ class Trainer:
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
         self.backend, self.comm = backend, backend.comm
+        self.link_sync = cfg.distributed.sync == "link"
+        self._link_bytes = 0  # collective payload this rank sent since the last boundary
         self.is_main = backend.info.is_main
         self.log = log if self.is_main else (lambda _: None)
         self.global_step = 0
@@ -95,7 +98,9 @@ class Trainer:
             for link in range(start_link, rc.links):
                 if self.s.chain.link != link:
                     self.callbacks.before_link(self, link)
+                    sent = TRAFFIC.total
                     self.s.chain.start_link(link, self.comm)
+                    self._link_bytes += TRAFFIC.total - sent  # the fingerprint check
                 t0 = time.perf_counter()
                 loss = self._train_link(link, start_step if link == start_link else 0)
                 self._boundary(link, loss, time.perf_counter() - t0)
@@ -115,12 +120,15 @@ class Trainer:
             lr = link_lr(tc, k, rc.steps_per_link)
             self.backend.set_lr(lr)
             t0 = time.perf_counter()
+            sent = TRAFFIC.total
             loss = self._step()
+            sent = TRAFFIC.total - sent
+            self._link_bytes += sent
             self.global_step += 1
             dt = time.perf_counter() - t0
             tokens = tc.batch_size * tc.grad_accum * self.data.train.shape[1]
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
-                   "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb()}
+                   "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb(), "comm_bytes": sent}
             if self.data.masked:  # instruction/chat: the tokens the loss covers, apart from all tokens
                 rec["trained_tokens"] = self._trained_tokens
                 rec["trained_tokens_per_s"] = self._trained_tokens / dt
@@ -178,28 +186,36 @@ class Trainer:
             batch = self.data.train_inputs(self.global_step * tc.grad_accum + micro)  # fields (B, T)
             local = {k: b.local_batch(v) for k, v in batch.items()}  # (B / world, T) on this rank
             if "labels" in batch:
-                counted = _labelled(batch["labels"])
-                self._trained_tokens += counted
-                local["num_items"] = max(counted, 1) / b.info.world_size
+                per_rank = [_labelled(part) for part in batch["labels"].chunk(b.info.world_size)]
+                self._trained_tokens += sum(per_rank)
+                local["num_items"] = b.loss_scale_items(per_rank)
             with b.micro_batch(last=micro == tc.grad_accum - 1):
                 loss = b.forward(**local)
                 b.backward(loss, tc.grad_accum)
             total += loss.item()
         self._grad_norm = b.step(tc.grad_clip)
-        # Logged loss: the mean over ranks (one scalar all-reduce; identity in one process).
-        return float(self.comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
+        # Logged loss: the mean over ranks (one scalar all-reduce; identity in one process), or
+        # over rank 0's group in link-sync mode (nothing crosses groups between boundaries).
+        comm = b.step_comm or self.comm
+        return float(comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
 
     def _boundary(self, link: int, train_loss: float, link_time: float) -> None:
         """Guard + merge (in the chain), optimizer reset, eval, record, checkpoint."""
         chain, rc = self.s.chain, self.cfg.raclora
         self.callbacks.before_boundary(self, link)
-        record = chain.end_link(self.comm)
+        sent = TRAFFIC.total
+        record = chain.end_link(self.comm, average=self.link_sync)
+        sent = TRAFFIC.total - sent
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the
             # next link's subspace.
             self.backend.reset_optimizer()
+        # What this rank sent in collectives over the link: its fingerprint check, its steps
+        # and the boundary.
+        link_bytes, self._link_bytes = self._link_bytes + sent, 0
         rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": self.evaluate(),
-               "link_time_s": link_time, "step": self.global_step}
+               "link_time_s": link_time, "step": self.global_step, "comm_bytes_boundary": sent,
+               "comm_bytes_link": link_bytes}
         self._write(rec)
         self.history.append(rec)
         self.log(link_line(rec, rc.links, self.tokens_per_link))
@@ -256,6 +272,7 @@ class Trainer:
             current = {n: chain.access.full_factor(layer) for n, layer in self.s.layers.items()}
         meta = {"next_link": next_link, "step_in_link": step_in_link, "global_step": self.global_step,
                 "strategy": self.cfg.distributed.strategy, "world_size": self.backend.info.world_size,
+                "sync": self.cfg.distributed.sync, "sync_groups": self.cfg.distributed.sync_groups,
                 "layers": [layer.spec.to_dict() for layer in self.s.layers.values()],
                 "fingerprint_link": chain.link,
                 "fingerprints": [str(x) for x in chain.fingerprints().tolist()]}

@@ -110,3 +110,19 @@ def test_the_readme_4bit_quickstart_line_is_exact(tmp_path):
                       ["model.quantization=nf4", "ray.enabled=false", "distributed.strategy=single",
                        "distributed.workers=1"])
     assert cfg.raclora.merge_mode == "auto"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["distributed.strategy=fsdp2", "distributed.workers=2", "distributed.sync=link"],
+     "sync: link needs strategy ddp"),
+    (["distributed.strategy=ddp", "distributed.workers=4", "distributed.sync=link", "distributed.sync_groups=3"],
+     r"sync_groups \(3\) must divide workers \(4\)"),
+    (["distributed.strategy=ddp", "distributed.workers=2", "distributed.sync_groups=2"],
+     "sync_groups applies to sync: link"),
+    (["distributed.strategy=ddp", "distributed.workers=2", "distributed.sync=link", "raclora.optimizer_state=keep"],
+     "raclora.optimizer_state: keep with distributed.sync: link"),
+    (["distributed.sync=links"], r"distributed.sync: Input should be 'step' or 'link' \(got 'links'\)"),
+])
+def test_link_sync_rules_name_the_field(cfg_file, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg_file, overrides)

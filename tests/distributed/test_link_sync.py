@@ -1,0 +1,104 @@
+"""Link-sync (``distributed.sync: link``): RAC-LoRA's federated form under torchrun, 2 or 4
+gloo processes on CPU, through `raclora train`. Each group trains a whole link alone; one
+all-reduce averages the factors at the boundary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raclora_dist.train.checkpoint import find_latest
+from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
+from tests.distributed.test_backends import assert_chains_close, chain, losses, meta, train
+
+pytestmark = pytest.mark.slow
+
+LINK = ["distributed.strategy=ddp", "distributed.sync=link"]
+FACTOR_BYTES = 768 * 4  # the tiny model's 8 layers, rank 2: 768 fp32 factor entries
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    rows = read_jsonl(run / "metrics.jsonl")
+    return [r for r in rows if r["type"] == kind] if kind != "link" else [r for r in rows if "merged" in r]
+
+
+@pytest.fixture(scope="module")
+def same_rows(tmp_path_factory) -> Path:
+    """A corpus whose packed 32-token rows are all identical (15 bytes + end of text = 16)."""
+    path = tmp_path_factory.mktemp("same") / "same.jsonl"
+    path.write_text("".join(json.dumps({"text": "abcdefghijklmno"}) + "\n" for _ in range(300)))
+    return path
+
+
+def test_identical_data_on_every_worker_equals_the_one_process_chain(same_rows, tmp_path):
+    """Both workers see the same rows, so each trains the one-process factor alone; the
+    average is that factor, and the chain is the one-process chain, with no communication
+    between boundaries."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(same_rows, tmp_path / "unused"))
+    single, link = tmp_path / "single", tmp_path / "link"
+    assert run_cli("train", str(cfg), f"run.dir={single}").returncode == 0
+    proc = train(cfg, link, *LINK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert meta(link)["merged"] == [0, 1, 2] and meta(link)["fingerprints"] == meta(single)["fingerprints"]
+    assert_chains_close(single, link)
+    assert losses(link) == pytest.approx(losses(single), abs=1e-5)
+    # Nothing crosses workers during a link; the boundary all-reduces the factors (plus the
+    # guard's flag and the landed statistics), and a link adds its fingerprint check.
+    assert {r["comm_bytes"] for r in records(link, "step")} == {0}
+    for r in records(link, "link"):
+        assert FACTOR_BYTES <= r["comm_bytes_boundary"] < FACTOR_BYTES + 100
+        assert r["comm_bytes_link"] - r["comm_bytes_boundary"] < 200
+
+
+@pytest.mark.parametrize("workers,groups", [(2, None), (4, 2)])
+def test_the_merged_link_is_the_mean_of_the_groups_separately_trained_links(workers, groups, small_data, tmp_path):
+    """Different shards: each group's factor is its own; the merged link (the chain's record,
+    which replay and export use) is their mean, exactly up to float rounding. With 2 groups of
+    2, DDP keeps the factor equal inside each group every step."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused"))
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    spec = f"run.callbacks=[{{class: 'tests.probes:DumpFactors', args: {{out: '{dump}'}}}}]"
+    extra = [f"distributed.sync_groups={groups}"] if groups else []
+    proc = train(cfg, run, *LINK, f"distributed.workers={workers}", *extra, spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = chain(run)
+    size = workers // (groups or workers)
+    for link in range(3):
+        per_rank = [load_file(dump / f"rank{r}-link{link}.safetensors") for r in range(workers)]
+        for name in per_rank[0]:
+            parts = [f[name] for f in per_rank]
+            leaders = parts[::size]  # one per group
+            assert all(torch.equal(parts[r], leaders[r // size]) for r in range(workers))  # equal inside a group
+            assert not torch.allclose(leaders[0], leaders[1], atol=1e-6)  # the groups trained apart
+            torch.testing.assert_close(stored[f"link.{link}.{name}"], torch.stack(leaders).mean(0), rtol=0, atol=1e-7)
+    steps = records(run, "step")
+    # Inside a group of 2, DDP all-reduces the gradients each step; a group of 1 sends nothing.
+    assert {r["comm_bytes"] for r in steps} == ({FACTOR_BYTES + 8} if size == 2 else {0})
+
+
+def test_a_crash_mid_link_resumes_bitwise(small_data, tmp_path):
+    """Checkpoints mid-link keep every rank's own factors and optimizer state (they differ
+    until the boundary): the resumed run ends bitwise where the uninterrupted one ends."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", checkpoint={"every_steps": 2}))
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    assert train(cfg, whole, *LINK).returncode == 0
+    proc = train(cfg, crashed, *LINK, faults(crash_at_step=5))
+    assert proc.returncode != 0
+    latest = find_latest(crashed)
+    assert latest.name == "link-00001-step-0000004"  # 1 step into link 1: the ranks' factors differ
+    saved = [torch.load(latest / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    name = next(iter(saved[0]["factors"]))
+    assert not torch.equal(saved[0]["factors"][name], saved[1]["factors"][name])
+    assert saved[0]["optimizer"]["state"]  # Adam's moments so far, per rank
+    # A different group layout cannot take over the ranks' factors mid-link: a clear error.
+    proc = train(cfg, crashed, *LINK, "distributed.workers=1", "distributed.strategy=single", resume=True)
+    assert proc.returncode == 2 and "distributed.sync: link" in proc.stderr, proc.stderr[-3000:]
+    proc = train(cfg, crashed, *LINK, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = chain(whole), chain(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(crashed) == losses(whole)
