@@ -30,7 +30,7 @@ import math
 import torch
 
 from benchmarks.fidelity.common import TwoFactorLoRA, rac_chain
-from benchmarks.fidelity.quadratic import L, MU, N, RANK, _model, _w_eff, f, problem
+from benchmarks.fidelity.quadratic import MU, RANK, L, N, _model, _w_eff, f, problem
 
 WORKERS = 4
 METHODS = ["rac_link", "fixed_sketch", "fed_lora"]
