@@ -179,6 +179,9 @@ class DistributedSection(_Section):
         "step", description="step: gradients are averaged at every optimizer step. link: RAC-LoRA's federated "
         "form (docs/link-sync.md): each group of workers trains a whole link on its own data with no "
         "communication, and one all-reduce averages the trained factors at the boundary (ddp only).")
+    link_outer_lr: float = Field(
+        1.0, gt=0, description="sync: link only: the averaged factor is scaled by this before it is merged (1: the "
+        "paper's plain average; >1 makes up for the noise the average cancels, docs/link-sync.md).")
     sync_groups: int | None = Field(
         None, ge=1, description="sync: link only: how many groups average per link (contiguous ranks, e.g. one "
         "per node); inside a group, gradients are averaged every step (DDP). Default: every worker is a group.")
@@ -202,6 +205,8 @@ class DistributedSection(_Section):
         if self.sync == "link" and self.strategy not in ("ddp", "single"):
             raise ValueError(f"sync: link needs strategy ddp (or single), not {self.strategy!r}: each worker keeps "
                              "whole factors and trains them alone during a link; fsdp2 and deepspeed shard them")
+        if self.link_outer_lr != 1.0 and self.sync != "link":
+            raise ValueError("link_outer_lr applies to sync: link; set sync: link or leave link_outer_lr unset")
         if self.sync_groups is not None:
             if self.sync != "link":
                 raise ValueError("sync_groups applies to sync: link; set sync: link or leave sync_groups unset")

@@ -212,7 +212,7 @@ class RacLoraChain:
         ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
-    def end_link(self, comm: Comm | None = None, average: bool = False) -> LinkRecord:
+    def end_link(self, comm: Comm | None = None, average: bool = False, outer_lr: float = 1.0) -> LinkRecord:
         """Ends the current link on this rank: guard, (average), merge, record.
 
         Args:
@@ -222,6 +222,8 @@ class RacLoraChain:
                 non-finite factor on one rank never reaches the others), and every rank
                 merges the same mean. Within a link the sketch is shared, so the mean of the
                 factors is exactly the mean of the ranks' updates, ``s (mean B_i) A``.
+            outer_lr: with ``average``, the mean factor is scaled by this before the merge
+                (the record keeps the scaled factor, so replay needs nothing else).
 
         Returns:
             The link's record. A link discarded by the guard merges nothing anywhere.
@@ -242,6 +244,8 @@ class RacLoraChain:
         fulls = {name: self.access.full_factor(layer) for name, layer in self.layers.items()}
         if average:
             fulls = _mean_over_ranks(fulls, comm)
+            if outer_lr != 1.0:
+                fulls = {name: f * outer_lr for name, f in fulls.items()}
         for name, layer in self.layers.items():
             full = fulls[name]
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)

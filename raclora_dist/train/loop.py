@@ -204,7 +204,7 @@ class Trainer:
         chain, rc = self.s.chain, self.cfg.raclora
         self.callbacks.before_boundary(self, link)
         sent = TRAFFIC.total
-        record = chain.end_link(self.comm, average=self.link_sync)
+        record = chain.end_link(self.comm, average=self.link_sync, outer_lr=self.cfg.distributed.link_outer_lr)
         sent = TRAFFIC.total - sent
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the

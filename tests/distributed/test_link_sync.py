@@ -34,11 +34,13 @@ def same_rows(tmp_path_factory) -> Path:
     return path
 
 
-def test_identical_data_on_every_worker_equals_the_one_process_chain(same_rows, tmp_path):
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_identical_data_on_every_worker_equals_the_one_process_chain(base, same_rows, tmp_path):
     """Both workers see the same rows, so each trains the one-process factor alone; the
     average is that factor, and the chain is the one-process chain, with no communication
-    between boundaries."""
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(same_rows, tmp_path / "unused"))
+    between boundaries. Also over a 4-bit base (merged factored)."""
+    model = {"quantization": "nf4"} if base == "nf4" else {}
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(same_rows, tmp_path / "unused", model=model))
     single, link = tmp_path / "single", tmp_path / "link"
     assert run_cli("train", str(cfg), f"run.dir={single}").returncode == 0
     proc = train(cfg, link, *LINK)
@@ -54,15 +56,17 @@ def test_identical_data_on_every_worker_equals_the_one_process_chain(same_rows, 
         assert r["comm_bytes_link"] - r["comm_bytes_boundary"] < 200
 
 
-@pytest.mark.parametrize("workers,groups", [(2, None), (4, 2)])
-def test_the_merged_link_is_the_mean_of_the_groups_separately_trained_links(workers, groups, small_data, tmp_path):
+@pytest.mark.parametrize("workers,groups,launcher", [(2, None, "torchrun"), (4, 2, "torchrun"), (2, None, "ray")])
+def test_the_merged_link_is_the_mean_of_the_groups_separately_trained_links(workers, groups, launcher, small_data,
+                                                                             tmp_path):
     """Different shards: each group's factor is its own; the merged link (the chain's record,
     which replay and export use) is their mean, exactly up to float rounding. With 2 groups of
-    2, DDP keeps the factor equal inside each group every step."""
+    2, DDP keeps the factor equal inside each group every step. Under torchrun and Ray Train."""
     cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused"))
     run, dump = tmp_path / "run", tmp_path / "dump"
     spec = f"run.callbacks=[{{class: 'tests.probes:DumpFactors', args: {{out: '{dump}'}}}}]"
     extra = [f"distributed.sync_groups={groups}"] if groups else []
+    extra += ["ray.enabled=true"] if launcher == "ray" else []
     proc = train(cfg, run, *LINK, f"distributed.workers={workers}", *extra, spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = chain(run)

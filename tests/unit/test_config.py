@@ -121,6 +121,7 @@ def test_the_readme_4bit_quickstart_line_is_exact(tmp_path):
      "sync_groups applies to sync: link"),
     (["distributed.strategy=ddp", "distributed.workers=2", "distributed.sync=link", "raclora.optimizer_state=keep"],
      "raclora.optimizer_state: keep with distributed.sync: link"),
+    (["distributed.link_outer_lr=1.5"], "link_outer_lr applies to sync: link"),
     (["distributed.sync=links"], r"distributed.sync: Input should be 'step' or 'link' \(got 'links'\)"),
 ])
 def test_link_sync_rules_name_the_field(cfg_file, overrides, message):

@@ -151,3 +151,19 @@ def test_side_resolution_and_scales():
     assert lora_scale(16, 4, False) == 4 and lora_scale(16, 4, True) == 8
     with pytest.raises(ValueError, match="exceeds the sketched dimension"):
         RacLoraLinear(nn.Linear(3, 5), "x", rank=4, alpha=1, side="right")
+
+
+def test_link_sync_merges_the_averaged_factor_times_the_outer_lr():
+    """``end_link(average=True, outer_lr=x)`` in one process: the mean over one rank is the
+    factor itself, scaled by x before the merge, and the record keeps what was merged."""
+    _, chain, layer = make("right", "into_base")
+    _, ref_chain, ref = make("right", "into_base")
+    for c in (chain, ref_chain):
+        c.start_link(0)
+    perturb(layer)
+    with torch.no_grad():
+        ref.factor.copy_(1.5 * layer.factor)
+    chain.end_link(LocalComm(), average=True, outer_lr=1.5)
+    ref_chain.end_link()
+    assert torch.allclose(layer.base_layer.weight, ref.base_layer.weight, atol=1e-6)
+    assert torch.equal(chain.state.factors[0]["lin"], ref_chain.state.factors[0]["lin"])
