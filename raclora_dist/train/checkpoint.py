@@ -1,12 +1,15 @@
 """Atomic checkpoints of the chain, taken at link boundaries (docs/distributed.md, "Checkpoints and resume").
 
-Layout: ``RUN/checkpoints/link-00003/`` holds
+Layout: ``RUN/checkpoints/link-<next link>-step-<global step>/`` (e.g. ``link-00003-step-0000120``) holds
 
 * ``chain.safetensors`` -- each merged link's trained factor (``link.<t>.<module>``) and,
   for a mid-link checkpoint, the current link's factors so far (``current.<module>``);
   sketches are regenerated from the seed, their fingerprints are in ``meta.json``;
-* ``optimizer.pt`` (or ``deepspeed/``) -- the backend's optimizer state; ``rng.pt``.
-  Tensors only, loaded with ``weights_only=True``;
+* ``optimizer.pt`` (or ``deepspeed/``; with ``distributed.sync: link`` also every rank's
+  ``rank<R>.pt``) -- the backend's optimizer state; ``rng.pt``. Tensors only, loaded with
+  ``weights_only=True``;
+* ``config.yaml`` and ``metrics.jsonl`` as they were at the checkpoint (a resume whose run
+  folder was lost with its node gets them back from here);
 * ``meta.json`` -- written last: its presence marks the checkpoint complete. It lists every
   other file with its size and SHA-256 (``files``); :func:`verify_checkpoint` checks them,
   and :func:`find_latest` passes over a damaged checkpoint to the newest intact one.
@@ -126,9 +129,11 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
 def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
             current: dict[str, torch.Tensor], on_write: Callable[[Path], None] | None = None) -> None:
     root = final.parent
-    config = root.parent / "config.yaml"
-    if config.is_file():  # travels with the checkpoint (Ray storage, another node)
-        shutil.copyfile(config, tmp / "config.yaml")
+    # The config and the metrics so far travel with the checkpoint (Ray storage, another node):
+    # a run resumed where its run folder is gone still has every record up to this point.
+    for name in ("config.yaml", "metrics.jsonl"):
+        if (root.parent / name).is_file():
+            shutil.copyfile(root.parent / name, tmp / name)
     tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
     tensors.update({f"current.{n}": f.detach().to("cpu", torch.float32).contiguous() for n, f in current.items()})
     save_file(tensors, tmp / "chain.safetensors")
@@ -267,7 +272,8 @@ def install_checkpoint(src: Path, run_dir: Path) -> Path:
     """Makes a checkpoint folder from elsewhere (Ray storage) the run's latest (rank 0 only).
 
     Copies it under ``run_dir/checkpoints`` unless the same checkpoint is already there,
-    restores ``config.yaml`` when the run folder lacks it, and points ``latest`` at it.
+    restores ``config.yaml`` and ``metrics.jsonl`` (the records up to the checkpoint) when the
+    run folder lacks them, and points ``latest`` at it.
     """
     meta = json.loads((Path(src) / "meta.json").read_text())
     root = ckpt_root(run_dir)
@@ -283,8 +289,9 @@ def install_checkpoint(src: Path, run_dir: Path) -> Path:
                 _fsync_file(f)
         _fsync_dir(tmp)
         _move_into_place(tmp, final)  # a damaged copy is swapped out whole
-    if not (Path(run_dir) / "config.yaml").is_file() and (final / "config.yaml").is_file():
-        shutil.copyfile(final / "config.yaml", Path(run_dir) / "config.yaml")
+    for name in ("config.yaml", "metrics.jsonl"):  # a run folder lost with its node: restore them
+        if not (Path(run_dir) / name).is_file() and (final / name).is_file():
+            shutil.copyfile(final / name, Path(run_dir) / name)
     _point_latest(root, name)
     return final
 
