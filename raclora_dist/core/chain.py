@@ -305,6 +305,7 @@ def _mean_over_ranks(tensors: dict[str, torch.Tensor], comm: Comm) -> dict[str, 
     return out
 
 
+@torch.no_grad()
 def replay_layer(layer: RacLoraLinear, state: ChainState) -> None:
     """Re-applies every merged link of ``state`` to one unsharded layer, in order (in place).
 
