@@ -289,9 +289,9 @@ def install_checkpoint(src: Path, run_dir: Path) -> Path:
                 _fsync_file(f)
         _fsync_dir(tmp)
         _move_into_place(tmp, final)  # a damaged copy is swapped out whole
-    for name in ("config.yaml", "metrics.jsonl"):  # a run folder lost with its node: restore them
-        if not (Path(run_dir) / name).is_file() and (final / name).is_file():
-            shutil.copyfile(final / name, Path(run_dir) / name)
+    for kept in ("config.yaml", "metrics.jsonl"):  # a run folder lost with its node: restore them
+        if not (Path(run_dir) / kept).is_file() and (final / kept).is_file():
+            shutil.copyfile(final / kept, Path(run_dir) / kept)
     _point_latest(root, name)
     return final
 

@@ -90,7 +90,8 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
             driver.wait()
     assert driver.returncode == 0, out[-3000:]
     assert not Path(f"/proc/{rank0}").exists()
-    assert "resumed" in out
+    # (the driver's copy of the workers' lines may miss some of a lost node's: read the record)
+    assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "resume"] == [1]
     # The run ends with the uninterrupted run's chain, bitwise, and every link's record once
     # (the metrics so far came back from storage with the checkpoint).
     a, b = chain(reference), chain(run)

@@ -1,0 +1,24 @@
+"""Installing a checkpoint from storage into a run folder that lost everything (a new node)."""
+
+from pathlib import Path
+
+from raclora_dist.core import ChainState
+from raclora_dist.train.checkpoint import find_latest, install_checkpoint, save_checkpoint
+
+
+def test_install_into_an_empty_run_folder_points_latest_at_it_and_restores_the_records(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text("run: {}\n")
+    (old / "metrics.jsonl").write_text('{"type": "eval", "step": 0}\n{"type": "link", "link": 0}\n')
+    ckpt = save_checkpoint(old, ChainState(), {"next_link": 1, "global_step": 3}, keep=2, write_state=lambda _: None)
+    (old / "metrics.jsonl").write_text((old / "metrics.jsonl").read_text() + '{"type": "step", "step": 4}\n')
+    new = tmp_path / "new"  # the node's disk was lost: nothing there
+    final = install_checkpoint(ckpt, new)
+    assert final.name == "link-00001-step-0000003" == ckpt.name
+    assert (new / "checkpoints" / "latest").read_text().strip() == final.name
+    assert find_latest(new) == final
+    # the records as they were at the checkpoint (the later step record is not in it)
+    assert (new / "metrics.jsonl").read_text() == '{"type": "eval", "step": 0}\n{"type": "link", "link": 0}\n'
+    assert (new / "config.yaml").read_text() == "run: {}\n"
+    assert Path(final / "metrics.jsonl").is_file()
