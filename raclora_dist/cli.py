@@ -241,8 +241,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``section.field=value`` overrides accepted before and after the
+    options (``submit CFG --address URL train.lr=1e-4``): argparse alone stops collecting a
+    list of positionals at the first option."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     from raclora_dist.config import ConfigError
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,15 @@ def contiguous_groups(groups: int) -> dist.ProcessGroup:
         if g == rank // size:
             mine = pg
     return mine
+
+
+def shared_token() -> str:
+    """A random hex string, the same on every rank (rank 0's, broadcast). Collective when a
+    process group is up: every rank calls it at the same point."""
+    token = [uuid.uuid4().hex[:12]]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def barrier() -> None:

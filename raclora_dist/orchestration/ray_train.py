@@ -10,6 +10,7 @@ storage, each worker gets the latest reported checkpoint back and resumes from i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,21 +27,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from raclora_dist.train.checkpoint import find_latest, install_checkpoint
+    from raclora_dist.backends.dist import shared_token
+    from raclora_dist.train.checkpoint import find_latest, install_on_every_disk
     from raclora_dist.train.run import run_training
 
     cfg = RunConfig.model_validate(config["cfg"])
+    rank = ray.train.get_context().get_world_rank()
     resume = bool(config.get("resume"))
     ckpt = ray.train.get_checkpoint()
     stored = config.get("resume_from")
     if ckpt is not None or stored:
-        if ray.train.get_context().get_world_rank() == 0:
-            if ckpt is not None:
-                with ckpt.as_directory() as folder:
-                    install_checkpoint(Path(folder), Path(cfg.run.dir))
-            else:
-                install_checkpoint(Path(stored), Path(cfg.run.dir))
-        dist.barrier()
+        # Rank 0's run folder gets the checkpoint, and so does every other disk a rank is on
+        # (a node with a disk of its own resumes its ranks' partitions from its own copy).
+        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(stored) as folder:
+            install_on_every_disk(Path(folder), Path(cfg.run.dir), rank, shared_token(), dist.barrier)
         resume = True
     elif config.get("started_fresh") and not resume:
         # A restarted worker group that Ray handed no checkpoint: a worker died after rank 0
@@ -52,11 +52,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist.all_reduce(seen, op=dist.ReduceOp.MIN)
         resume = bool(seen.item())
 
-    def report(path: Path, record: dict) -> None:
-        # Every worker reports (a Ray Train sync point); rank 0 hands over the folder.
+    def report(folder: Path | None, record: dict) -> None:
+        # Every worker reports (a Ray Train sync point) with what only it can hand over: rank
+        # 0 the checkpoint, the first rank of a node with its own disk that node's part (Ray
+        # uploads every worker's folder into the same storage checkpoint), the others nothing.
         metrics = {k: record[k] for k in ("link", "step", "train_loss", "eval_loss", "update_norm")}
-        is_main = ray.train.get_context().get_world_rank() == 0
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if is_main else None)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
 
     def log(line: str) -> None:
         # Not print(): Ray Train's print patch would send each line to the driver twice.
@@ -113,6 +114,7 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
                      **quiet_init)
     from raclora_dist.train.checkpoint import find_latest
 
+    _check_storage_reaches_every_node(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     stored = latest_in_storage(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -132,4 +134,35 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"Ray Train run {cfg.ray.name!r} failed: {result.error}") from result.error
+    if result.checkpoint is not None:
+        bring_home(result.checkpoint, Path(cfg.run.dir))
     return result
+
+
+def _check_storage_reaches_every_node(cfg: RunConfig, nodes: int) -> None:
+    """Refuses the default storage (the run folder, a node's own disk) on a cluster of several
+    nodes: each worker would upload to the disk of the node it runs on."""
+    from raclora_dist.config import ConfigError
+
+    if nodes > 1 and cfg.ray.storage_path == str(Path(cfg.run.dir) / "ray"):
+        raise ConfigError(
+            f"ray.storage_path: this Ray cluster has {nodes} nodes, and the default storage "
+            f"({cfg.ray.storage_path}, inside the run folder) is each node's own disk; set it to "
+            "storage every node reaches: a URI (s3://..., gs://...) or a folder on a filesystem "
+            "mounted on every node (NFS)"
+        )
+
+
+def bring_home(checkpoint, run_dir: Path) -> None:
+    """Installs the run's final checkpoint from storage into the driver's run folder when it is
+    not there (the driver's node is not rank 0's), so that the folder the user started from
+    holds the result -- chain, metrics, config -- whichever nodes trained it.
+
+    Args:
+        checkpoint: the ``ray.train.Checkpoint`` Ray returned. run_dir: the driver's run folder.
+    """
+    from raclora_dist.train.checkpoint import checkpoint_name, install_checkpoint, latest_name
+
+    with checkpoint.as_directory() as folder:
+        if latest_name(run_dir) != checkpoint_name(Path(folder)):
+            install_checkpoint(Path(folder), run_dir)

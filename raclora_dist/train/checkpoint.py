@@ -17,6 +17,10 @@ Layout: ``RUN/checkpoints/link-<next link>-step-<global step>/`` (e.g. ``link-00
 A checkpoint is written into a temporary folder, fsynced, then renamed into place, and
 ``RUN/checkpoints/latest`` is replaced atomically afterwards: a crash at any point leaves
 the previous checkpoint valid. The base model is not stored; resuming replays the merges.
+
+On a cluster whose nodes have disks of their own, the files of ranks on other nodes are
+*parts* (``part-rank<R>.json`` lists each one's files) that reach the checkpoint only in Ray
+storage; resuming installs the whole of it on every disk (:mod:`raclora_dist.train.parts`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from raclora_dist.config import ConfigError
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
+from raclora_dist.train.parts import is_first, mark, part_problems, seal_part
 
 FORMAT_VERSION = 1
 
@@ -88,12 +93,16 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
                     write_state: Callable[[Path], None], is_main: bool = True,
                     barrier: Callable[[], None] = lambda: None,
                     current: dict[str, torch.Tensor] | None = None,
-                    on_write: Callable[[Path], None] | None = None) -> Path:
+                    on_write: Callable[[Path], None] | None = None,
+                    rank: int = 0, attempt: str = "") -> Path:
     """Writes a complete checkpoint atomically and prunes all but the newest ``keep``.
 
     Every rank calls this at the same point. Rank 0 prepares the temporary folder, every
     rank writes its own state into it (``write_state``: optimizer state, engine shards),
-    then rank 0 adds the chain, fsyncs and renames the folder into place.
+    then rank 0 adds the chain, fsyncs and renames the folder into place. Ranks on a disk of
+    their own (another node) write into a folder of the same name there, which the first of
+    them seals as a part of this checkpoint (:mod:`raclora_dist.train.parts`,
+    :func:`raclora_dist.train.parts.own_part`).
 
     Args:
         run_dir: the run folder.
@@ -105,23 +114,38 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
         current: mid-link only: the link's full trainable factors so far, by module.
         on_write: rank 0, called with the temporary folder once the chain file is in it and
             before ``meta.json`` (callbacks' ``on_checkpoint_write``).
+        rank: this rank. attempt: the same on every rank, new for each start of the group
+            (:func:`raclora_dist.backends.dist.shared_token`): names the temporary folders, so
+            a crashed attempt's leftovers on another node's disk are never mixed in.
 
     Returns:
         The checkpoint folder.
     """
     root = ckpt_root(run_dir)
     name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
-    tmp = root / f".tmp-{name}"
+    tmp = root / f".tmp-{name}{'-' + attempt if attempt else ''}"
+    marks = tmp.with_name(tmp.name + ".marks")
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
+    tmp.mkdir(parents=True, exist_ok=True)  # a disk of its own: rank 0's folder is not here
+    mark(marks, rank)
     write_state(tmp)
+    barrier()
+    first = is_first(marks, rank)  # rank 0 on its disk; the lowest rank on any other
     barrier()
     final = root / name
     if is_main:
+        shutil.rmtree(marks, ignore_errors=True)
         _commit(tmp, final, chain, meta, keep, current or {}, on_write)
+    elif first:
+        shutil.rmtree(marks, ignore_errors=True)
+        part = seal_part(tmp, final, rank, _manifest)
+        # this disk's leftovers of crashed attempts, and copies installed by older resumes
+        latest = latest_name(run_dir)
+        _prune(root, keep, protect=root / latest if latest else None, spare=part)
     barrier()
     return final
 
@@ -200,7 +224,8 @@ def verify_checkpoint(path: Path) -> list[str]:
 
     Checks that ``meta.json`` parses and is of this format, and that every file it lists has
     the size and SHA-256 it was written with (checkpoints from before the file list: that the
-    chain and RNG files exist).
+    chain and RNG files exist); the same for the list of each part from another node
+    (``part-rank<R>.json``, :mod:`raclora_dist.train.parts`).
     """
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -209,6 +234,10 @@ def verify_checkpoint(path: Path) -> list[str]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         return [f"meta.json: not a raclora checkpoint of format {FORMAT_VERSION}"]
     listed = meta.get("files") or {"chain.safetensors": None, "rng.pt": None}
+    return _listed_problems(path, listed) + part_problems(path, _listed_problems)
+
+
+def _listed_problems(path: Path, listed: dict[str, list | None]) -> list[str]:
     problems = []
     for rel, expected in listed.items():
         f = path / rel
@@ -226,9 +255,10 @@ def _complete(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("link-*") if (p / "meta.json").is_file())
 
 
-def _prune(root: Path, keep: int, protect: Path) -> None:
-    for p in root.glob(".tmp-*"):  # leftovers of crashed writes
-        shutil.rmtree(p, ignore_errors=True)
+def _prune(root: Path, keep: int, protect: Path | None, spare: Path | None = None) -> None:
+    for p in [*root.glob(".tmp-*"), *root.glob(".part-*")]:  # leftovers of crashed writes
+        if p != spare:
+            shutil.rmtree(p, ignore_errors=True)
     done = [p for p in _complete(root) if p != protect]
     for p in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -268,17 +298,65 @@ def damaged_checkpoints(run_dir: Path) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def install_checkpoint(src: Path, run_dir: Path) -> Path:
-    """Makes a checkpoint folder from elsewhere (Ray storage) the run's latest (rank 0 only).
+def checkpoint_name(folder: Path) -> str:
+    """The run-folder name of a complete checkpoint (from its ``meta.json``), wherever it lies."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    return f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
 
-    Copies it under ``run_dir/checkpoints`` unless the same checkpoint is already there,
-    restores ``config.yaml`` and ``metrics.jsonl`` (the records up to the checkpoint) when the
-    run folder lacks them, and points ``latest`` at it.
+
+def latest_name(run_dir: Path) -> str | None:
+    """The name ``latest`` points at when that checkpoint is complete here, else None."""
+    root = ckpt_root(run_dir)
+    pointer = root / "latest"
+    name = pointer.read_text().strip() if pointer.is_file() else None
+    return name if name and (root / name / "meta.json").is_file() else None
+
+
+def install_on_every_disk(src: Path, run_dir: Path, rank: int, token: str,
+                          barrier: Callable[[], None]) -> None:
+    """Makes checkpoint ``src`` (Ray storage) the latest in the run folder of every disk that
+    holds a rank. Collective: every rank calls it.
+
+    Rank 0 installs it into its run folder; then on each disk where that did not land (a node
+    of its own), the first of its ranks (:func:`raclora_dist.train.parts.is_first`) installs
+    the same checkpoint there: every rank then resumes from its own disk, DeepSpeed's per-rank
+    partitions included (storage holds every node's part).
+
+    Args:
+        src: a complete checkpoint folder, every part merged in. run_dir: the run folder.
+        rank: this rank. token: the same on every rank, new for each attempt.
+        barrier: a barrier over every rank.
     """
-    meta = json.loads((Path(src) / "meta.json").read_text())
+    name = checkpoint_name(src)
+    if rank == 0:
+        install_checkpoint(src, run_dir)
+    barrier()
+    missing = latest_name(run_dir) != name
+    marks = ckpt_root(run_dir) / f".tmp-install-{token}.marks"
+    if missing:
+        mark(marks, rank)
+    barrier()
+    first = missing and is_first(marks, rank)
+    barrier()
+    if first:
+        install_checkpoint(src, run_dir, records=False)  # rank 0's disk keeps the run's records
+        shutil.rmtree(marks, ignore_errors=True)
+    barrier()
+
+
+def install_checkpoint(src: Path, run_dir: Path, records: bool = True) -> Path:
+    """Makes a checkpoint folder from elsewhere (Ray storage) the run's latest (rank 0, and the
+    first rank of each other disk: :func:`install_on_every_disk`).
+
+    Copies it under ``run_dir/checkpoints`` unless the same checkpoint is already there and
+    points ``latest`` at it. With ``records`` (rank 0, which keeps the run's records) it also
+    restores ``config.yaml`` where the run folder lacks it, and ``metrics.jsonl`` where the run
+    folder's copy does not begin with the checkpoint's (lost with its node, or left behind by
+    an earlier attempt on this disk while the run went on elsewhere).
+    """
     root = ckpt_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
+    name = checkpoint_name(src)
     final = root / name
     if not (final / "meta.json").is_file() or verify_checkpoint(final):
         tmp = root / f".tmp-install-{name}"
@@ -289,11 +367,23 @@ def install_checkpoint(src: Path, run_dir: Path) -> Path:
                 _fsync_file(f)
         _fsync_dir(tmp)
         _move_into_place(tmp, final)  # a damaged copy is swapped out whole
-    for kept in ("config.yaml", "metrics.jsonl"):  # a run folder lost with its node: restore them
-        if not (Path(run_dir) / kept).is_file() and (final / kept).is_file():
-            shutil.copyfile(final / kept, Path(run_dir) / kept)
+    if records:
+        _restore_records(final, Path(run_dir))
     _point_latest(root, name)
     return final
+
+
+def _restore_records(ckpt: Path, run_dir: Path) -> None:
+    config, metrics = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not config.is_file() and (ckpt / "config.yaml").is_file():
+        shutil.copyfile(ckpt / "config.yaml", config)
+    if (ckpt / "metrics.jsonl").is_file():
+        saved = (ckpt / "metrics.jsonl").read_bytes()
+        # A copy that goes on past the checkpoint is kept (resume truncates it there).
+        if not metrics.is_file() or not metrics.read_bytes().startswith(saved):
+            tmp = run_dir / ".metrics.jsonl.tmp"
+            tmp.write_bytes(saved)
+            os.replace(tmp, metrics)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

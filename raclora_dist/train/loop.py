@@ -9,6 +9,7 @@ the same step because the schedule is deterministic.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,13 @@ from pathlib import Path
 import torch
 
 from raclora_dist.backends import Backend
-from raclora_dist.backends.dist import TRAFFIC
+from raclora_dist.backends.dist import TRAFFIC, shared_token
 from raclora_dist.config import RunConfig
 from raclora_dist.train.callbacks import Callback, CallbackList
 from raclora_dist.train.checkpoint import save_checkpoint
 from raclora_dist.train.data import PackedData
 from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
+from raclora_dist.train.parts import own_part
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
@@ -46,20 +48,23 @@ class Trainer:
         cfg: the run config. session: model and chain (the backend has set the model up).
         data: packed batches. run_dir: where rank 0 writes metrics and checkpoints.
         backend: the engine (single, ddp, fsdp2, deepspeed). log: per-link summary lines.
-        on_checkpoint: called on every rank with each checkpoint written (Ray reports it).
+        on_checkpoint: called on every rank after each checkpoint with what this rank must
+            hand to storage (Ray reports it): rank 0 the checkpoint folder, the first rank of
+            another disk the part its disk's ranks wrote (removed afterwards), the others None.
         startup: load time and memory, reported after the first step.
         callbacks: user hooks (:mod:`raclora_dist.train.callbacks`), called on every rank.
     """
 
     def __init__(self, cfg: RunConfig, session: Session, data: PackedData, run_dir: Path,
                  backend: Backend, log: Callable[[str], None] = print,
-                 on_checkpoint: Callable[[Path, dict], None] | None = None, startup: dict | None = None,
+                 on_checkpoint: Callable[[Path | None, dict], None] | None = None, startup: dict | None = None,
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
         self.backend, self.comm = backend, backend.comm
         self.link_sync = cfg.distributed.sync == "link"
         self._link_bytes = 0  # collective payload this rank sent since the last boundary
         self.is_main = backend.info.is_main
+        self.attempt = shared_token()  # names checkpoint staging folders (collective)
         self.log = log if self.is_main else (lambda _: None)
         self.global_step = 0
         self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
@@ -231,8 +236,11 @@ class Trainer:
     def _checkpointed(self, path: Path, record: dict) -> None:
         """A checkpoint is complete: user callbacks, then the hand-off to Ray (if any)."""
         self.callbacks.on_checkpoint(self, path, record)
+        part = None if self.is_main else own_part(path, self.backend.info.rank)
         if self.on_checkpoint is not None:
-            self.on_checkpoint(path, record)
+            self.on_checkpoint(path if self.is_main else part, record)
+        if part is not None:  # in storage now (nothing else reads it: a resume installs from there)
+            shutil.rmtree(part, ignore_errors=True)
 
     def _sample(self, link: int) -> None:
         """Answers the sample prompts (every rank, in lockstep); rank 0 records them."""
@@ -279,4 +287,5 @@ class Trainer:
         return save_checkpoint(self.run_dir, chain.state, meta, self.cfg.checkpoint.keep,
                                write_state=self.backend.save_state, is_main=self.is_main,
                                barrier=self.backend.barrier, current=current,
-                               on_write=self.callbacks.on_checkpoint_write)
+                               on_write=self.callbacks.on_checkpoint_write, rank=self.backend.info.rank,
+                               attempt=self.attempt)

@@ -1,24 +1,41 @@
-"""Ray clusters of several nodes on this machine (``ray.cluster_utils.Cluster``: one raylet
-per node, workers placed one per node by a custom resource), where a node is lost whole: its
-raylet and every worker it runs are killed, and its disk (the run folder) with them."""
+"""Ray clusters of several nodes on this machine, where a node is lost whole (its raylet and
+every worker it runs are killed, and its disk with them):
+
+* ``ray.cluster_utils.Cluster`` nodes (one raylet each, workers placed one per node by a
+  custom resource) sharing the host's filesystem: DDP, rank 0's run folder deleted;
+* ``ray start`` nodes each in a mount namespace of its own with a private folder mounted over
+  the run folder's path (:class:`PrivateDiskNodes`: disks that share nothing, storage aside):
+  DeepSpeed ZeRO-3 losing the node of rank 0, and a ``raclora submit`` job whose driver runs
+  on the head."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from raclora_dist.train.checkpoint import find_latest
 from tests.conftest import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 from tests.distributed.test_backends import chain
 
 pytestmark = pytest.mark.slow
+
+
+def storage_checkpoints(storage: Path) -> list[Path]:
+    """Complete raclora checkpoints in Ray storage, oldest first (by global step)."""
+    found = [p for p in storage.rglob("checkpoint_*") if (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: json.loads((p / "meta.json").read_text())["global_step"])
 
 
 def ancestors(pid: int) -> list[int]:
@@ -34,16 +51,16 @@ def raylet_pids(node) -> list[int]:
     return [p.process.pid for p in node.all_processes.get("raylet", [])]
 
 
-@pytest.fixture
-def cluster():
-    """A head with no CPUs (the driver's node) and two worker nodes with one ``slot`` each;
-    shut down (every raylet gone) after the test, even when it fails."""
+@pytest.fixture(params=[2])
+def cluster(request):
+    """A head with no CPUs (the driver's node) and ``request.param`` worker nodes with one
+    ``slot`` each; shut down (every raylet gone) after the test, even when it fails."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, connect=False)
     pids: list[int] = []
     try:
-        for _ in range(2):
+        for _ in range(request.param):
             pids += raylet_pids(c.add_node(num_cpus=1, resources={"slot": 1}))
         c.wait_for_nodes()
         yield c, pids
@@ -98,3 +115,176 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"] == [0, 1, 2]
     assert find_latest(run) is not None and os.path.isdir(storage)
+
+
+def mount_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+class PrivateDiskNodes:
+    """Ray worker nodes started by ``ray start`` each in a mount namespace of its own, where the
+    run folder's path is a private directory: every node has its own disk, as on a cluster,
+    and the only place they share is Ray's storage (elsewhere on the host)."""
+
+    def __init__(self, address: str, run_dir: Path, disks: Path) -> None:
+        self.address, self.run_dir, self.disks = address, run_dir, disks
+        self.nodes: dict[str, Path] = {}  # mount namespace -> the node's disk
+        self.started = 0
+
+    def add(self) -> str:
+        disk = self.disks / f"node{self.started}"
+        self.started += 1
+        disk.mkdir(parents=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ray = Path(sys.executable).parent / "ray"
+        before = {mount_ns(p) for p in all_pids()}
+        script = (f"mount --bind {disk} {self.run_dir} && exec {ray} start --address={self.address} --num-cpus=1 "
+                  "--resources='{\"slot\": 1}' --object-store-memory=150000000 --disable-usage-stats")
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], check=True,
+                       capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        (ns,) = {mount_ns(p) for p in all_pids()} - before - {None}
+        self.nodes[ns] = disk
+        return ns
+
+    def kill(self, ns: str) -> None:
+        """Every process of the node (raylet, agents, workers), then its disk."""
+        for pid in all_pids():
+            if mount_ns(pid) == ns:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.nodes.pop(ns))
+
+    def close(self) -> None:
+        for ns in list(self.nodes):
+            self.kill(ns)
+
+
+@pytest.mark.parametrize("cluster", [0], indirect=True)  # the head only: the nodes are added below
+def test_deepspeed_zero3_on_nodes_with_their_own_disks_resumes_after_a_node_loss(cluster, small_data, tmp_path):
+    """No run folder is shared: each rank's DeepSpeed partition files reach storage from its own
+    node, and after the node of rank 0 is lost the group resumes on a new node from storage."""
+    c, _ = cluster
+    zero3 = ["distributed.strategy=deepspeed", "distributed.workers=2",
+             "distributed.deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}"]
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True}))
+    reference = tmp_path / "reference"
+    proc = run_cli("train", str(cfg), f"run.dir={reference}", "ray.enabled=false", *zero3, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run, storage, pid_dir = tmp_path / "run", tmp_path / "storage", tmp_path / "pids"
+    nodes = PrivateDiskNodes(c.address, run, tmp_path / "disks")
+    driver = None
+    try:
+        for _ in range(2):
+            nodes.add()
+        cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", *zero3,
+               f"ray.address={c.address}", "ray.max_failures=2", f"ray.storage_path={storage}",
+               "ray.resources_per_worker={CPU: 1, slot: 1}", faults(sleep_per_step=1.0, pid_dir=str(pid_dir))]
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        def parts() -> set[str]:
+            found = storage_checkpoints(storage)
+            state = found[0] / "deepspeed" / "state" if found else None
+            return {p.name for p in state.iterdir()} if state is not None and state.is_dir() else set()
+
+        # Until link 0's checkpoint holds both ranks' optimizer partitions, each uploaded from
+        # its own node (a bounded wait against a hang, not a speed check).
+        for _ in range(1000):
+            if any("zero_pp_rank_0_" in p for p in parts()) and any("zero_pp_rank_1_" in p for p in parts()):
+                break
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"link 0's checkpoint in storage lacks a rank's partition: {sorted(parts())}")
+        time.sleep(1.5)  # mid-way through link 1
+        victim = mount_ns(int((pid_dir / "rank0.pid").read_text()))
+        assert victim in nodes.nodes
+        nodes.kill(victim)  # the node of rank 0, with its disk
+        nodes.add()  # replacement capacity, with an empty disk
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        nodes.close()
+    assert driver.returncode == 0, out[-3000:]
+    last = storage_checkpoints(storage)[-1]
+    ref = load_file(find_latest(reference) / "chain.safetensors")
+    got = load_file(last / "chain.safetensors")
+    assert ref.keys() == got.keys() and all(torch.allclose(ref[k], got[k], rtol=1e-6, atol=1e-8) for k in ref)
+    records = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
+    assert [r["link"] for r in records if r["type"] == "link"] == [0, 1, 2]
+    assert [r["link"] for r in records if r["type"] == "resume"] == [1]  # resumed once, from link 1
+
+
+@pytest.fixture
+def job_head():
+    """A Ray head started with ``ray start --head`` (no CPUs: no worker runs on it; the
+    dashboard for jobs on a random free port), stopped with every node after the test."""
+    from tests.integration.test_ray import free_port
+
+    port, dash = free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="raclora-ray-"))  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_job_on_nodes_with_their_own_disks_runs_its_driver_on_the_head_and_brings_the_run_home(
+        job_head, small_data, tmp_path):
+    """`raclora submit` to a cluster whose worker nodes have disks of their own: the driver runs
+    in the job on the head, no worker writes where the driver is, and the run folder the user
+    named ends up on the head all the same (from storage). The default storage (the run folder:
+    each node's own disk) is refused there with the field named."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_nodes
+
+    gcs, address, env = job_head
+    work, run, storage = tmp_path / "job", tmp_path / "run", tmp_path / "storage"
+    work.mkdir()
+    (work / "data.jsonl").write_text(Path(small_data).read_text())
+    write_config(work / "job.yaml", tiny_config(Path("data.jsonl"), Path("runs/job"), ray={"enabled": True}))
+    nodes = PrivateDiskNodes(gcs, run, tmp_path / "disks")
+    try:
+        for _ in range(2):
+            nodes.add()
+        submit = [sys.executable, "-m", "raclora_dist", "submit", "job.yaml", f"run.dir={run}", "distributed.workers=2",
+                  "distributed.strategy=ddp", "ray.resources_per_worker={CPU: 1, slot: 1}"]
+        proc = subprocess.run([*submit, f"ray.storage_path={storage}", "--address", address,
+                               "--submission-id", "raclora-nodes"],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "job raclora-nodes: SUCCEEDED" in proc.stdout
+        (head,) = [n.node_id for n in list_nodes(address=address) if n.is_head_node]
+        assert JobSubmissionClient(address).get_job_info("raclora-nodes").driver_node_id == head
+        # The workers wrote the run folder on their own disks (rank 0's has the records) ...
+        disks = list(nodes.nodes.values())
+        assert [d for d in disks if (d / "metrics.jsonl").is_file()]
+        # ... and the driver's (the head's) holds the final checkpoint and records from storage.
+        final = storage_checkpoints(storage)[-1]
+        assert find_latest(run).name == "link-00003-step-0000009"
+        assert (find_latest(run) / "chain.safetensors").read_bytes() == (final / "chain.safetensors").read_bytes()
+        assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"] == [0, 1, 2]
+
+        bad = subprocess.run([*submit, "run.dir=runs/default-storage", "--address", address,
+                              "--submission-id", "raclora-local-storage"],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and "job raclora-local-storage: FAILED" in bad.stdout
+        assert "ray.storage_path: this Ray cluster has 3 nodes" in bad.stdout
+    finally:
+        nodes.close()
