@@ -171,6 +171,11 @@ class DistributedSection(_Section):
         False, description="fsdp2: keep parameter shards, gradients and the optimizer step in CPU memory "
         "(torch CPUOffloadPolicy). For deepspeed, set offload_optimizer / offload_param in distributed.deepspeed.",
     )
+    vocab_parallel: bool = Field(
+        True, description="fsdp2 and ZeRO-3 with several workers: split a frozen untied input embedding and "
+        "output head by vocabulary rows across ranks, for good, instead of sharding them and gathering each "
+        "whole for every forward (the hidden states travel instead; docs/distributed.md).",
+    )
     deepspeed: dict[str, Any] = Field(
         default_factory=lambda: {"zero_optimization": {"stage": 2}},
         description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.",

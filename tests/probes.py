@@ -19,6 +19,9 @@ class DumpShards(Callback):
     * ``{"kind": "flat", "offset": o}``: elements ``o ..`` of the flattened tensor (a ZeRO-3
       partition, padding dropped);
     * ``{"kind": "full"}``: the whole tensor (replicated).
+
+    The rows of an embedding or head split by vocabulary (buffers of
+    :mod:`raclora_dist.backends.vocab_parallel`) count as parameters here, padding dropped.
     """
 
     def __init__(self, out: str) -> None:
@@ -42,6 +45,10 @@ class DumpShards(Callback):
                 tensors[name], where[name] = p.ds_tensor.flatten()[:valid], {"kind": "flat", "offset": offset}
             else:
                 tensors[name], where[name] = p.data, {"kind": "full"}
+        for name, m in trainer.s.model.named_modules():  # an embedding or head split by vocabulary rows
+            if hasattr(m, "per_rank") and hasattr(m, "start"):
+                key = f"{name}.weight"
+                tensors[key], where[key] = m.weight[: m.stop - m.start], {"kind": "rows", "offset": m.start}
         self.out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self.out / f"rank{rank}.safetensors")
         (self.out / f"rank{rank}.json").write_text(json.dumps(where))

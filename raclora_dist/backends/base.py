@@ -61,6 +61,13 @@ class Backend:
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- setup ------------------------------------------------------------------------
+    @property
+    def splits_vocab(self) -> bool:
+        """Whether the loader should split a frozen untied embedding and head by vocabulary
+        rows (:mod:`raclora_dist.backends.vocab_parallel`) instead of handing them to
+        :meth:`shard_unit`: sharding engines with several ranks, unless the config says no."""
+        return False
+
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         """Called on each part of the model as soon as it is loaded (bottom-up, before
         :meth:`setup`), so that sharding engines partition it before the next part arrives

@@ -98,6 +98,10 @@ class DeepSpeedBackend(Backend):
             ds.setdefault("bf16", {"enabled": True})
         return ds
 
+    @property
+    def splits_vocab(self) -> bool:
+        return self.stage == 3 and self.cfg.distributed.vocab_parallel and self.info.world_size > 1
+
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         """ZeRO-3 partitions every loaded part at once (``zero.Init(module=...)`` partitions
         a built module "as if it was constructed in the context"), so the whole model never

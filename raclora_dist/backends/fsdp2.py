@@ -111,6 +111,10 @@ class FSDP2Backend(Backend):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         return kwargs
 
+    @property
+    def splits_vocab(self) -> bool:
+        return self.cfg.distributed.vocab_parallel and self.info.world_size > 1
+
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         shard_masters(module, self.info.rank, self.info.world_size)
         if own_unit:

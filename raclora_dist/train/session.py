@@ -26,6 +26,7 @@ from torch import nn
 
 from raclora_dist.backends import backend_class
 from raclora_dist.backends.base import Backend, decoder_layers
+from raclora_dist.backends.vocab_parallel import VocabParallelEmbedding, VocabParallelHead, split, splittable
 from raclora_dist.config import ConfigError, RunConfig
 from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
 from raclora_dist.train.checkpoint import Checkpoint
@@ -158,6 +159,9 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         unused = sorted(set(weights.keys()) - getattr(weights, "read", weights.keys()))
     finally:
         weights.close()
+    split_names = [n for n, m in model.named_modules() if isinstance(m, (VocabParallelEmbedding, VocabParallelHead))]
+    if split_names and log is not None and main:
+        log(f"split {' and '.join(split_names)} by vocabulary rows across {backend.info.world_size} ranks")
     if unused and log is not None and main:
         log(f"note: {len(unused)} tensor(s) in the checkpoint are not part of the model (e.g. {unused[0]}); ignored")
     chain = RacLoraChain(layers, cfg.raclora.on_nonfinite)
@@ -195,7 +199,9 @@ def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list
             drop_sources(module)
         if ckpt is not None:
             _restore_layers(wrapped, ckpt)
-        if backend is not None:
+        if backend is not None and backend.splits_vocab and unit.own_unit and splittable(module, model):
+            split(model, unit.name, backend.info.rank, backend.info.world_size)  # rows kept, never gathered
+        elif backend is not None:
             backend.shard_unit(module, unit.own_unit)
         layers.update(wrapped)
     left = meta_tensors(model)

@@ -95,6 +95,9 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     run = d / engine
     proc = train(cfg, run, *ENGINES[engine])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the sharding engines keep the untied embedding and head split by vocabulary rows
+    split = "split model.embed_tokens and lm_head by vocabulary rows across 2 ranks" in proc.stdout
+    assert split == (engine in ("fsdp2", "zero3")), proc.stdout[-2000:]
     # the trained chain equals the one-process chain, link by link (3 links merged)
     assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == 2
     assert_chains_close(single, run)
@@ -112,6 +115,18 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_chains_close(run, crashed, rtol=1e-6, atol=1e-8)  # ends where the uninterrupted run ends
     assert losses(crashed) == pytest.approx(losses(run), abs=1e-6)
+
+
+def test_fsdp2_with_the_embedding_and_head_sharded_whole_matches_one_process(setup):
+    """``distributed.vocab_parallel=false``: FSDP2 shards the embedding and head as units of
+    their own and gathers each for its forward (the path of tied or non-standard modules)."""
+    d, cfg, single = setup
+    run = d / "fsdp2-gathered-head"
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.vocab_parallel=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "by vocabulary rows" not in proc.stdout
+    assert_chains_close(single, run)
+    assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
 
 
 def test_fsdp2_resumes_with_a_different_number_of_workers(setup):
