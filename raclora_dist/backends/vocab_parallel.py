@@ -68,8 +68,9 @@ def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class VocabParallelEmbedding(nn.Module):
-    """``nn.Embedding`` (frozen) of which this rank holds rows ``[start, stop)``.
+class _VocabRows(nn.Module):
+    """A frozen (V, H) matrix of which this rank holds rows ``[start, stop)``, zero-padded to
+    ``per_rank`` rows (a non-persistent buffer: never saved, as the base is not).
 
     Args:
         full: the (V, H) weight; this rank's rows are copied out of it.
@@ -78,9 +79,19 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, full: torch.Tensor, rank: int, world: int) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = full.shape
+        self.rows, self.cols = full.shape
         self.start, self.stop, self.per_rank = vocab_rows(full.shape[0], rank, world)
-        self.register_buffer("weight", _slice(full.detach(), rank, world), persistent=False)  # never saved: the base is not
+        self.register_buffer("weight", _slice(full.detach(), rank, world), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.rows} x {self.cols}, rows [{self.start}, {self.stop}) here"
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """``nn.Embedding`` (frozen), split by rows (:class:`_VocabRows`)."""
+
+    num_embeddings = property(lambda self: self.rows)  # nn.Embedding's names, for code that reads them
+    embedding_dim = property(lambda self: self.cols)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,10 +99,7 @@ class VocabParallelEmbedding(nn.Module):
         every = _all_gather_rows(ids.reshape(-1)) - self.start
         mine = (every >= 0) & (every < self.stop - self.start)
         rows = F.embedding(every.clamp(0, self.per_rank - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        return _sum_own_rows(rows).reshape(*ids.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.start}, {self.stop})"
+        return _sum_own_rows(rows).reshape(*ids.shape, self.cols)
 
 
 class _Head(torch.autograd.Function):
@@ -121,26 +129,15 @@ class _Head(torch.autograd.Function):
         return _sum_own_rows(g @ w).reshape(ctx.shape), None, None
 
 
-class VocabParallelHead(nn.Module):
-    """A bias-free output ``nn.Linear`` (frozen) of which this rank holds rows ``[start, stop)``.
+class VocabParallelHead(_VocabRows):
+    """A bias-free output ``nn.Linear`` (frozen), split by rows (:class:`_VocabRows`)."""
 
-    Args:
-        full: the (V, H) weight; this rank's rows are copied out of it.
-        rank, world: this rank and the number of ranks (the default process group).
-    """
-
-    def __init__(self, full: torch.Tensor, rank: int, world: int) -> None:
-        super().__init__()
-        self.out_features, self.in_features = full.shape
-        self.start, self.stop, self.per_rank = vocab_rows(full.shape[0], rank, world)
-        self.register_buffer("weight", _slice(full.detach(), rank, world), persistent=False)  # never saved: the base is not
+    out_features = property(lambda self: self.rows)  # nn.Linear's names, for code that reads them
+    in_features = property(lambda self: self.cols)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) logits of this rank's tokens; a collective (every rank, same shape)."""
-        return _Head.apply(hidden, self.weight, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rows [{self.start}, {self.stop})"
+        return _Head.apply(hidden, self.weight, self.rows)
 
 
 def splittable(module: nn.Module, model: nn.Module) -> bool:
