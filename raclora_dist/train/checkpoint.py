@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
         The checkpoint folder.
     """
     root = ckpt_root(run_dir)
-    name = f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
+    name = _name(meta)
     tmp = root / f".tmp-{name}{'-' + attempt if attempt else ''}"
     marks = tmp.with_name(tmp.name + ".marks")
     if is_main:
@@ -298,10 +298,13 @@ def damaged_checkpoints(run_dir: Path) -> dict[str, list[str]]:
     return {k: v for k, v in out.items() if v}
 
 
+def _name(meta: dict) -> str:
+    return f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
+
+
 def checkpoint_name(folder: Path) -> str:
     """The run-folder name of a complete checkpoint (from its ``meta.json``), wherever it lies."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    return f"link-{meta['next_link']:05d}-step-{meta['global_step']:07d}"
+    return _name(json.loads((Path(folder) / "meta.json").read_text()))
 
 
 def latest_name(run_dir: Path) -> str | None:
