@@ -58,6 +58,7 @@ CASES = {
     "fsdp2": ["distributed.strategy=fsdp2"],
     "zero3": ZERO3,
     "fsdp2-nf4": ["distributed.strategy=fsdp2", "model.quantization=nf4"],
+    "fsdp2-linear": ["distributed.strategy=fsdp2", "distributed.fsdp_unit=linear"],
 }
 
 

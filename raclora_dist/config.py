@@ -171,6 +171,11 @@ class DistributedSection(_Section):
         False, description="fsdp2: keep parameter shards, gradients and the optimizer step in CPU memory "
         "(torch CPUOffloadPolicy). For deepspeed, set offload_optimizer / offload_param in distributed.deepspeed.",
     )
+    fsdp_unit: Literal["block", "linear"] = Field(
+        "block", description="fsdp2: what one all-gather brings in: a decoder block (fewest collectives), or "
+        "each of its linear layers apart (a fraction of a block in flight: less memory at the peak, more "
+        "collectives).",
+    )
     vocab_parallel: bool = Field(
         True, description="fsdp2 and ZeRO-3 with several workers: split a frozen untied input embedding and "
         "output head by vocabulary rows across ranks, for good, instead of sharding them and gathering each "
@@ -203,6 +208,12 @@ class DistributedSection(_Section):
             hint = ("set zero_optimization.offload_optimizer / offload_param in distributed.deepspeed"
                     if self.strategy == "deepspeed" else "it applies to the fsdp2 strategy")
             raise ValueError(f"cpu_offload: not available with strategy {self.strategy!r}; {hint}")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_unit_is_fsdp2s(self) -> "DistributedSection":
+        if self.fsdp_unit != "block" and self.strategy != "fsdp2":
+            raise ValueError(f"fsdp_unit: {self.fsdp_unit!r} applies to the fsdp2 strategy, not {self.strategy!r}")
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,13 @@ from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeView
 
 
+def _is_linear_unit(m: nn.Module) -> bool:
+    """A RAC-LoRA layer (with its base inside), or a linear layer not inside one."""
+    if isinstance(m, RacLoraLinear):
+        return True
+    return isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -118,7 +125,21 @@ class FSDP2Backend(Backend):
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         shard_masters(module, self.info.rank, self.info.world_size)
         if own_unit:
-            _fully_shard(module, **self._shard_kwargs())
+            self._shard_block(module)
+
+    def _shard_block(self, module: nn.Module) -> None:
+        """One unit, or with ``distributed.fsdp_unit: linear`` one per linear layer inside it
+        (each RAC-LoRA layer with its base, or a plain/4-bit linear) and the block for the rest."""
+        kwargs = self._shard_kwargs()
+        if self.cfg.distributed.fsdp_unit == "linear":
+            units, inside = [], []
+            for name, m in module.named_modules():
+                if name and not any(name.startswith(p) for p in inside) and _is_linear_unit(m):
+                    units.append(m)
+                    inside.append(name + ".")  # a RAC-LoRA layer's base goes with it
+            for m in units:
+                _fully_shard(m, **kwargs)
+        _fully_shard(module, **kwargs)
 
     def setup(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import FSDPModule
@@ -130,7 +151,7 @@ class FSDP2Backend(Backend):
         for block in decoder_layers(model):
             if not isinstance(block, FSDPModule):
                 shard_masters(block, self.info.rank, self.info.world_size)
-                _fully_shard(block, **kwargs)
+                self._shard_block(block)
         _fully_shard(model, **kwargs)
         self.model = model
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])

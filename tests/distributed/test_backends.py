@@ -129,6 +129,19 @@ def test_fsdp2_with_the_embedding_and_head_sharded_whole_matches_one_process(set
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
 
 
+def test_fsdp2_with_a_unit_per_linear_layer_matches_one_process_and_resumes(setup):
+    """``distributed.fsdp_unit=linear``: each RAC-LoRA layer (with its base) is an FSDP2 unit of
+    its own inside its block; the chain is the same, and a crash mid-link resumes to it."""
+    d, cfg, single = setup
+    run = d / "fsdp2-linear"
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.fsdp_unit=linear", faults(crash_at_step=5))
+    assert proc.returncode != 0
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.fsdp_unit=linear", resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert meta(run)["merged"] == [0, 1, 2]
+    assert_chains_close(single, run)
+
+
 def test_fsdp2_resumes_with_a_different_number_of_workers(setup):
     d, cfg, single = setup
     run = d / "fsdp2-2to1"

@@ -127,3 +127,10 @@ def test_the_readme_4bit_quickstart_line_is_exact(tmp_path):
 def test_link_sync_rules_name_the_field(cfg_file, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(cfg_file, overrides)
+
+
+def test_fsdp_unit_linear_is_fsdp2s(cfg_file):
+    with pytest.raises(ConfigError, match=r"distributed.*fsdp_unit: 'linear' applies to the fsdp2 strategy, not 'ddp'"):
+        load_config(cfg_file, ["distributed.strategy=ddp", "distributed.workers=2", "distributed.fsdp_unit=linear"])
+    cfg = load_config(cfg_file, ["distributed.strategy=fsdp2", "distributed.workers=2", "distributed.fsdp_unit=linear"])
+    assert cfg.distributed.fsdp_unit == "linear"
