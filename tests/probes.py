@@ -66,3 +66,16 @@ class DumpFactors(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         factors = {n: layer.factor.detach().cpu().clone() for n, layer in trainer.s.layers.items()}
         save_file(factors, self.out / f"rank{trainer.backend.info.rank}-link{link}.safetensors")
+
+
+class CountUnits(Callback):
+    """When training starts, rank 0 writes to ``out`` how many FSDP2 units the model has."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        if trainer.backend.info.is_main:
+            self.out.write_text(str(sum(isinstance(m, FSDPModule) for m in trainer.s.model.modules())))

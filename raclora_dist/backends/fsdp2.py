@@ -30,10 +30,9 @@ from raclora_dist.core.layer import MergeView
 
 
 def _is_linear_unit(m: nn.Module) -> bool:
-    """A RAC-LoRA layer (with its base inside), or a linear layer not inside one."""
-    if isinstance(m, RacLoraLinear):
-        return True
-    return isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+    """A RAC-LoRA layer (with its base inside), or a linear layer (bitsandbytes' 4-bit ones
+    are ``nn.Linear`` subclasses) not inside one."""
+    return isinstance(m, (RacLoraLinear, nn.Linear))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -133,11 +133,15 @@ def test_fsdp2_with_a_unit_per_linear_layer_matches_one_process_and_resumes(setu
     """``distributed.fsdp_unit=linear``: each RAC-LoRA layer (with its base) is an FSDP2 unit of
     its own inside its block; the chain is the same, and a crash mid-link resumes to it."""
     d, cfg, single = setup
-    run = d / "fsdp2-linear"
+    run, units = d / "fsdp2-linear", d / "fsdp2-linear-units"
     proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.fsdp_unit=linear", faults(crash_at_step=5))
     assert proc.returncode != 0
-    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.fsdp_unit=linear", resume=True)
+    probe = f"run.callbacks=[{{class: 'tests.probes:CountUnits', args: {{out: '{units}'}}}}]"
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.fsdp_unit=linear", probe, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # 2 blocks x 7 linear layers (4 of them RAC-LoRA), the 2 blocks, the root (embedding and head
+    # are split by rows, not units)
+    assert int(units.read_text()) == 2 * 7 + 2 + 1
     assert meta(run)["merged"] == [0, 1, 2]
     assert_chains_close(single, run)
 
