@@ -79,3 +79,20 @@ class CountUnits(Callback):
 
         if trainer.backend.info.is_main:
             self.out.write_text(str(sum(isinstance(m, FSDPModule) for m in trainer.s.model.modules())))
+
+
+class DescribeOptimizer(Callback):
+    """After each link, rank 0 writes to ``out`` (JSON) the class of the optimizer a DeepSpeed
+    engine steps and whether the engine offloads optimizer state and parameters."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_boundary(self, trainer, record: dict) -> None:
+        engine = trainer.backend.engine
+        if trainer.backend.info.is_main:
+            self.out.write_text(json.dumps({
+                "optimizer": type(engine.optimizer.optimizer).__name__,
+                "offload_optimizer": bool(engine.zero_offload_optimizer()),
+                "offload_param": bool(engine.zero_offload_param()),
+            }))

@@ -93,10 +93,25 @@ class DeepSpeedBackend(Backend):
         ds.setdefault("gradient_clipping", t.grad_clip or 0.0)
         # Our torch optimizer (AdamW/SGD) avoids compiling DeepSpeed's fused Adam ops.
         ds.setdefault("zero_allow_untested_optimizer", True)
+        if _offloads_optimizer(ds) and t.optimizer != "adamw":
+            # ZeRO-Offload refuses a client optimizer unless told it is meant; SGD has no
+            # DeepSpeed CPU counterpart and torch's steps the host partitions as well.
+            ds.setdefault("zero_force_ds_cpu_optimizer", False)
         ds.setdefault("steps_per_print", 10**9)
         if self.cfg.distributed.mixed_precision == "bf16":
             ds.setdefault("bf16", {"enabled": True})
         return ds
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        if not (_offloads_optimizer(self.ds_config) and t.optimizer == "adamw"):
+            return super()._make_optimizer(params)
+        # ZeRO-Offload steps the fp32 master partitions in host memory, where DeepSpeed's
+        # vectorised CPU Adam is the optimizer it expects (a C++ op, built once per machine,
+        # about a minute, then cached). adamw_mode: the decoupled weight decay of torch's AdamW.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, adamw_mode=True)
 
     @property
     def splits_vocab(self) -> bool:
@@ -165,3 +180,9 @@ class DeepSpeedBackend(Backend):
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed state with tag {TAG!r}")
+
+
+def _offloads_optimizer(ds_config: dict) -> bool:
+    """Whether a DeepSpeed dict moves the optimizer state off the accelerator."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")

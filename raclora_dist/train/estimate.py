@@ -10,7 +10,8 @@ What is estimated, per rank:
 
 * **base weights**: full-precision tensors at ``model.dtype``; 4-bit layers as packed codes
   plus their absmax constants; divided by the world size under FSDP2 and ZeRO-3, plus the
-  largest decoder block gathered whole while it computes;
+  largest unit gathered whole while it computes (a decoder block; a linear layer with FSDP2's
+  ``fsdp_unit: linear``; the embedding or head when they are not split by vocabulary);
 * **chain**: each layer's trainable factor, its sketch, and (factored merges) the merged
   links' factors; **master weights**: fp32 copies of 4-bit layers (``raclora.master_weights``);
 * **gradients** and **optimizer state** of the factors (AdamW: two fp32 moments); sharded
@@ -97,6 +98,55 @@ def _sharded(cfg: RunConfig) -> tuple[bool, bool]:
     return False, False
 
 
+def _nbytes(module: nn.Module, cfg: RunConfig, prefix: str) -> int:
+    """A module's base tensors as stored (4-bit weights packed), chain tensors left out."""
+    total = 0
+    for name, m in module.named_modules(prefix=prefix):
+        if isinstance(m, RacLoraLinear):
+            continue  # its base is counted as the child module ``base_layer``
+        for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None:
+                total += _packed_bytes(t.numel(), cfg) if attr == "weight" and _quantized(name, m, cfg) else t.nbytes
+    return total
+
+
+def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_bytes: list[int]) -> tuple[int, str]:
+    """The largest unit a sharding engine gathers whole while it computes, and what it is.
+
+    A decoder block (or, FSDP2 with ``fsdp_unit: linear``, its largest linear layer or what the
+    block keeps besides them); the untied embedding and head too, unless they are split by
+    vocabulary rows (``distributed.vocab_parallel``), which gathers no weights.
+    """
+    from raclora_dist.backends.vocab_parallel import splittable
+
+    d = cfg.distributed
+    names = {id(b): n for n, b in model.named_modules() if any(b is x for x in blocks)}
+    units: list[tuple[int, str]] = []
+    for block, whole in zip(blocks, block_bytes):
+        if d.strategy == "fsdp2" and d.fsdp_unit == "linear":
+            prefix = names.get(id(block), "")
+            linears = [_nbytes(m, cfg, f"{prefix}.{n}") for n, m in block.named_modules()
+                       if isinstance(m, (RacLoraLinear, nn.Linear)) and not _inside_wrapped(block, n)]
+            units.append((max(linears, default=0), "one linear layer"))
+            units.append((whole - sum(linears), "one block's norms"))
+        else:
+            units.append((whole, "one block"))
+    splits = d.vocab_parallel and (d.strategy == "fsdp2" or d.deepspeed.get("zero_optimization", {}).get("stage") == 3)
+    get_head = getattr(model, "get_output_embeddings", None)
+    embedding, head = model.get_input_embeddings(), get_head() if callable(get_head) else None
+    tied = embedding is not None and head is not None and head.weight is embedding.weight  # never split
+    for what, module in (("the embedding", embedding), ("the head", head)):
+        if module is not None and not (splits and not tied and splittable(module, model)):
+            units.append((sum(t.nbytes for t in module.parameters()), what))
+    return max(units, key=lambda u: u[0], default=(0, "nothing"))
+
+
+def _inside_wrapped(block: nn.Module, name: str) -> bool:
+    """Whether ``name`` (in ``block``) is the base layer inside a RAC-LoRA layer."""
+    parent, _, _ = name.rpartition(".")
+    return isinstance(block.get_submodule(parent) if parent else block, RacLoraLinear)
+
+
 def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -> Estimate:
     """Per-rank memory of a run.
 
@@ -135,13 +185,16 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
                 block_bytes[block_of[id(module)]] += nbytes
     est = Estimate(params=params, base_params_bytes=base_bytes)
     split = world if shard_w else 1
-    in_flight = max(block_bytes, default=0) if shard_w and world > 1 else 0
+    in_flight, what = _in_flight(cfg, model, blocks, block_bytes) if shard_w and world > 1 else (0, "")
     est.rows["base weights"] = base_bytes // split + in_flight
     if shard_w and world > 1:
-        est.notes["base weights"] = f"1/{world} of {size(base_bytes)}, plus one block gathered"
+        est.notes["base weights"] = f"1/{world} of {size(base_bytes)}, plus {what} gathered"
     elif cfg.distributed.strategy in ("single", "ddp") or not shard_w:
         est.notes["base weights"] = "a full replica on every rank"
-    if cfg.distributed.cpu_offload:
+    zero = cfg.distributed.deepspeed.get("zero_optimization", {}) if cfg.distributed.strategy == "deepspeed" else {}
+    offloaded = {k for k in ("offload_param", "offload_optimizer")
+                 if (zero.get(k) or {}).get("device", "none") in ("cpu", "nvme")}
+    if cfg.distributed.cpu_offload or "offload_param" in offloaded:
         est.notes["base weights"] = est.notes.get("base weights", "") + "; shards kept in CPU memory"
     est.rows["chain"] = chain // split
     est.notes["chain"] = f"{factor_numel:,} trainable factor elements; sketches; merged links"
@@ -153,6 +206,9 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
     moments = 2 * 4 * factor_numel if cfg.train.optimizer == "adamw" else 0
     est.rows["optimizer state"] = moments // opt_split
     est.notes["optimizer state"] = cfg.train.optimizer + (f", 1/{world} per rank" if shard_opt and world > 1 else "")
+    if "offload_optimizer" in offloaded:
+        for row in ("gradients", "optimizer state"):
+            est.notes[row] = est.notes.get(row, "") + ("; " if row in est.notes else "") + "in CPU memory"
     est.rows["activations"] = activation_bytes(cfg, model, blocks)
     micro = cfg.train.batch_size // world
     est.notes["activations"] = (f"{micro} x {cfg.data.seq_len} tokens, "

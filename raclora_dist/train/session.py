@@ -85,6 +85,8 @@ def _meta_injected(cfg: RunConfig) -> tuple[nn.Module, dict[str, RacLoraLinear]]
         cfg = cfg.model_copy(update={"raclora": cfg.raclora.model_copy(
             update={"master_weights": "none", "stochastic_rounding": False, "merge_mode": mode})})
     model = build_meta_model(cfg.model, len(tok))
+    for p in model.parameters():  # the base is frozen, as in a run (what the engines shard depends on it)
+        p.requires_grad_(False)
     return model, _wrap(model, _targets(model, cfg), cfg)
 
 

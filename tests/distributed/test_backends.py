@@ -244,6 +244,36 @@ def test_fsdp2_cpu_offload_on_cpu_workers_is_a_config_error(setup):
     assert not (run / "checkpoints").exists()
 
 
+def test_deepspeed_zero3_offload_matches_one_process_and_resumes(setup):
+    """ZeRO-Offload through the DeepSpeed dict (optimizer state and parameters in host memory),
+    which DeepSpeed runs on CPU-only workers too: the engine steps DeepSpeed's CPU Adam over the
+    offloaded fp32 partitions, the chain equals the one-process chain (torch's AdamW there; the
+    same update up to float rounding), and a crash resumes from a mid-link checkpoint, with the
+    offloaded Adam state restored, to the uninterrupted run."""
+    d, cfg, single = setup
+    engine = ["distributed.strategy=deepspeed",
+              "distributed.deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0, "
+              "offload_optimizer: {device: cpu}, offload_param: {device: cpu}}}"]
+    run, described = d / "zero3-offload", d / "zero3-offload.json"
+    probe = f"run.callbacks=[{{class: 'tests.probes:DescribeOptimizer', args: {{out: '{described}'}}}}]"
+    proc = train(cfg, run, *engine, probe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(described.read_text()) == {"optimizer": "DeepSpeedCPUAdam", "offload_optimizer": True,
+                                                 "offload_param": True}
+    assert meta(run)["merged"] == [0, 1, 2]
+    assert_chains_close(single, run)
+    assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
+
+    crashed = d / "zero3-offload-crash"
+    proc = train(cfg, crashed, *engine, "checkpoint.every_steps=2", faults(crash_at_step=5))
+    assert proc.returncode != 0
+    assert find_latest(crashed).name == "link-00001-step-0000004"
+    proc = train(cfg, crashed, *engine, "checkpoint.every_steps=2", resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_chains_close(run, crashed, rtol=1e-6, atol=1e-8)
+    assert losses(crashed) == pytest.approx(losses(run), abs=1e-6)
+
+
 def test_ddp_gradient_accumulation_all_reduces_once_per_step(setup):
     """grad_accum 2 under DDP: the same chain as one process with grad_accum 2, and as many
     gradient bytes all-reduced per optimizer step as without accumulation (no_sync on the first

@@ -82,3 +82,31 @@ def test_validate_prints_the_parameter_count_and_the_per_rank_estimate(small_dat
     assert "layers targeted" in out and "M parameters" in out and "fsdp2 x 2" in out
     for row in ("base weights", "chain", "gradients", "optimizer state", "activations", "total"):
         assert row in out, row
+
+
+def test_the_unit_in_flight_follows_fsdp_unit_and_the_vocabulary_split(small_data, tmp_path):
+    """FSDP2 gathers one unit whole while it computes: a decoder block by default, the largest
+    linear layer with ``fsdp_unit: linear``; the embedding and head only when they are not
+    split by vocabulary rows."""
+    fsdp = {"strategy": "fsdp2", "workers": 2}
+    _, single = plan_run(_config(small_data, tmp_path))
+    _, linear = plan_run(_config(small_data, tmp_path, distributed={**fsdp, "fsdp_unit": "linear"}))
+    _, whole = plan_run(_config(small_data, tmp_path, distributed={**fsdp, "fsdp_unit": "linear",
+                                                                   "vocab_parallel": False}))
+    w = single.rows["base weights"]
+    mlp = 32 * 64 * 4  # TINY_MODEL's largest linear layer, fp32
+    embedding = 260 * 32 * 4  # TINY_MODEL's 260 rows of 32, fp32 (the head is as large)
+    assert linear.rows["base weights"] == w // 2 + mlp
+    assert "one linear layer gathered" in linear.notes["base weights"]
+    assert whole.rows["base weights"] == w // 2 + embedding
+    assert "the embedding gathered" in whole.notes["base weights"]
+
+
+def test_deepspeed_offload_is_noted_where_it_moves_memory(small_data, tmp_path):
+    zero = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    _, est = plan_run(_config(small_data, tmp_path, distributed={"strategy": "deepspeed", "workers": 2,
+                                                                 "deepspeed": {"zero_optimization": zero}}))
+    _, kept = plan_run(_config(small_data, tmp_path, distributed={"strategy": "deepspeed", "workers": 2,
+                                                                  "deepspeed": {"zero_optimization": {"stage": 3}}}))
+    for row in ("base weights", "gradients", "optimizer state"):
+        assert est.notes[row].endswith("in CPU memory") and "CPU" not in kept.notes.get(row, ""), row
