@@ -23,7 +23,8 @@ from torch import nn
 
 from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
 from raclora_dist.backends.dist import DistComm
-from raclora_dist.backends.fsdp2_compat import fully_shard_4bit as _fully_shard
+from raclora_dist.backends.fsdp2_compat import fully_shard_4bit
+from raclora_dist.backends.fsdp2_gloo import gather_for_gloo
 from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeView
@@ -33,6 +34,12 @@ def _is_linear_unit(m: nn.Module) -> bool:
     """A RAC-LoRA layer (with its base inside), or a linear layer (bitsandbytes' 4-bit ones
     are ``nn.Linear`` subclasses) not inside one."""
     return isinstance(m, (RacLoraLinear, nn.Linear))
+
+
+def _fully_shard(module: nn.Module, **kwargs) -> None:
+    """``fully_shard`` (4-bit safe), with the gather of :mod:`.fsdp2_gloo` on gloo."""
+    fully_shard_4bit(module, **kwargs)
+    gather_for_gloo(module)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
