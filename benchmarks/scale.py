@@ -60,6 +60,11 @@ CASES = {
     "fsdp2-nf4": ["distributed.strategy=fsdp2", "model.quantization=nf4"],
     "fsdp2-linear": ["distributed.strategy=fsdp2", "distributed.fsdp_unit=linear"],
 }
+# the same with activation checkpointing, as large-model runs are configured
+CASES.update({f"{name}-ac": [*extra, "train.activation_checkpointing=true"] for name, extra in list(CASES.items())})
+
+
+STEPS = 3  # the first step's peak is the issue's measure; later ones show the steady state (ZeRO-3 traces step 1)
 
 
 def model_config(size: str, seq: int) -> dict:
@@ -93,7 +98,7 @@ def run_config(folder: Path, run: Path, workers: int, seq: int, batch: int) -> d
         "model": {"name_or_path": str(folder), "dtype": "float32"},
         "data": {"path": str(ROOT / "data" / "stdlib_docstrings.jsonl"), "tokenizer": "bytes", "seq_len": seq,
                  "max_documents": 400, "eval_fraction": 0.05},
-        "raclora": {"rank": 8, "alpha": 16, "links": 1, "steps_per_link": 1, "seed": 0,
+        "raclora": {"rank": 8, "alpha": 16, "links": 1, "steps_per_link": STEPS, "seed": 0,
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "train": {"batch_size": batch, "lr": 1e-3, "eval_batches": 0},
         "checkpoint": {"every_links": 1, "keep": 1},
@@ -119,11 +124,15 @@ def load_case(name: str, records: list[dict], ckpt_mb: float) -> dict:
     st = next(r for r in records if r["type"] == "startup")
     above = [p - s for p, s in zip(st["peak_rss_mb_first_step"], st["rss_mb_start"])]
     loaded = [p - s for p, s in zip(st["peak_rss_mb_loaded"], st["rss_mb_before_load"])]
-    step = next(r for r in records if r["type"] == "step")
+    steps = [r for r in records if r["type"] == "step"]
+    # rank 0's peak through the last step (a step record's rss_mb is its peak so far)
+    later = steps[-1]["rss_mb"] - st["rss_mb_start"][0]
     return {"case": name, "load_s": st["load_s"], "first_step_s": st["first_step_s"],
             "rss_mb_start": st["rss_mb_start"], "peak_rss_mb_first_step": st["peak_rss_mb_first_step"],
             "peak_above_start_mb": above, "x_checkpoint": [a / ckpt_mb for a in above],
-            "load_growth_x_checkpoint": [a / ckpt_mb for a in loaded], "tokens_per_s": step["tokens_per_s"]}
+            "load_growth_x_checkpoint": [a / ckpt_mb for a in loaded], "tokens_per_s": steps[0]["tokens_per_s"],
+            "steps": len(steps), "x_checkpoint_through_last_step_rank0": later / ckpt_mb,
+            "tokens_per_s_later": [r["tokens_per_s"] for r in steps[1:]]}
 
 
 def before_case(name: str, records: list[dict], ckpt_mb: float, start_mb: float) -> dict:
@@ -306,14 +315,17 @@ def main(argv: list[str] | None = None) -> None:
 def print_tables(out: dict) -> None:
     print(f"\nload + first step, {out['workers']} workers, seq {out['seq']}: peak RSS above after-imports, "
           f"as x checkpoint ({out['checkpoint']['bytes'] / 2**20:.0f} MiB)")
-    print(f"{'case':10} {'code':7} {'x ckpt per rank':>18} {'MiB per rank':>16} {'load s':>7} {'1st step s':>10}")
+    print(f"{'case':10} {'code':7} {'x ckpt per rank':>18} {'MiB per rank':>16} {'load s':>7} {'1st step s':>10}"
+          f" {'x ckpt to step ' + str(STEPS):>16} {'tokens/s after':>14}")
     for code in ("before", "after"):
         for c in out[code]:
             xs = " ".join(f"{x:.2f}" for x in c["x_checkpoint"])
             mb = " ".join(f"{m:.0f}" for m in c["peak_above_start_mb"])
             load = f"{c['load_s']:.1f}" if "load_s" in c else "-"
             first = f"{c['first_step_s']:.1f}" if "first_step_s" in c else "-"
-            print(f"{c['case']:10} {code:7} {xs:>18} {mb:>16} {load:>7} {first:>10}")
+            later = f"{c['x_checkpoint_through_last_step_rank0']:.2f}" if "steps" in c else "-"
+            speed = " ".join(f"{t:.1f}" for t in c.get("tokens_per_s_later", [])) or "-"
+            print(f"{c['case']:10} {code:7} {xs:>18} {mb:>16} {load:>7} {first:>10} {later:>16} {speed:>14}")
     if out["activations"]:
         a = {c["activation_checkpointing"]: c for c in out["activations"]}
         print(f"\nactivations, 1 process, seq {out['activations'][0]['seq']}, batch 1")

@@ -83,7 +83,8 @@ class CountUnits(Callback):
 
 class DescribeOptimizer(Callback):
     """After each link, rank 0 writes to ``out`` (JSON) the class of the optimizer a DeepSpeed
-    engine steps and whether the engine offloads optimizer state and parameters."""
+    engine steps, whether the engine offloads optimizer state and parameters, and ZeRO-3's
+    limit on live gathered parameters."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -95,4 +96,5 @@ class DescribeOptimizer(Callback):
                 "optimizer": type(engine.optimizer.optimizer).__name__,
                 "offload_optimizer": bool(engine.zero_offload_optimizer()),
                 "offload_param": bool(engine.zero_offload_param()),
+                "max_live_parameters": engine.zero_max_live_parameters(),
             }))

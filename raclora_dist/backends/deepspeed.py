@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend, lm_inputs, shard_masters
+from raclora_dist.backends.base import Backend, decoder_layers, lm_inputs, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeView
@@ -139,6 +139,11 @@ class DeepSpeedBackend(Backend):
 
         if self.stage == 3:  # parts that did not pass through shard_unit (e.g. tests building whole)
             shard_masters(model, self.info.rank, self.info.world_size)
+            try:
+                blocks = decoder_layers(model)
+            except ValueError:  # no repeated blocks: DeepSpeed's defaults
+                blocks = []
+            fill_stage3_limits(self.ds_config, max((_numel(b) for b in blocks), default=0))
         else:
             model = model.to(self.info.device)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -186,3 +191,29 @@ def _offloads_optimizer(ds_config: dict) -> bool:
     """Whether a DeepSpeed dict moves the optimizer state off the accelerator."""
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def fill_stage3_limits(ds_config: dict, block_params: int) -> None:
+    """Sets ZeRO-3's limits on gathered parameters from the model where the dict leaves them
+    unset (in place): one decoder block live, reused and prefetched.
+
+    DeepSpeed's defaults (1e9 live parameters, reuse distance 1e9, a 5e7 prefetch bucket)
+    suit models far larger than 1e9 parameters; below that, from the second step on (once
+    it has traced the model) ZeRO-3 keeps nearly every parameter gathered. Measured on a
+    0.79 B fp32 model with 2 CPU workers, peak RSS per rank through step 4: 5.3 GiB with the
+    defaults (more than the whole 3.0 GiB checkpoint, 5.0-7.3 tokens/s), 2.9 GiB with one
+    block (8.5-10.1 tokens/s).
+
+    Args:
+        block_params: elements of the largest decoder block (0: no blocks, nothing set).
+    """
+    if block_params <= 0:
+        return
+    zero = ds_config.setdefault("zero_optimization", {})
+    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size"):
+        zero.setdefault(key, block_params)
+
+
+def _numel(module: nn.Module) -> int:
+    """Elements of a module's parameters, whole (a ZeRO-3 partition counts its full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

@@ -1,0 +1,13 @@
+"""ZeRO-3's gathered-parameter limits filled from the model (backends/deepspeed.py)."""
+
+from raclora_dist.backends.deepspeed import fill_stage3_limits
+
+
+def test_unset_limits_are_one_block_and_the_users_values_stay():
+    ds = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 5}}
+    fill_stage3_limits(ds, 1000)
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 5, "stage3_max_reuse_distance": 1000,
+                                       "stage3_prefetch_bucket_size": 1000}
+    untouched = {"zero_optimization": {"stage": 3}}
+    fill_stage3_limits(untouched, 0)  # no decoder blocks: DeepSpeed's defaults
+    assert untouched == {"zero_optimization": {"stage": 3}}
