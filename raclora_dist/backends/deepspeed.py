@@ -195,7 +195,8 @@ def _offloads_optimizer(ds_config: dict) -> bool:
 
 def fill_stage3_limits(ds_config: dict, block_params: int) -> None:
     """Sets ZeRO-3's limits on gathered parameters from the model where the dict leaves them
-    unset (in place): one decoder block live, reused and prefetched.
+    unset (in place): one decoder block live, reused and prefetched, or DeepSpeed's default
+    where that is smaller (a large model's blocks exceed its 5e7 prefetch bucket).
 
     DeepSpeed's defaults (1e9 live parameters, reuse distance 1e9, a 5e7 prefetch bucket)
     suit models far larger than 1e9 parameters; below that, from the second step on (once
@@ -210,8 +211,13 @@ def fill_stage3_limits(ds_config: dict, block_params: int) -> None:
     if block_params <= 0:
         return
     zero = ds_config.setdefault("zero_optimization", {})
-    for key in ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size"):
-        zero.setdefault(key, block_params)
+    for key, default in _STAGE3_DEFAULTS.items():
+        zero.setdefault(key, min(block_params, default))
+
+
+_STAGE3_DEFAULTS = {  # DeepSpeed's own (runtime/zero/config.py)
+    "stage3_max_live_parameters": 10**9, "stage3_max_reuse_distance": 10**9, "stage3_prefetch_bucket_size": 5 * 10**7,
+}
 
 
 def _numel(module: nn.Module) -> int:

@@ -8,6 +8,12 @@ def test_unset_limits_are_one_block_and_the_users_values_stay():
     fill_stage3_limits(ds, 1000)
     assert ds["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 5, "stage3_max_reuse_distance": 1000,
                                        "stage3_prefetch_bucket_size": 1000}
+    # a large model's block (Llama-3-70B: 0.86 B parameters) keeps DeepSpeed's smaller defaults
+    large = {"zero_optimization": {"stage": 3}}
+    fill_stage3_limits(large, 856_000_000)
+    assert large["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 856_000_000,
+                                          "stage3_max_reuse_distance": 856_000_000,
+                                          "stage3_prefetch_bucket_size": 50_000_000}
     untouched = {"zero_optimization": {"stage": 3}}
     fill_stage3_limits(untouched, 0)  # no decoder blocks: DeepSpeed's defaults
     assert untouched == {"zero_optimization": {"stage": 3}}
