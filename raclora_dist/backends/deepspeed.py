@@ -93,7 +93,7 @@ class DeepSpeedBackend(Backend):
         ds.setdefault("gradient_clipping", t.grad_clip or 0.0)
         # Our torch optimizer (AdamW/SGD) avoids compiling DeepSpeed's fused Adam ops.
         ds.setdefault("zero_allow_untested_optimizer", True)
-        if _offloads_optimizer(ds) and t.optimizer != "adamw":
+        if offloads(ds, "offload_optimizer") and t.optimizer != "adamw":
             # ZeRO-Offload refuses a client optimizer unless told it is meant; SGD has no
             # DeepSpeed CPU counterpart and torch's steps the host partitions as well.
             ds.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -104,7 +104,7 @@ class DeepSpeedBackend(Backend):
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         t = self.cfg.train
-        if not (_offloads_optimizer(self.ds_config) and t.optimizer == "adamw"):
+        if not (offloads(self.ds_config, "offload_optimizer") and t.optimizer == "adamw"):
             return super()._make_optimizer(params)
         # ZeRO-Offload steps the fp32 master partitions in host memory, where DeepSpeed's
         # vectorised CPU Adam is the optimizer it expects (a C++ op, built once per machine,
@@ -187,9 +187,10 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"{folder}: no DeepSpeed state with tag {TAG!r}")
 
 
-def _offloads_optimizer(ds_config: dict) -> bool:
-    """Whether a DeepSpeed dict moves the optimizer state off the accelerator."""
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+def offloads(ds_config: dict, what: str) -> bool:
+    """Whether a DeepSpeed dict moves ``what`` (``offload_optimizer``: optimizer state and
+    gradients; ``offload_param``: parameters) off the accelerator."""
+    offload = ds_config.get("zero_optimization", {}).get(what) or {}
     return offload.get("device", "none") in ("cpu", "nvme")
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from raclora_dist.backends.deepspeed import offloads
 from raclora_dist.config import RunConfig
 from raclora_dist.core import RacLoraLinear
 
@@ -191,9 +192,8 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
         est.notes["base weights"] = f"1/{world} of {size(base_bytes)}, plus {what} gathered"
     elif cfg.distributed.strategy in ("single", "ddp") or not shard_w:
         est.notes["base weights"] = "a full replica on every rank"
-    zero = cfg.distributed.deepspeed.get("zero_optimization", {}) if cfg.distributed.strategy == "deepspeed" else {}
-    offloaded = {k for k in ("offload_param", "offload_optimizer")
-                 if (zero.get(k) or {}).get("device", "none") in ("cpu", "nvme")}
+    ds = cfg.distributed.deepspeed if cfg.distributed.strategy == "deepspeed" else {}
+    offloaded = {k for k in ("offload_param", "offload_optimizer") if offloads(ds, k)}
     if cfg.distributed.cpu_offload or "offload_param" in offloaded:
         est.notes["base weights"] = est.notes.get("base weights", "") + "; shards kept in CPU memory"
     est.rows["chain"] = chain // split
