@@ -196,8 +196,8 @@ def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
     import torch
 
     from raclora_dist.config import build_config
+    from raclora_dist.train.heap import mapped_large_allocations
     from raclora_dist.train.session import build_session
-    from raclora_dist.train.weights import mapped_large_allocations
 
     cfg = build_config(run_config(folder, Path(tempfile.gettempdir()) / "unused", 1, seq, 1)
                        | {"distributed": {"strategy": "single", "workers": 1}})

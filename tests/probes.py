@@ -81,6 +81,29 @@ class CountUnits(Callback):
             self.out.write_text(str(sum(isinstance(m, FSDPModule) for m in trainer.s.model.modules())))
 
 
+class CountHeapReleases(Callback):
+    """Counts the heap trims (``train.heap.release_freed``) of the first optimizer step; rank 0
+    writes the count to ``out``."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.count = Path(out), None
+
+    def on_train_start(self, trainer) -> None:
+        from raclora_dist.train import heap
+
+        real, self.count = heap.release_freed, 0
+
+        def counted() -> bool:
+            self.count += 1
+            return real()
+
+        heap.release_freed = counted  # the hooks look it up at each call
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        if trainer.backend.info.is_main and not self.out.exists():
+            self.out.write_text(str(self.count))
+
+
 class DescribeOptimizer(Callback):
     """After each link, rank 0 writes to ``out`` (JSON) the class of the optimizer a DeepSpeed
     engine steps, whether the engine offloads optimizer state and parameters, and ZeRO-3's

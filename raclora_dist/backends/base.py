@@ -68,6 +68,12 @@ class Backend:
         :meth:`shard_unit`: sharding engines with several ranks, unless the config says no."""
         return False
 
+    @property
+    def gathers_blocks(self) -> bool:
+        """Whether each decoder block's weights are sharded and gathered whole for its compute
+        (FSDP2 and ZeRO-3 with several ranks); replicated engines keep them in place."""
+        return False
+
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         """Called on each part of the model as soon as it is loaded (bottom-up, before
         :meth:`setup`), so that sharding engines partition it before the next part arrives

@@ -115,7 +115,11 @@ class DeepSpeedBackend(Backend):
 
     @property
     def splits_vocab(self) -> bool:
-        return self.stage == 3 and self.cfg.distributed.vocab_parallel and self.info.world_size > 1
+        return self.gathers_blocks and self.cfg.distributed.vocab_parallel
+
+    @property
+    def gathers_blocks(self) -> bool:
+        return self.stage == 3 and self.info.world_size > 1
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         """ZeRO-3 partitions every loaded part at once (``zero.Init(module=...)`` partitions

@@ -29,6 +29,12 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def worker_device_type(backend: str = "auto") -> str:
+    """Where a worker on this machine computes: "cuda" when CUDA is available and the
+    collectives are not gloo (``distributed.backend``), else "cpu"."""
+    return "cuda" if torch.cuda.is_available() and backend != "gloo" else "cpu"
+
+
 def init_distributed(backend: str = "auto") -> DistInfo:
     """Joins the process group torchrun described in the environment (idempotent).
 
@@ -37,7 +43,7 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     """
     world = env_world_size()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    use_cuda = worker_device_type(backend) == "cuda"
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -36,6 +36,26 @@ def _is_linear_unit(m: nn.Module) -> bool:
     return isinstance(m, (RacLoraLinear, nn.Linear))
 
 
+def inner_units(block: nn.Module, unit: str) -> list[nn.Module]:
+    """The modules inside ``block`` that are FSDP2 units of their own for ``unit``
+    (block: none; sublayer: each child holding a linear unit; linear: each linear unit)."""
+    if unit == "sublayer":
+        return [c for c in block.children() if any(_is_linear_unit(m) for m in c.modules())]
+    if unit != "linear":
+        return []
+    units, inside = [], []
+    for name, m in block.named_modules():
+        if name and not any(name.startswith(p) for p in inside) and _is_linear_unit(m):
+            units.append(m)
+            inside.append(name + ".")  # a RAC-LoRA layer's base goes with it
+    return units
+
+
+def _local_bytes(module: nn.Module) -> int:
+    """The bytes of ``module``'s parameters this rank holds (all of them before sharding)."""
+    return sum(_local(p).nbytes for p in module.parameters())
+
+
 def _fully_shard(module: nn.Module, **kwargs) -> None:
     """``fully_shard`` (4-bit safe), with the gather of :mod:`.fsdp2_gloo` on gloo."""
     fully_shard_4bit(module, **kwargs)
@@ -126,7 +146,11 @@ class FSDP2Backend(Backend):
 
     @property
     def splits_vocab(self) -> bool:
-        return self.cfg.distributed.vocab_parallel and self.info.world_size > 1
+        return self.gathers_blocks and self.cfg.distributed.vocab_parallel
+
+    @property
+    def gathers_blocks(self) -> bool:
+        return self.info.world_size > 1
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         shard_masters(module, self.info.rank, self.info.world_size)
@@ -134,17 +158,13 @@ class FSDP2Backend(Backend):
             self._shard_block(module)
 
     def _shard_block(self, module: nn.Module) -> None:
-        """One unit, or with ``distributed.fsdp_unit: linear`` one per linear layer inside it
-        (each RAC-LoRA layer with its base, or a plain/4-bit linear) and the block for the rest."""
+        """One unit per block, inside which (``distributed.fsdp_unit``) each sublayer holding
+        linear layers (attention, MLP) or each linear layer (a RAC-LoRA layer with its base, or
+        a plain/4-bit linear) is a unit of its own; the block's unit keeps the rest (norms)."""
         kwargs = self._shard_kwargs()
-        if self.cfg.distributed.fsdp_unit == "linear":
-            units, inside = [], []
-            for name, m in module.named_modules():
-                if name and not any(name.startswith(p) for p in inside) and _is_linear_unit(m):
-                    units.append(m)
-                    inside.append(name + ".")  # a RAC-LoRA layer's base goes with it
-            for m in units:
-                _fully_shard(m, **kwargs)
+        unit = self.cfg.distributed.fsdp_unit_on(self.info.device.type, _local_bytes(module))
+        for m in inner_units(module, unit):
+            _fully_shard(m, **kwargs)
         _fully_shard(module, **kwargs)
 
     def setup(self, model: nn.Module) -> None:

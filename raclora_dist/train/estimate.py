@@ -10,8 +10,8 @@ What is estimated, per rank:
 
 * **base weights**: full-precision tensors at ``model.dtype``; 4-bit layers as packed codes
   plus their absmax constants; divided by the world size under FSDP2 and ZeRO-3, plus the
-  largest unit gathered whole while it computes (a decoder block; a linear layer with FSDP2's
-  ``fsdp_unit: linear``; the embedding or head when they are not split by vocabulary);
+  largest unit gathered whole while it computes (a decoder block; a sublayer or linear layer with
+  FSDP2's ``fsdp_unit``; the embedding or head when they are not split by vocabulary);
 * **chain**: each layer's trainable factor, its sketch, and (factored merges) the merged
   links' factors; **master weights**: fp32 copies of 4-bit layers (``raclora.master_weights``);
 * **gradients** and **optimizer state** of the factors (AdamW: two fp32 moments); sharded
@@ -114,22 +114,24 @@ def _nbytes(module: nn.Module, cfg: RunConfig, prefix: str) -> int:
 def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_bytes: list[int]) -> tuple[int, str]:
     """The largest unit a sharding engine gathers whole while it computes, and what it is.
 
-    A decoder block (or, FSDP2 with ``fsdp_unit: linear``, its largest linear layer or what the
-    block keeps besides them); the untied embedding and head too, unless they are split by
-    vocabulary rows (``distributed.vocab_parallel``), which gathers no weights.
+    A decoder block (or, FSDP2 with ``fsdp_unit`` sublayer or linear, its largest sublayer or
+    linear layer, or what the block keeps besides them; ``auto`` as workers on this machine
+    would resolve it); the untied embedding and head too, unless they are split by vocabulary
+    rows (``distributed.vocab_parallel``), which gathers no weights.
     """
+    from raclora_dist.backends.dist import worker_device_type
+    from raclora_dist.backends.fsdp2 import inner_units
     from raclora_dist.backends.vocab_parallel import splittable
 
     d = cfg.distributed
-    names = {id(b): n for n, b in model.named_modules() if any(b is x for x in blocks)}
+    names = {id(m): n for n, m in model.named_modules()}
     units: list[tuple[int, str]] = []
     for block, whole in zip(blocks, block_bytes):
-        if d.strategy == "fsdp2" and d.fsdp_unit == "linear":
-            prefix = names.get(id(block), "")
-            linears = [_nbytes(m, cfg, f"{prefix}.{n}") for n, m in block.named_modules()
-                       if isinstance(m, (RacLoraLinear, nn.Linear)) and not _inside_wrapped(block, n)]
-            units.append((max(linears, default=0), "one linear layer"))
-            units.append((whole - sum(linears), "one block's norms"))
+        unit = d.fsdp_unit_on(worker_device_type(d.backend), whole) if d.strategy == "fsdp2" else "block"
+        inner = [_nbytes(m, cfg, names.get(id(m), "")) for m in inner_units(block, unit)]
+        if inner:
+            units.append((max(inner), f"one {'linear layer' if unit == 'linear' else 'sublayer'}"))
+            units.append((whole - sum(inner), "one block's norms"))
         else:
             units.append((whole, "one block"))
     splits = d.vocab_parallel and (d.strategy == "fsdp2" or d.deepspeed.get("zero_optimization", {}).get("stage") == 3)
@@ -140,12 +142,6 @@ def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_
         if module is not None and not (splits and not tied and splittable(module, model)):
             units.append((sum(t.nbytes for t in module.parameters()), what))
     return max(units, key=lambda u: u[0], default=(0, "nothing"))
-
-
-def _inside_wrapped(block: nn.Module, name: str) -> bool:
-    """Whether ``name`` (in ``block``) is the base layer inside a RAC-LoRA layer."""
-    parent, _, _ = name.rpartition(".")
-    return isinstance(block.get_submodule(parent) if parent else block, RacLoraLinear)
 
 
 def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -> Estimate:

@@ -31,13 +31,13 @@ from raclora_dist.config import ConfigError, RunConfig
 from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
 from raclora_dist.train.checkpoint import Checkpoint
 from raclora_dist.train.estimate import Estimate, estimate_memory
+from raclora_dist.train.heap import mapped_large_allocations, release_between_blocks, worth_releasing
 from raclora_dist.train.metrics import interactive
 from raclora_dist.train.model import build_meta_model, save_base, weight_source
 from raclora_dist.train.tokenizer import load_tokenizer
 from raclora_dist.train.weights import (
     WeightSource,
     load_units,
-    mapped_large_allocations,
     materialize,
     meta_tensors,
     tensor_owners,
@@ -147,6 +147,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     for p in model.parameters():
         p.requires_grad_(False)
     targets = _targets(model, cfg)
+    block_bytes = max((sum(t.nbytes for t in b.parameters()) for b in _blocks(model)), default=0)  # on meta
     if ckpt is not None:
         names = [d["name"] for d in ckpt.meta.get("layers", [])]
         if names != targets:
@@ -173,7 +174,16 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         _check_fingerprints(chain, ckpt)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if backend is not None and worth_releasing(backend.info.device.type, backend.gathers_blocks, block_bytes):
+        release_between_blocks(_blocks(model))
     return Session(model, tokenizer, layers, chain)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    try:
+        return decoder_layers(model)
+    except ValueError:  # no repeated blocks: every module with tensors is a part of its own
+        return []
 
 
 def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list[str],
@@ -183,10 +193,7 @@ def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list
     device = backend.info.device if backend is not None else torch.device("cpu")
     owners = tensor_owners(model)  # taken while all on meta: tied tensors are made real once
     q = cfg.model.quantization
-    try:
-        blocks = decoder_layers(model)
-    except ValueError:  # no repeated blocks: every module with tensors is a part of its own
-        blocks = []
+    blocks = _blocks(model)
     layers: dict[str, RacLoraLinear] = {}
     for unit in load_units(model, blocks):
         names = set(unit.module_names(model))

@@ -16,12 +16,9 @@ device; :func:`write_safetensors` streams a source into a sharded safetensors fo
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import hashlib
 import json
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -321,56 +318,6 @@ def meta_tensors(model: nn.Module) -> list[str]:
     """Names of parameters and buffers still on the meta device (empty once loaded)."""
     out = [n for n, p in model.named_parameters() if p.is_meta]
     return out + [n for n, b in model.named_buffers() if b.is_meta]
-
-
-# -- the C allocator while loading ------------------------------------------------------------
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-LOADING_MMAP_THRESHOLD = 1 << 20
-STEADY_MMAP_THRESHOLD = 8 << 20
-
-
-def steady_mmap_threshold() -> int:
-    """The mmap threshold after loading: glibc's own ``MALLOC_MMAP_THRESHOLD_`` (bytes) when
-    the user set it, else :data:`STEADY_MMAP_THRESHOLD`."""
-    try:
-        return int(os.environ["MALLOC_MMAP_THRESHOLD_"])
-    except (KeyError, ValueError):
-        return STEADY_MMAP_THRESHOLD
-
-
-def _set_mmap_threshold(nbytes: int) -> bool:
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-@contextlib.contextmanager
-def mapped_large_allocations():
-    """While loading, serves allocations of 1 MiB and more from maps of their own (glibc).
-
-    Loading frees large temporaries (a part's full-precision weights, the 4-bit quantizer's
-    scratch, about 4x a weight) between small allocations that stay (the shards). After the
-    first large free, glibc raises its mmap threshold and serves later large allocations from
-    the heap, which fragments and is not returned: a 105 M-parameter NF4 load kept 6.6 MiB per
-    block where its shard is 2.4 MiB (0.38x of the model instead of 0.23x).
-
-    Afterwards the threshold stays at 8 MiB rather than rising to glibc's 32 MiB: a sharding
-    engine gathers each block's weights for its forward and backward (16-45 MiB tensors for a
-    0.8 B model), and from the heap they fragmented it by about 1 GiB per rank in the first
-    step (measured, docs/benchmarks.md). Activations of small models stay below 8 MiB and
-    keep the heap's speed (quickstart tokens/s unchanged); larger ones cost a page fault per
-    4 KiB, small beside the matmul that fills them. glibc's ``MALLOC_MMAP_THRESHOLD_``, when
-    set, is the threshold after loading instead: ``1048576`` trades about 10 % of a 0.8 B
-    model's CPU tokens/s for 0.04x (FSDP2) to 0.09x (ZeRO-3) of its size less per rank
-    (docs/benchmarks.md). A no-op on other C libraries.
-    """
-    changed = _set_mmap_threshold(LOADING_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        if changed:
-            _set_mmap_threshold(steady_mmap_threshold())
 
 
 # -- writing a sharded safetensors folder, one tensor at a time ---------------------------------

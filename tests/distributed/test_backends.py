@@ -92,9 +92,12 @@ def setup(tmp_path_factory, small_data):
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     d, cfg, single = setup
-    run = d / engine
-    proc = train(cfg, run, *ENGINES[engine])
+    run, units = d / engine, d / f"{engine}-units"
+    probe = [f"run.callbacks=[{{class: 'tests.probes:CountUnits', args: {{out: '{units}'}}}}]"] if engine == "fsdp2" else []
+    proc = train(cfg, run, *ENGINES[engine], *probe)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if engine == "fsdp2":  # fsdp_unit auto, a toy's blocks: the 2 blocks and the root
+        assert int(units.read_text()) == 2 + 1
     # the sharding engines keep the untied embedding and head split by vocabulary rows
     split = "split model.embed_tokens and lm_head by vocabulary rows across 2 ranks" in proc.stdout
     assert split == (engine in ("fsdp2", "zero3")), proc.stdout[-2000:]
@@ -119,12 +122,16 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
 
 def test_fsdp2_with_the_embedding_and_head_sharded_whole_matches_one_process(setup):
     """``distributed.vocab_parallel=false``: FSDP2 shards the embedding and head as units of
-    their own and gathers each for its forward (the path of tied or non-standard modules)."""
+    their own and gathers each for its forward (the path of tied or non-standard modules).
+    Also ``fsdp_unit=sublayer``: attention and MLP are units of their own inside each block."""
     d, cfg, single = setup
-    run = d / "fsdp2-gathered-head"
-    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.vocab_parallel=false")
+    run, units = d / "fsdp2-gathered-head", d / "fsdp2-gathered-head-units"
+    probe = f"run.callbacks=[{{class: 'tests.probes:CountUnits', args: {{out: '{units}'}}}}]"
+    proc = train(cfg, run, *ENGINES["fsdp2"], "distributed.vocab_parallel=false", "distributed.fsdp_unit=sublayer", probe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "by vocabulary rows" not in proc.stdout
+    # per block attention and MLP, the 2 blocks, the embedding and the head, the root
+    assert int(units.read_text()) == 2 * 2 + 2 + 2 + 1
     assert_chains_close(single, run)
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
 

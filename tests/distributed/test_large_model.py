@@ -122,8 +122,10 @@ def assert_rank_holds_its_slices(dump: Path, rank: int, reference: dict[str, tor
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_workers_load_their_shards_only_and_train_the_one_process_chain(variant, pretrained):
     d, folder, config, model, size_mib, singles = pretrained
-    run, dump = d / variant, d / f"{variant}-shards"
-    probe = f"run.callbacks=[{{class: 'tests.probes:DumpShards', args: {{out: '{dump}'}}}}]"
+    run, dump, trims, units = (d / f"{variant}{suffix}" for suffix in ("", "-shards", "-trims", "-units"))
+    probe = (f"run.callbacks=[{{class: 'tests.probes:DumpShards', args: {{out: '{dump}'}}}}, "
+             f"{{class: 'tests.probes:CountHeapReleases', args: {{out: '{trims}'}}}}, "
+             f"{{class: 'tests.probes:CountUnits', args: {{out: '{units}'}}}}]")
     proc = run_cli("train", str(config), f"run.dir={run}", "distributed.workers=2", *VARIANTS[variant], probe,
                    env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -142,6 +144,12 @@ def test_two_workers_load_their_shards_only_and_train_the_one_process_chain(vari
     startup = next(r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "startup")
     grown = [p - b for p, b in zip(startup["peak_rss_mb_loaded"], startup["rss_mb_before_load"])]
     assert max(grown) < LIMITS.get(variant, LIMIT) * size_mib, (grown, size_mib)
+
+    # Its blocks (27 MiB each) are gathered from maps of their own, so the C heap is trimmed
+    # after each block's forward and before its backward (train.heap.worth_releasing).
+    assert int(trims.read_text()) == 2 * MODEL["num_hidden_layers"]
+    if variant == "fsdp2":  # fsdp_unit auto, such blocks on CPU: attention and MLP apart, the block, the root
+        assert int(units.read_text()) == 3 * MODEL["num_hidden_layers"] + 1
 
     # And the chain is the one-process chain (same global batches).
     single = singles["nf4" if nf4 else "dense"]

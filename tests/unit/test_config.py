@@ -129,8 +129,20 @@ def test_link_sync_rules_name_the_field(cfg_file, overrides, message):
         load_config(cfg_file, overrides)
 
 
-def test_fsdp_unit_linear_is_fsdp2s(cfg_file):
-    with pytest.raises(ConfigError, match=r"distributed.*fsdp_unit: 'linear' applies to the fsdp2 strategy, not 'ddp'"):
-        load_config(cfg_file, ["distributed.strategy=ddp", "distributed.workers=2", "distributed.fsdp_unit=linear"])
-    cfg = load_config(cfg_file, ["distributed.strategy=fsdp2", "distributed.workers=2", "distributed.fsdp_unit=linear"])
-    assert cfg.distributed.fsdp_unit == "linear"
+@pytest.mark.parametrize("unit", ["sublayer", "linear"])
+def test_fsdp_units_inside_a_block_are_fsdp2s(cfg_file, unit):
+    with pytest.raises(ConfigError, match=rf"distributed.*fsdp_unit: '{unit}' applies to the fsdp2 strategy, not 'ddp'"):
+        load_config(cfg_file, ["distributed.strategy=ddp", "distributed.workers=2", f"distributed.fsdp_unit={unit}"])
+    cfg = load_config(cfg_file, ["distributed.strategy=fsdp2", "distributed.workers=2", f"distributed.fsdp_unit={unit}"])
+    assert cfg.distributed.fsdp_unit == unit
+    assert cfg.distributed.fsdp_unit_on("cpu", 1 << 30) == cfg.distributed.fsdp_unit_on("cuda", 1) == unit
+
+
+def test_fsdp_unit_auto_is_the_sublayer_on_cpu_workers_for_real_blocks_and_the_block_elsewhere(cfg_file):
+    from raclora_dist.config import AUTO_SUBLAYER_BYTES as big
+
+    cfg = load_config(cfg_file, ["distributed.strategy=ddp", "distributed.workers=2"])  # the default fits any engine
+    assert cfg.distributed.fsdp_unit == "auto"
+    assert cfg.distributed.fsdp_unit_on("cpu", big) == "sublayer"
+    assert cfg.distributed.fsdp_unit_on("cpu", big - 1) == "block"  # a toy: collectives' fixed cost dominates
+    assert cfg.distributed.fsdp_unit_on("cuda", 100 * big) == "block"

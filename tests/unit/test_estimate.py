@@ -52,7 +52,8 @@ def test_estimate_counts_the_real_models_weights_chain_and_activations(small_dat
 
 def test_sharding_checkpointing_and_4bit_shrink_the_estimate_as_they_should(small_data, tmp_path):
     _, single = plan_run(_config(small_data, tmp_path))
-    _, fsdp = plan_run(_config(small_data, tmp_path, distributed={"strategy": "fsdp2", "workers": 2}))
+    _, fsdp = plan_run(_config(small_data, tmp_path, distributed={"strategy": "fsdp2", "workers": 2,
+                                                                  "fsdp_unit": "block"}))
     _, zero2 = plan_run(_config(small_data, tmp_path, distributed={"strategy": "deepspeed", "workers": 2}))
     deep = {**TINY_MODEL, "num_hidden_layers": 8}
     _, plain8 = plan_run(_config(small_data, tmp_path, model={"config": deep}))
@@ -85,19 +86,25 @@ def test_validate_prints_the_parameter_count_and_the_per_rank_estimate(small_dat
 
 
 def test_the_unit_in_flight_follows_fsdp_unit_and_the_vocabulary_split(small_data, tmp_path):
-    """FSDP2 gathers one unit whole while it computes: a decoder block by default, the largest
-    linear layer with ``fsdp_unit: linear``; the embedding and head only when they are not
-    split by vocabulary rows."""
+    """FSDP2 gathers one unit whole while it computes: a decoder block, its largest sublayer
+    (attention or MLP) or its largest linear layer (``fsdp_unit``); the embedding and head only when they are not split by
+    vocabulary rows."""
     fsdp = {"strategy": "fsdp2", "workers": 2}
     _, single = plan_run(_config(small_data, tmp_path))
-    _, linear = plan_run(_config(small_data, tmp_path, distributed={**fsdp, "fsdp_unit": "linear"}))
+    plans = {unit: plan_run(_config(small_data, tmp_path, distributed={**fsdp, "fsdp_unit": unit}))[1]
+             for unit in ("auto", "block", "sublayer", "linear")}
     _, whole = plan_run(_config(small_data, tmp_path, distributed={**fsdp, "fsdp_unit": "linear",
                                                                    "vocab_parallel": False}))
     w = single.rows["base weights"]
     mlp = 32 * 64 * 4  # TINY_MODEL's largest linear layer, fp32
+    block = 4 * (9216 + 64)  # its projections and norms
     embedding = 260 * 32 * 4  # TINY_MODEL's 260 rows of 32, fp32 (the head is as large)
-    assert linear.rows["base weights"] == w // 2 + mlp
-    assert "one linear layer gathered" in linear.notes["base weights"]
+    assert plans["block"].rows["base weights"] == w // 2 + block
+    assert plans["sublayer"].rows["base weights"] == w // 2 + 3 * mlp  # the MLP: gate, up, down
+    assert "one sublayer gathered" in plans["sublayer"].notes["base weights"]
+    assert plans["linear"].rows["base weights"] == w // 2 + mlp
+    assert "one linear layer gathered" in plans["linear"].notes["base weights"]
+    assert plans["auto"].rows == plans["block"].rows  # a toy's 37 KiB blocks stay whole on any device
     assert whole.rows["base weights"] == w // 2 + embedding
     assert "the embedding gathered" in whole.notes["base weights"]
 

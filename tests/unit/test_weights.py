@@ -192,14 +192,3 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path, sm
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-8)
         assert g0[name].abs().sum() > 0
-
-
-def test_the_mmap_threshold_after_loading_is_glibcs_own_setting_when_the_user_gave_one(monkeypatch):
-    from raclora_dist.train.weights import STEADY_MMAP_THRESHOLD, steady_mmap_threshold
-
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert steady_mmap_threshold() == STEADY_MMAP_THRESHOLD == 8 << 20
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
-    assert steady_mmap_threshold() == 1 << 20
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "a lot")  # glibc ignores what it cannot read; so do we
-    assert steady_mmap_threshold() == STEADY_MMAP_THRESHOLD
