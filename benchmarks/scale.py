@@ -59,6 +59,7 @@ CASES = {
     "zero3": ZERO3,
     "fsdp2-nf4": ["distributed.strategy=fsdp2", "model.quantization=nf4"],
     "fsdp2-linear": ["distributed.strategy=fsdp2", "distributed.fsdp_unit=linear"],
+    "fsdp2-block": ["distributed.strategy=fsdp2", "distributed.fsdp_unit=block"],  # auto is sublayer here
 }
 # the same with activation checkpointing, as large-model runs are configured
 CASES.update({f"{name}-ac": [*extra, "train.activation_checkpointing=true"] for name, extra in list(CASES.items())})
