@@ -223,7 +223,7 @@ class DistributedSection(_Section):
         unit's gather output and its unsharded parameters coexist during the copy-out: a
         block's sublayers in turn (attention, MLP) cut that peak by a third of a block at no
         cost in tokens/s (0.79 B model). Below :data:`AUTO_SUBLAYER_BYTES` a block is a toy
-        whose collectives' fixed cost dominates (the quickstart lost 30 % of its tokens/s to
+        whose collectives' fixed cost dominates (the quickstart lost 27 % of its tokens/s to
         sublayers), and GPUs keep FSDP2's usual per-block unit (docs/benchmarks.md).
         """
         if self.fsdp_unit != "auto":

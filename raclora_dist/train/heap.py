@@ -98,7 +98,7 @@ def worth_releasing(device_type: str, gathers_blocks: bool, block_bytes: int) ->
     each block's gather already comes in fresh pages (a map of its own above the steady mmap
     threshold), the trim's cost is small beside the block's: 0.79 B, FSDP2 on 2 CPU workers,
     tokens/s unchanged. Elsewhere it is not: the page faults of reusing trimmed memory cost a
-    replicated model of 4 blocks of width 1,024 10 % of its tokens/s, and a toy one 35 %
+    replicated model of 4 blocks of width 1,024 10 % of its tokens/s, and a toy one 28 %
     (measured, docs/benchmarks.md).
 
     Args:
