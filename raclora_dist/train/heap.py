@@ -110,7 +110,8 @@ def worth_releasing(device_type: str, gathers_blocks: bool, block_bytes: int) ->
 
 
 def release_between_blocks(blocks: list[nn.Module]) -> list:
-    """Trims the heap (:func:`release_freed`) after each block's forward and before its backward.
+    """Trims the heap (:func:`release_freed`) after each block's training forward and before
+    its backward.
 
     A block's forward frees its temporaries (the MLP's intermediates, the gathered weights'
     staging) between the activations it saves for the backward; without a trim the heap keeps
@@ -128,6 +129,8 @@ def release_between_blocks(blocks: list[nn.Module]) -> list:
     """
 
     def after_forward(module: nn.Module, args, output):
+        if not torch.is_grad_enabled():
+            return  # evaluation, generation: nothing is saved between blocks, a trim buys nothing
         release_freed()
         out = output[0] if isinstance(output, (tuple, list)) else output
         if isinstance(out, torch.Tensor) and out.requires_grad:
