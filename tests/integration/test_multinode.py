@@ -186,7 +186,7 @@ def test_deepspeed_zero3_on_nodes_with_their_own_disks_resumes_after_a_node_loss
             nodes.add()
         cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", *zero3,
                f"ray.address={c.address}", "ray.max_failures=2", f"ray.storage_path={storage}",
-               "ray.resources_per_worker={CPU: 1, slot: 1}", faults(sleep_per_step=1.0, pid_dir=str(pid_dir))]
+               "ray.resources_per_worker={CPU: 1, slot: 1}", faults(sleep_per_step=2.0, pid_dir=str(pid_dir))]
         driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         def parts() -> set[str]:
@@ -203,7 +203,8 @@ def test_deepspeed_zero3_on_nodes_with_their_own_disks_resumes_after_a_node_loss
             time.sleep(0.3)
         else:
             pytest.fail(f"link 0's checkpoint in storage lacks a rank's partition: {sorted(parts())}")
-        time.sleep(1.5)  # mid-way through link 1
+        time.sleep(2.0)  # mid-way through link 1 (a step takes 2 s: slack under a loaded machine)
+        assert len(storage_checkpoints(storage)) == 1, "the node must be lost before link 1 ends"
         victim = mount_ns(int((pid_dir / "rank0.pid").read_text()))
         assert victim in nodes.nodes
         nodes.kill(victim)  # the node of rank 0, with its disk
