@@ -147,7 +147,8 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     for p in model.parameters():
         p.requires_grad_(False)
     targets = _targets(model, cfg)
-    block_bytes = max((sum(t.nbytes for t in b.parameters()) for b in _blocks(model)), default=0)  # on meta
+    blocks = _blocks(model)  # the same modules once loaded (parts are made real in place)
+    block_bytes = max((sum(t.nbytes for t in b.parameters()) for b in blocks), default=0)  # on meta
     if ckpt is not None:
         names = [d["name"] for d in ckpt.meta.get("layers", [])]
         if names != targets:
@@ -175,7 +176,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if backend is not None and worth_releasing(backend.info.device.type, backend.gathers_blocks, block_bytes):
-        release_between_blocks(_blocks(model))
+        release_between_blocks(blocks)
     return Session(model, tokenizer, layers, chain)
 
 
