@@ -18,17 +18,25 @@ from raclora_dist.core.chain import (
     replay_layer,
 )
 from raclora_dist.core.config import RacLoraConfig
-from raclora_dist.core.export import compress_lora, concat_links
+from raclora_dist.core.export import chain_of_links, compress_lora, concat_links
 from raclora_dist.core.inject import TargetError, inject, match_targets, register_dispatcher, wrap_targets
 from raclora_dist.core.landed import MergeResult, merge_into_weight
-from raclora_dist.core.layer import LayerSpec, MergeView, RacLoraLinear, RankError, lora_scale, resolve_side
+from raclora_dist.core.layer import (
+    LayerSpec,
+    MergeView,
+    RacLoraLinear,
+    RankError,
+    append_to_chain,
+    lora_scale,
+    resolve_side,
+)
 from raclora_dist.core.sketch import sample_sketch, sketch_seed, tensor_fingerprint
 
 __all__ = [
     "ChainState", "Comm", "DenseAccess", "FactorAccess", "LayerSpec", "LinkRecord", "LocalComm", "MergeResult", "MergeView",
     "NonFiniteFactorError", "RacLoraChain",
     "RacLoraConfig", "RacLoraLinear", "RankError", "SketchMismatchError", "TargetError",
-    "compress_lora", "concat_links", "inject", "link_factors", "lora_scale", "match_targets",
+    "append_to_chain", "chain_of_links", "compress_lora", "concat_links", "inject", "link_factors", "lora_scale", "match_targets",
     "merge_into_weight", "register_dispatcher", "replay_layer", "resolve_side", "sample_sketch", "sketch_seed",
     "tensor_fingerprint", "wrap_targets",
 ]

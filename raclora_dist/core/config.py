@@ -47,8 +47,15 @@ class RacLoraConfig(BaseModel):
         False, description="Allow into_base on a 4-bit base with neither master_weights nor stochastic_rounding "
         "(requantizing in place keeps 26 % of the update after 20 links, docs/benchmarks.md).",
     )
+    chain_budget: float | None = Field(
+        0.1, gt=0, le=1, description="factored mode: the most each layer's merged chain may cost, as a fraction of the "
+        "layer (R (m + n) <= budget m n: per-token compute, and elements held); past it the chain is recompressed by "
+        "SVD to that rank and the energy dropped is logged (discarded_energy). null: the exact chain, whose memory and "
+        "step time grow with every link.",
+    )
     max_chain_rank: int | None = Field(
-        None, ge=1, description="factored mode: cap on kept chain rank (recompressed by SVD past it)."
+        None, ge=1, description="factored mode: a fixed cap on each layer's kept chain rank (recompressed by SVD past "
+        "it); overrides chain_budget.",
     )
     optimizer_state: Literal["reset", "keep"] = Field(
         "reset", description="At each link boundary, reset the optimizer state of the factor or keep it."
@@ -85,7 +92,14 @@ class RacLoraConfig(BaseModel):
             raise ValueError(f"max_chain_rank ({self.max_chain_rank}) must be >= rank ({self.rank})")
         return self
 
-    def chain_capacity(self) -> int:
-        """Chain columns preallocated per layer in factored mode (links*r, or the cap)."""
-        full = self.links * self.rank
-        return min(full, self.max_chain_rank) if self.max_chain_rank else full
+    def chain_capacity(self, out_features: int, in_features: int) -> int:
+        """Chain columns preallocated for an (m, n) layer in factored mode: ``links * r``,
+        lowered to ``max_chain_rank`` or to what ``chain_budget`` allows (at least one link's
+        r, at most min(m, n), where a chain already spans every matrix)."""
+        m, n = out_features, in_features
+        cap = self.links * self.rank
+        if self.max_chain_rank:
+            cap = min(cap, self.max_chain_rank)
+        elif self.chain_budget:
+            cap = min(cap, max(self.rank, int(self.chain_budget * m * n / (m + n))))
+        return min(cap, m, n)

@@ -58,3 +58,31 @@ def compress_lora(
     B_k = (qb @ u[:, :rank]) * s[:rank]
     A_k = vh[:rank] @ qa.T
     return B_k.to(dtype), A_k.to(dtype), discarded
+
+
+def chain_of_links(
+    links: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The factored chain a layer of chain capacity ``capacity`` holds after merging ``links``
+    in order (each recompression redone exactly as training did it, without the base).
+
+    Args:
+        links: ``(B_t (m, r), A_t (r, n))`` per merged link, unscaled. scale: s.
+        capacity: the layer's chain columns (``RacLoraConfig.chain_capacity``).
+
+    Returns:
+        ``(B (m, R), A (R, n), discarded)``: the chain (scale folded into B), R <= capacity,
+        and the largest share of energy one recompression dropped.
+    """
+    from raclora_dist.core.layer import append_to_chain
+
+    if not links:
+        raise ValueError("the chain has no merged links to export")
+    m, n = links[0][0].shape[0], links[0][1].shape[1]
+    dtype = links[0][1].dtype
+    chain_B, chain_A = torch.zeros(m, capacity, dtype=dtype), torch.zeros(capacity, n, dtype=dtype)
+    R, worst = 0, 0.0
+    for B, A in links:
+        R, discarded, _, _ = append_to_chain(chain_B, chain_A, R, scale * B, A)
+        worst = max(worst, discarded)
+    return chain_B[:, :R].clone(), chain_A[:R].clone(), worst

@@ -60,6 +60,41 @@ class MergeView:
     owner: bool = True
 
 
+@torch.no_grad()
+def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: torch.Tensor,
+                    A: torch.Tensor) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """Adds the link ``sB @ A`` to a chain whose first ``R`` columns are filled (in place).
+
+    While it fits, the link is appended (exact). Once ``R + r`` exceeds the capacity, the chain
+    and the link are recompressed together to the capacity: QR of both factors and an SVD of
+    the small core (:func:`~raclora_dist.core.export.compress_lora`), the best approximation of
+    that rank, and the energy it drops is returned.
+
+    Args:
+        chain_B: (m, cap), chain_A: (cap, n): the chain, scale folded into ``chain_B``.
+        R: columns filled. sB: (m, r) the link's scaled B. A: (r, n).
+
+    Returns:
+        ``(new R, discarded energy share, dB (m, k), dA (k, n))`` where ``dB @ dA`` is the
+        change of ``chain_B @ chain_A`` (for the landed statistics).
+    """
+    r, cap = A.shape[0], chain_A.shape[0]
+    if R + r <= cap:
+        chain_B[:, R : R + r] = sB
+        chain_A[R : R + r] = A
+        # The effective weight changed by exactly s B A (up to the chain dtype's rounding).
+        return R + r, 0.0, chain_B[:, R : R + r], chain_A[R : R + r]
+    from raclora_dist.core.export import compress_lora
+
+    old_B, old_A = chain_B[:, :R].clone(), chain_A[:R].clone()
+    B_new, A_new, discarded = compress_lora(torch.cat([old_B, sB.to(old_B)], dim=1),
+                                            torch.cat([old_A, A.to(old_A)], dim=0), cap)
+    chain_B.copy_(B_new)
+    chain_A.copy_(A_new)
+    # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
+    return cap, discarded, torch.cat([chain_B, -old_B], dim=1), torch.cat([chain_A, old_A], dim=0)
+
+
 class RankError(ValueError):
     """The rank does not fit a target layer's sketched dimension."""
 
@@ -375,31 +410,14 @@ class RacLoraLinear(nn.Module):
     def merge_into_chain(self, chain_B: torch.Tensor, chain_A: torch.Tensor,
                          B: torch.Tensor, A: torch.Tensor) -> MergeResult:
         """Appends ``s B (m, r)``, ``A (r, n)`` to the full chain tensors (in place),
-        recompressing to the capacity when full (QR of the factors, SVD of the small core).
+        recompressing to the capacity when full (:func:`append_to_chain`).
 
         Args:
             chain_B: (m, cap), chain_A: (cap, n): the whole chain (gathered if sharded).
         """
-        R, r, cap = self.chain_rank, A.shape[0], chain_A.shape[0]
         sB = self.scale * B
         norm = self.scale * lowrank_fro_norm(B, A)
-        if R + r <= cap:
-            chain_B[:, R : R + r] = sB
-            chain_A[R : R + r] = A
-            self.chain_rank = R + r
-            # The effective weight changed by exactly s B A (up to the factor dtype's rounding).
-            dB, dA = chain_B[:, R : R + r], chain_A[R : R + r]
-            return MergeResult(norm, lowrank_landed(dB, dA, sB, A))
-        from raclora_dist.core.export import compress_lora
-
-        old_B, old_A = chain_B[:, :R].clone(), chain_A[:R].clone()
-        B_new, A_new, discarded = compress_lora(torch.cat([old_B, sB], dim=1), torch.cat([old_A, A], dim=0), cap)
-        chain_B.copy_(B_new)
-        chain_A.copy_(A_new)
-        self.chain_rank = cap
-        # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
-        dB = torch.cat([chain_B, -old_B], dim=1)
-        dA = torch.cat([chain_A, old_A], dim=0)
+        self.chain_rank, discarded, dB, dA = append_to_chain(chain_B, chain_A, self.chain_rank, sB, A)
         return MergeResult(norm, lowrank_landed(dB, dA, sB, A), discarded)
 
     @torch.no_grad()

@@ -2,9 +2,11 @@
 
 Layout: ``RUN/checkpoints/link-<next link>-step-<global step>/`` (e.g. ``link-00003-step-0000120``) holds
 
-* ``chain.safetensors`` -- each merged link's trained factor (``link.<t>.<module>``) and,
-  for a mid-link checkpoint, the current link's factors so far (``current.<module>``);
-  sketches are regenerated from the seed, their fingerprints are in ``meta.json``;
+* ``links/link-<t>.safetensors`` -- each merged link's trained factors (by module name), written
+  once per run and hard-linked into every later checkpoint (:mod:`raclora_dist.train.link_files`):
+  a checkpoint writes one link's worth of new bytes per link; ``current.safetensors`` -- for a
+  mid-link checkpoint, the current link's factors so far. Sketches are regenerated from the
+  seed; their fingerprints are in ``meta.json``;
 * ``optimizer.pt`` (or ``deepspeed/``; with ``distributed.sync: link`` also every rank's
   ``rank<R>.pt``) -- the backend's optimizer state; ``rng.pt``. Tensors only, loaded with
   ``weights_only=True``;
@@ -25,7 +27,6 @@ storage; resuming installs the whole of it on every disk (:mod:`raclora_dist.tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,9 +41,12 @@ from safetensors.torch import load_file, save_file
 from raclora_dist.config import ConfigError
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
+from raclora_dist.train.link_files import Digest, StoredLink, fsync_file, link_name, link_or_copy, sha256
 from raclora_dist.train.parts import is_first, mark, part_problems, seal_part
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one file per link under links/; 1: every link in chain.safetensors (still read)
+READABLE_FORMATS = (1, 2)
+LINKS = "links"
 
 
 @dataclass
@@ -70,11 +74,6 @@ class Checkpoint:
 
     def layer_specs(self) -> list[LayerSpec]:
         return [LayerSpec(**d) for d in self.meta["layers"]]
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -158,9 +157,10 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
     for name in ("config.yaml", "metrics.jsonl"):
         if (root.parent / name).is_file():
             shutil.copyfile(root.parent / name, tmp / name)
-    tensors = {f"link.{t}.{n}": f.contiguous() for t, fs in chain.factors.items() for n, f in fs.items()}
-    tensors.update({f"current.{n}": f.detach().to("cpu", torch.float32).contiguous() for n, f in current.items()})
-    save_file(tensors, tmp / "chain.safetensors")
+    known = _write_links(tmp / LINKS, chain)
+    if current:
+        save_file({n: f.detach().to("cpu", torch.float32).contiguous() for n, f in current.items()},
+                  tmp / "current.safetensors")
     if on_write is not None:
         on_write(tmp)
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
@@ -172,15 +172,33 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
         "cumulative_update_norm": chain.cumulative_update_norm,
     }
     for f in tmp.rglob("*"):
-        if f.is_file():
-            _fsync_file(f)
-    full_meta["files"] = _manifest(tmp)
+        if f.is_file() and f.relative_to(tmp).as_posix() not in known:  # linked files are durable already
+            fsync_file(f)
+    full_meta["files"] = _manifest(tmp, known)
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
-    _fsync_file(tmp / "meta.json")
+    fsync_file(tmp / "meta.json")
+    _fsync_dir(tmp / LINKS)
     _fsync_dir(tmp)
     _move_into_place(tmp, final)  # the same step saved again (a resumed run) is swapped out whole
     _point_latest(root, final.name)
     _prune(root, keep, protect=final)
+
+
+def _write_links(folder: Path, chain: ChainState) -> dict[str, Digest]:
+    """Puts every merged link's factors in ``folder``: a hard link to the file it already has
+    (:class:`StoredLink`), else written now. Returns the digests known without hashing."""
+    folder.mkdir()
+    known = {}
+    for link in chain.merged:
+        factors = chain.factors[link]
+        dst = folder / link_name(link)
+        if isinstance(factors, StoredLink):
+            link_or_copy(factors.path, dst)
+            if factors.digest is not None:
+                known[f"{LINKS}/{dst.name}"] = factors.digest
+        else:
+            save_file({n: f.detach().to("cpu").contiguous() for n, f in factors.items()}, dst)
+    return known
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -200,23 +218,21 @@ def _point_latest(root: Path, name: str) -> None:
     """Replaces ``root/latest`` atomically (written beside, fsynced, renamed)."""
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
-    _fsync_file(latest_tmp)
+    fsync_file(latest_tmp)
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _manifest(folder: Path) -> dict[str, list]:
-    """``relative path -> [size, sha256]`` of every file in ``folder`` (meta.json aside)."""
-    return {f.relative_to(folder).as_posix(): [f.stat().st_size, _sha256(f)]
-            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "meta.json"}
+def _manifest(folder: Path, known: dict[str, Digest] | None = None) -> dict[str, list]:
+    """``relative path -> [size, sha256]`` of every file in ``folder`` (meta.json aside); files
+    in ``known`` (hard links to link files hashed when they were written) are not read again."""
+    known = known or {}
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and f.name != "meta.json":
+            out[rel] = known[rel] if rel in known else [f.stat().st_size, sha256(f)]
+    return out
 
 
 def verify_checkpoint(path: Path) -> list[str]:
@@ -231,8 +247,8 @@ def verify_checkpoint(path: Path) -> list[str]:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as err:
         return [f"meta.json: unreadable ({err})"]
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        return [f"meta.json: not a raclora checkpoint of format {FORMAT_VERSION}"]
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        return [f"meta.json: not a raclora checkpoint of format {' or '.join(map(str, READABLE_FORMATS))}"]
     listed = meta.get("files") or {"chain.safetensors": None, "rng.pt": None}
     return _listed_problems(path, listed) + part_problems(path, _listed_problems)
 
@@ -245,7 +261,7 @@ def _listed_problems(path: Path, listed: dict[str, list | None]) -> list[str]:
             problems.append(f"{rel}: missing")
         elif expected is not None and f.stat().st_size != expected[0]:
             problems.append(f"{rel}: {f.stat().st_size} bytes, {expected[0]} when written")
-        elif expected is not None and _sha256(f) != expected[1]:
+        elif expected is not None and sha256(f) != expected[1]:
             problems.append(f"{rel}: content differs from when it was written (sha256)")
     return problems
 
@@ -367,7 +383,7 @@ def install_checkpoint(src: Path, run_dir: Path, records: bool = True) -> Path:
         shutil.copytree(src, tmp)
         for f in tmp.rglob("*"):  # durable before it becomes visible, as _commit does
             if f.is_file():
-                _fsync_file(f)
+                fsync_file(f)
         _fsync_dir(tmp)
         _move_into_place(tmp, final)  # a damaged copy is swapped out whole
     if records:
@@ -406,14 +422,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def _load(path: Path) -> Checkpoint:
     meta = json.loads((path / "meta.json").read_text())
-    factors: dict[int, dict[str, torch.Tensor]] = {}
-    current: dict[str, torch.Tensor] = {}
-    for key, t in load_file(path / "chain.safetensors").items():
-        if key.startswith("current."):
-            current[key.split(".", 1)[1]] = t
-            continue
-        _, link, name = key.split(".", 2)
-        factors.setdefault(int(link), {})[name] = t
+    if meta["format"] == 1:
+        factors, current = _read_chain_file(path / "chain.safetensors")
+    else:
+        files = meta.get("files", {})
+        factors = {t: StoredLink(path / LINKS / link_name(t), files.get(f"{LINKS}/{link_name(t)}"))
+                   for t in meta["merged"]}
+        current = load_file(path / "current.safetensors") if (path / "current.safetensors").is_file() else {}
     chain = ChainState(
         merged=list(meta["merged"]),
         skipped=list(meta["skipped"]),
@@ -422,3 +437,25 @@ def _load(path: Path) -> Checkpoint:
     )
     rng = torch.load(path / "rng.pt", weights_only=True)
     return Checkpoint(path, meta, chain, rng, current)
+
+
+def _read_chain_file(path: Path) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A format-1 checkpoint's ``chain.safetensors``: every link's factors, and the current ones."""
+    factors: dict[int, dict[str, torch.Tensor]] = {}
+    current: dict[str, torch.Tensor] = {}
+    for key, t in load_file(path).items():
+        if key.startswith("current."):
+            current[key.split(".", 1)[1]] = t
+            continue
+        _, link, name = key.split(".", 2)
+        factors.setdefault(int(link), {})[name] = t
+    return factors, current
+
+
+def chain_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every factor a checkpoint folder holds, as ``link.<t>.<module>`` and (mid-link)
+    ``current.<module>``: one flat dict to compare two checkpoints' chains."""
+    ckpt = _load(Path(path))
+    out = {f"link.{t}.{n}": f for t in ckpt.chain.merged for n, f in ckpt.chain.factors[t].items()}
+    out.update({f"current.{n}": f for n, f in ckpt.current.items()})
+    return out

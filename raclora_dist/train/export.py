@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
-from raclora_dist.core import compress_lora, concat_links, link_factors
+from raclora_dist.core import chain_of_links, compress_lora, concat_links, link_factors
 from raclora_dist.train.checkpoint import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.session import base_folder
 
@@ -37,11 +37,29 @@ def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
     return ckpt, base_folder(cfg, run_dir).resolve(), cfg
 
 
-def chain_lora(ckpt: Checkpoint, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Per module: ``(B (m, R), A (R, n), discarded_energy)`` with ``B @ A`` the whole chain."""
+def merge_mode(cfg: RunConfig) -> str:
+    """The run's merge mode with ``auto`` resolved as the layers resolve it: ``into_base`` on an
+    fp32 base, ``factored`` on a bf16/fp16 or 4-bit one."""
+    mode = cfg.raclora.merge_mode
+    if mode != "auto":
+        return mode
+    return "factored" if cfg.model.quantization.enabled or cfg.model.dtype != "float32" else "into_base"
+
+
+def chain_lora(ckpt: Checkpoint, cfg: RunConfig, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per module: ``(B (m, R), A (R, n), discarded_energy)`` with ``B @ A`` the update the trained
+    model applies: every link (R = links x r), or for a capped factored chain the chain as
+    training recompressed it (R at most the cap); then compressed to ``rank`` if given, with the
+    share of the update's energy that compression drops (0 without ``rank``)."""
+    factored = merge_mode(cfg) == "factored"
     out = {}
     for spec in ckpt.layer_specs():
-        B, A = concat_links(link_factors(spec, ckpt.chain), spec.scale)
+        links = link_factors(spec, ckpt.chain)
+        cap = cfg.raclora.chain_capacity(spec.out_features, spec.in_features)
+        if factored and cap < sum(A.shape[0] for _, A in links):
+            B, A, _ = chain_of_links(links, spec.scale, cap)
+        else:
+            B, A = concat_links(links, spec.scale)
         out[spec.name] = compress_lora(B, A, rank) if rank else (B, A, 0.0)
     return out
 
@@ -60,7 +78,7 @@ def export_peft(run_dir: Path, out: Path | None = None, rank: int | None = None)
 
     ckpt, base, run_cfg = _load_run(run_dir)
     out = Path(out or Path(run_dir) / "export" / "peft")
-    lora = chain_lora(ckpt, rank)
+    lora = chain_lora(ckpt, run_cfg, rank)
     ranks = {name: B.shape[1] for name, (B, _, _) in lora.items()}
     r = max(ranks.values())
     cfg = LoraConfig(
@@ -83,8 +101,7 @@ def export_peft(run_dir: Path, out: Path | None = None, rank: int | None = None)
 
         # Load the base with transformers.BitsAndBytesConfig(**this) to get the 4-bit base the run trained on.
         report["bnb_quantization_config"] = hf_quantization_config(q)
-        mode = run_cfg.raclora.merge_mode
-        report["merge_mode"] = "factored" if mode == "auto" else mode  # auto on a 4-bit base is factored
+        report["merge_mode"] = merge_mode(run_cfg)
         report["exact_on_4bit_base"] = report["merge_mode"] == "factored"
     (out / "raclora_export.json").write_text(json.dumps(report, indent=1))
     return out
@@ -106,7 +123,7 @@ def export_merged(run_dir: Path, out: Path | None = None, dtype: str = "auto") -
     else:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
         with torch.no_grad():
-            for name, (B, A, _) in chain_lora(ckpt).items():
+            for name, (B, A, _) in chain_lora(ckpt, run_cfg).items():
                 w = model.get_submodule(name).weight
                 w.copy_((w.float() + B @ A).to(w.dtype))
     if dtype != "auto":

@@ -20,8 +20,9 @@ from raclora_dist.backends import Backend
 from raclora_dist.backends.dist import TRAFFIC, shared_token
 from raclora_dist.config import RunConfig
 from raclora_dist.train.callbacks import Callback, CallbackList
-from raclora_dist.train.checkpoint import save_checkpoint
+from raclora_dist.train.checkpoint import ckpt_root, save_checkpoint
 from raclora_dist.train.data import PackedData
+from raclora_dist.train.link_files import LinkStore
 from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
 from raclora_dist.train.parts import own_part
 from raclora_dist.train.schedule import link_lr
@@ -75,6 +76,10 @@ class Trainer:
         self.callbacks = CallbackList(callbacks or [])
         self.tokens_per_link = (cfg.train.batch_size * cfg.train.grad_accum * data.train.shape[1]
                                 * cfg.raclora.steps_per_link)
+        # The record of merged links: written once per link by rank 0 and let go of after each
+        # checkpoint, so that no rank's memory grows with the chain (other ranks keep none).
+        state = session.chain.state
+        state.factors = LinkStore(ckpt_root(self.run_dir) / "chain" if self.is_main else None, state.factors)
         self.sampler = None
         if cfg.train.sample_prompts:
             from raclora_dist.train.samples import Sampler
@@ -275,6 +280,7 @@ class Trainer:
         """Checkpoints at a boundary (``next_link`` to start) or mid-link (``step_in_link`` > 0
         steps of ``next_link`` done; its factors so far are saved too)."""
         chain = self.s.chain
+        chain.state.factors.spill()  # each link's file is written once, here, by rank 0
         current = None
         if step_in_link:  # gathered on every rank (collective), written by rank 0
             current = {n: chain.access.full_factor(layer) for n, layer in self.s.layers.items()}

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from tests.conftest import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -61,7 +60,7 @@ def train(cfg: Path, run: Path, *overrides: str, env: dict | None = None, resume
 
 
 def chain(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(find_latest(run) / "chain.safetensors")
+    return chain_tensors(find_latest(run))
 
 
 def meta(run: Path) -> dict:

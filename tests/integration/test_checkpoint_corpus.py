@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from raclora_dist.cli import main
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from tests.conftest import snapshot, tiny_config, write_config
 
 NEWEST, OLDER = "link-00003-step-0000009", "link-00002-step-0000006"
@@ -51,7 +50,7 @@ def delete(run: Path, name: str, rel: str) -> None:
 
 
 FALLBACK = {  # damage the newest checkpoint only: resume from the older one
-    "truncated_chain": (lambda r: truncate(r, NEWEST, "chain.safetensors"), "chain.safetensors"),
+    "truncated_chain": (lambda r: truncate(r, NEWEST, "links/link-00002.safetensors"), "links/link-00002.safetensors"),
     "empty_optimizer": (lambda r: zero(r, NEWEST, "optimizer.pt"), "optimizer.pt: 0 bytes"),
     "meta_names_a_missing_file": (lambda r: delete(r, NEWEST, "rng.pt"), "rng.pt: missing"),
     "latest_points_to_a_deleted_folder": (lambda r: delete(r, NEWEST, ""), None),
@@ -69,13 +68,13 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_newest_intact_one(case, fi
     out = capsys.readouterr()
     if named is not None:
         assert f"checkpoint {NEWEST} is damaged" in out.out + out.err and named in out.out + out.err
-    a = load_file(ref / "checkpoints" / NEWEST / "chain.safetensors")
-    b = load_file(find_latest(run) / "chain.safetensors")
+    a = chain_tensors(ref / "checkpoints" / NEWEST)
+    b = chain_tensors(find_latest(run))
     assert find_latest(run).name == NEWEST and a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 def damage_all(run: Path) -> None:
-    truncate(run, NEWEST, "chain.safetensors")
+    truncate(run, NEWEST, "links/link-00002.safetensors")
     zero(run, OLDER, "rng.pt")
 
 
@@ -116,4 +115,4 @@ def test_export_of_a_damaged_run_names_the_file(finished, tmp_path, capsys):
     run = damaged_copy(ref, tmp_path, damage_all)
     assert main(["export", str(run), "--format", "peft"]) == 2
     err = capsys.readouterr().err
-    assert f"{NEWEST} is damaged: chain.safetensors" in err and f"{OLDER} is damaged: rng.pt: 0 bytes" in err
+    assert f"{NEWEST} is damaged: links/link-00002.safetensors" in err and f"{OLDER} is damaged: rng.pt: 0 bytes" in err

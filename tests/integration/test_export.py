@@ -11,7 +11,7 @@ from raclora_dist.cli import main
 from raclora_dist.config import load_config
 from raclora_dist.train.checkpoint import find_latest, load_checkpoint
 from raclora_dist.train.session import build_session
-from tests.conftest import tiny_config, write_config
+from tests.conftest import read_jsonl, tiny_config, write_config
 
 
 def trained_logits(run_dir, x):
@@ -24,9 +24,12 @@ def trained_logits(run_dir, x):
         return s.model(input_ids=x).logits
 
 
-@pytest.mark.parametrize("mode", ["into_base", "factored"])
-def test_peft_and_merged_exports_match_the_trained_model(tmp_path, small_data, mode):
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run", raclora={"merge_mode": mode}))
+@pytest.mark.parametrize(("mode", "budget"), [("into_base", None), ("factored", None), ("factored", 0.1)])
+def test_peft_and_merged_exports_match_the_trained_model(tmp_path, small_data, mode, budget):
+    """Every mode, and a factored chain capped by its budget: the adapter is the chain the model
+    computed with (recompressed as training did), not the sum of the links."""
+    raclora = {"merge_mode": mode, "chain_budget": budget}
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run", raclora=raclora))
     assert main(["train", str(cfg)]) == 0
     run = tmp_path / "run"
     assert main(["export", str(run), "--format", "peft"]) == 0
@@ -37,7 +40,15 @@ def test_peft_and_merged_exports_match_the_trained_model(tmp_path, small_data, m
     with torch.no_grad():
         base_logits = base(input_ids=x).logits
     adapter_cfg = json.loads((run / "export" / "peft" / "adapter_config.json").read_text())
-    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 3 * 2  # links x rank
+    rc, caps = load_config(cfg).raclora, set()
+    for spec in load_checkpoint(find_latest(run)).layer_specs():
+        caps.add(rc.chain_capacity(spec.out_features, spec.in_features))
+    capped = budget is not None and max(caps) < 3 * 2
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == (max(caps) if capped else 3 * 2)  # links x rank
+    if budget is not None:
+        assert capped, "the test needs a chain that the budget caps"
+        links = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"]
+        assert links[-1]["discarded_energy"] > 0  # recompressed, and the price is in the record
     peft_model = PeftModel.from_pretrained(base, run / "export" / "peft").eval()
     merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged").eval()
     with torch.no_grad():

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from tests.conftest import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -29,7 +28,7 @@ STRATEGIES = {
 
 
 def chain(run: Path) -> dict:
-    return load_file(find_latest(run) / "chain.safetensors")
+    return chain_tensors(find_latest(run))
 
 
 def assert_chain_equals(reference: Path, run: Path) -> None:

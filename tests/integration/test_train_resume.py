@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from raclora_dist.cli import main
+from raclora_dist.train.checkpoint import chain_tensors as checkpoint_tensors
 from raclora_dist.train.checkpoint import find_latest
 from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
 
 
 def chain_tensors(run_dir: Path) -> dict:
-    return load_file(find_latest(run_dir) / "chain.safetensors")
+    return checkpoint_tensors(find_latest(run_dir))
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -98,7 +98,7 @@ def test_mid_link_checkpoint_resumes_bitwise_equal(reference, tmp_path, small_da
     assert crashed.returncode == 17, crashed.stderr
     latest = find_latest(tmp_path / "run")
     assert latest.name == "link-00001-step-0000004"  # link 2 (index 1), 1 of its 3 steps done
-    assert any(k.startswith("current.") for k in load_file(latest / "chain.safetensors"))
+    assert any(k.startswith("current.") for k in checkpoint_tensors(latest))
     resumed = run_cli("train", str(cfg), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")

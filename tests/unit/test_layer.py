@@ -18,12 +18,12 @@ from raclora_dist.core import (
 )
 
 
-def make(side="right", mode="into_base", rank=2, m=6, n=10, cap=None, links=4, **kw):
+def make(side="right", mode="into_base", rank=2, m=6, n=10, cap=None, links=4, budget=None, **kw):
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("lin", nn.Linear(n, m))
     cfg = RacLoraConfig(rank=rank, alpha=3.0, target_modules=["lin"], sketch_side=side,
-                        merge_mode=mode, links=links, max_chain_rank=cap, **kw)
+                        merge_mode=mode, links=links, max_chain_rank=cap, chain_budget=budget, **kw)
     layers = inject(model, cfg)
     return model, RacLoraChain(layers, cfg.on_nonfinite), layers["lin"]
 

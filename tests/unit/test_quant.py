@@ -28,7 +28,7 @@ def quantized_model(method="nf4", keep_source=False, seed=0, n=256):
 
 def run_links(model, links, factor_std, **raclora):
     """Injects, then merges ``links`` links of random factors; returns (layers, chain, records)."""
-    cfg = RacLoraConfig(rank=4, alpha=8, target_modules=["0", "2"], links=links, **raclora)
+    cfg = RacLoraConfig(rank=4, alpha=8, target_modules=["0", "2"], links=links, **{"chain_budget": None, **raclora})
     layers = inject(model, cfg)
     chain = RacLoraChain(layers)
     gen = torch.Generator().manual_seed(1)
