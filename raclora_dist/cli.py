@@ -218,6 +218,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"model: {count(est.params)} parameters, {size(est.base_params_bytes)} as held "
               f"({cfg.model.dtype}{', ' + cfg.model.quantization.method if cfg.model.quantization.enabled else ''})")
         print(f"estimated memory per rank ({d.strategy} x {d.workers}):\n{est.table()}")
+        for line in est.chain_lines:
+            print(line)
+        for line in est.warnings:
+            print(f"warning: {line}", file=sys.stderr)
     elif args.command == "export":
         from raclora_dist.train.export import export_merged, export_peft
 

@@ -121,3 +121,23 @@ class DescribeOptimizer(Callback):
                 "offload_param": bool(engine.zero_offload_param()),
                 "max_live_parameters": engine.zero_max_live_parameters(),
             }))
+
+
+class ChainSize(Callback):
+    """At each boundary (after the merge, before the checkpoint), rank 0 appends to ``out``
+    (JSON lines): the merged chain's elements held, each layer's filled chain rank, and the
+    links whose factors the record holds in RAM."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_boundary(self, trainer, record: dict) -> None:
+        if not trainer.backend.info.is_main:
+            return
+        layers = trainer.s.layers.values()
+        row = {"link": record["link"],
+               "chain_elements": sum(layer.chain_B.numel() + layer.chain_A.numel() for layer in layers),
+               "chain_ranks": [layer.chain_rank for layer in layers],
+               "in_ram": trainer.s.chain.state.factors.in_ram}
+        with open(self.out, "a") as f:
+            f.write(json.dumps(row) + "\n")

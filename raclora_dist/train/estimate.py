@@ -36,6 +36,7 @@ from raclora_dist.config import RunConfig
 from raclora_dist.core import RacLoraLinear
 
 GiB = 2**30
+CHAIN_WARN_SHARE = 0.25  # validate warns when the merged chain at the last link exceeds this share of the base
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Estimate:
     base_params_bytes: int  # the whole base as stored (before sharding)
     rows: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    chain_lines: list[str] = field(default_factory=list)  # what the merged chain holds at the last link
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -156,7 +159,8 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
     shard_w, shard_opt = _sharded(cfg)
     chain_ids: set[int] = set()
     chain = master = factor_bytes = factor_numel = 0
-    for layer in (m for m in model.modules() if isinstance(m, RacLoraLinear)):
+    layers = [m for m in model.modules() if isinstance(m, RacLoraLinear)]
+    for layer in layers:
         for t in [*layer._parameters.values(), *layer._buffers.values()]:
             if t is not None:
                 chain_ids.add(id(t))
@@ -194,6 +198,7 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
         est.notes["base weights"] = est.notes.get("base weights", "") + "; shards kept in CPU memory"
     est.rows["chain"] = chain // split
     est.notes["chain"] = f"{factor_numel:,} trainable factor elements; sketches; merged links"
+    _merged_chain(cfg, layers, est, split)
     if master:
         est.rows["master weights"] = master // split
         est.notes["master weights"] = f"fp32, on {'the CPU' if cfg.raclora.master_weights == 'cpu' else 'the device'}"
@@ -210,6 +215,40 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
     est.notes["activations"] = (f"{micro} x {cfg.data.seq_len} tokens, "
                                 f"checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
     return est
+
+
+def _merged_chain(cfg: RunConfig, layers: list[RacLoraLinear], est: Estimate, split: int) -> None:
+    """The merged chain at the last link (its tensors are preallocated at their cap, so the
+    injected layers hold exactly that), what it costs per token, what the exact chain would
+    hold, and a warning when it outgrows ``CHAIN_WARN_SHARE`` of the base."""
+    rc = cfg.raclora
+    held = sum(layer.chain_B.nbytes + layer.chain_A.nbytes for layer in layers)
+    if not any(layer.merge_mode == "factored" for layer in layers):
+        est.chain_lines.append("merged links: added into the base weights (merge_mode into_base), no chain held")
+        return
+    cols = sum(layer.chain_A.shape[0] * (layer.out_features + layer.in_features) for layer in layers)
+    dense = sum(layer.out_features * layer.in_features for layer in layers)
+    exact = sum(min(rc.links * rc.rank, layer.out_features, layer.in_features)
+                * (layer.out_features + layer.in_features) * layer.chain_A.element_size() for layer in layers)
+    caps = sorted({layer.chain_A.shape[0] for layer in layers})
+    if rc.max_chain_rank:
+        rule = f"raclora.max_chain_rank {rc.max_chain_rank}"
+    elif rc.chain_budget:
+        rule = f"raclora.chain_budget {rc.chain_budget:g}"
+    else:
+        rule = "exact: raclora.chain_budget null"
+    est.chain_lines.append(
+        f"merged chain at link {rc.links}: {size(held // split)} per rank, {caps[0]}-{caps[-1]} columns per layer "
+        f"({rule}); {100 * cols / dense:.1f} % of the adapted layers' compute per token")
+    if exact > held:
+        est.chain_lines.append(f"  recompressed by SVD once full; the exact chain would hold {size(exact // split)} "
+                               f"per rank by then (energy dropped is logged per link: discarded_energy)")
+    share = held / max(est.base_params_bytes, 1)
+    if share > CHAIN_WARN_SHARE:
+        est.warnings.append(
+            f"the merged chain reaches {size(held // split)} per rank by link {rc.links}, {100 * share:.0f} % of the base "
+            f"weights (more than {100 * CHAIN_WARN_SHARE:.0f} %); lower raclora.chain_budget or raclora.max_chain_rank "
+            "to cap it")
 
 
 class _FusedAttention(torch.autograd.Function):

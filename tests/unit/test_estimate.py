@@ -117,3 +117,18 @@ def test_deepspeed_offload_is_noted_where_it_moves_memory(small_data, tmp_path):
                                                                   "deepspeed": {"zero_optimization": {"stage": 3}}}))
     for row in ("base weights", "gradients", "optimizer state"):
         assert est.notes[row].endswith("in CPU memory") and "CPU" not in kept.notes.get(row, ""), row
+
+
+def test_the_merged_chain_at_the_last_link_follows_the_budget_and_warns_when_it_outgrows_the_base(small_data, tmp_path):
+    many = {"links": 40, "merge_mode": "factored"}
+    _, capped = plan_run(_config(small_data, tmp_path, raclora={**many, "chain_budget": 0.3}))
+    _, exact = plan_run(_config(small_data, tmp_path, raclora={**many, "chain_budget": None}))
+    _, into = plan_run(_config(small_data, tmp_path, raclora={"links": 40, "merge_mode": "into_base"}))
+    assert "raclora.chain_budget 0.3" in capped.chain_lines[0] and "the exact chain would hold" in capped.chain_lines[1]
+    assert exact.rows["chain"] > 4 * capped.rows["chain"]  # 40 links x r 2 up to min(m, n) vs 3-6 columns
+    assert not capped.warnings
+    assert exact.warnings and "% of the base weights" in exact.warnings[0]  # the exact chain outgrows the base
+    assert "no chain held" in into.chain_lines[0] and not into.warnings
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run", raclora={**many, "chain_budget": None}))
+    out = run_cli("validate", str(cfg))
+    assert out.returncode == 0 and "merged chain at link 40" in out.stdout and "warning: the merged chain" in out.stderr
