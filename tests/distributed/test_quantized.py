@@ -19,7 +19,9 @@ from tests.distributed.test_backends import ENGINES, assert_chains_close, losses
 pytestmark = pytest.mark.slow
 
 MODES = {
-    "factored": ["raclora.merge_mode=factored"],
+    "factored": ["raclora.merge_mode=factored", "raclora.chain_budget=null"],  # the exact chain
+    # the default budget: these layers keep one link's r columns, recompressed at every later merge
+    "capped": ["raclora.merge_mode=factored"],
     "master": ["raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
     # also the other storage: codes packed in float32 elements, sharded without casts in fp32
     "in_place": ["raclora.merge_mode=into_base", "raclora.stochastic_rounding=true",
@@ -60,6 +62,9 @@ def test_sharded_4bit_run_equals_the_one_process_run(engine, mode, qsetup):
     assert [r["landed_fraction"] for r in got] == pytest.approx([r["landed_fraction"] for r in want], abs=1e-3)
     if mode == "factored":
         assert all(r["landed_fraction"] == pytest.approx(1, abs=1e-5) for r in got)
+    if mode == "capped":  # recompressed on the gathered chain, as one process does
+        assert all(r["discarded_energy"] > 0 for r in got[1:])
+        assert [r["discarded_energy"] for r in got] == pytest.approx([r["discarded_energy"] for r in want], abs=1e-4)
 
 
 def test_sharded_master_copy_run_resumes_after_a_crash(qsetup):
