@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,7 +55,8 @@ class RacLoraConfig(BaseModel):
     )
     max_chain_rank: int | None = Field(
         None, ge=1, description="factored mode: a fixed cap on each layer's kept chain rank (recompressed by SVD past "
-        "it); overrides chain_budget.",
+        "it); overrides chain_budget. A config that sets it to null and names no chain_budget (one written before "
+        "chain_budget existed) keeps the exact chain.",
     )
     optimizer_state: Literal["reset", "keep"] = Field(
         "reset", description="At each link boundary, reset the optimizer state of the factor or keep it."
@@ -64,6 +65,17 @@ class RacLoraConfig(BaseModel):
         "skip_link", description="A non-finite factor at a boundary: discard the link, or stop the run."
     )
     seed: int = Field(0, description="Chain seed: sketches are a pure function of (seed, link, module name).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _configs_from_before_the_budget_keep_their_exact_chain(cls, data: Any) -> Any:
+        # Before chain_budget existed, ``max_chain_rank: null`` meant the exact chain, and every
+        # saved run config spells it out: such a config (a run folder's, resumed or exported after
+        # an upgrade) must replay and export the chain it trained, not a capped one.
+        if isinstance(data, dict) and "max_chain_rank" in data and data["max_chain_rank"] is None \
+                and "chain_budget" not in data:
+            data = {**data, "chain_budget": None}
+        return data
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> "RacLoraConfig":

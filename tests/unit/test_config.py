@@ -146,3 +146,16 @@ def test_fsdp_unit_auto_is_the_sublayer_on_cpu_workers_for_real_blocks_and_the_b
     assert cfg.distributed.fsdp_unit_on("cpu", big) == "sublayer"
     assert cfg.distributed.fsdp_unit_on("cpu", big - 1) == "block"  # a toy: collectives' fixed cost dominates
     assert cfg.distributed.fsdp_unit_on("cuda", 100 * big) == "block"
+
+
+def test_the_chain_budget_is_on_by_default_and_old_run_configs_keep_their_exact_chain():
+    from raclora_dist.core import RacLoraConfig
+
+    assert RacLoraConfig().chain_budget == 0.1
+    assert RacLoraConfig(rank=8, links=64).chain_capacity(4096, 4096) == 204  # 0.1 * 4096 * 4096 / 8192
+    assert RacLoraConfig(rank=8, links=64).chain_capacity(64, 64) == 8  # at least one link
+    assert RacLoraConfig(rank=8, links=64, chain_budget=None).chain_capacity(4096, 4096) == 512  # links x r
+    assert RacLoraConfig(rank=8, links=64, max_chain_rank=32).chain_capacity(4096, 4096) == 32
+    # a run config saved before chain_budget existed spells out max_chain_rank: null (the exact chain)
+    assert RacLoraConfig.model_validate({"max_chain_rank": None}).chain_budget is None
+    assert RacLoraConfig.model_validate({"max_chain_rank": None, "chain_budget": 0.2}).chain_budget == 0.2
