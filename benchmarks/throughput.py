@@ -86,9 +86,14 @@ def batches(seq_len: int, batch: int, count: int) -> list[torch.Tensor]:
 
 
 def build(method: str, size: str, rank: int, alpha: float, device: str, quant: str = "none",
-          dtype: str = "float32", checkpointing: bool = False):
+          dtype: str = "float32", checkpointing: bool = False, prefill: int = 0, budget: float | None = 0.1):
     """A fresh model for ``method`` (its linear layers in 4 bits with ``quant``); returns
     (model, trainable params, chain or None).
+
+    ``prefill`` > 0 (RAC-LoRA on a bf16 or 4-bit base, whose merges are factored): the chain is
+    set to what it holds at link ``prefill`` (random factors at that rank: ``prefill x r``
+    columns, at most the cap ``budget`` gives, ``raclora.chain_budget``), so that a step is
+    timed with the chain of a long run without training the links first.
 
     On a GPU the model is built there (in ``dtype``) and quantized there; on a CPU it is built
     in fp32 and cast. The weights are the same for every method (seed 0 on that device)."""
@@ -126,13 +131,26 @@ def build(method: str, size: str, rank: int, alpha: float, device: str, quant: s
 
         side = "left" if method == "rac_left" else "right"
         rc = RacLoraConfig(rank=rank, alpha=alpha, target_modules=TARGETS, sketch_side=side,
-                           sketch_groups=GROUPS if method == "rac_shared" else [])
+                           sketch_groups=GROUPS if method == "rac_shared" else [], links=max(4, prefill + 1),
+                           chain_budget=budget)
         chain = RacLoraChain(inject(model, rc))
     model.to(device).train()
     if chain is not None:
-        chain.start_link(0)
+        chain.start_link(prefill)
+        _prefill_chain(chain, prefill)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, chain
+
+
+@torch.no_grad()
+def _prefill_chain(chain, links: int) -> None:
+    """Fills each factored layer's chain with ``links x r`` random columns (at most its cap)."""
+    for layer in chain.layers.values():
+        R = min(links * layer.rank, layer.chain_A.shape[0])
+        if R:
+            layer.chain_B[:, :R].normal_(std=1e-3)
+            layer.chain_A[:R].normal_()
+            layer.chain_rank = R
 
 
 def _sync(device: str) -> None:
@@ -146,7 +164,8 @@ class Runner:
     def __init__(self, method: str, size: str, args, data: list[torch.Tensor]) -> None:
         self.method, self.device, self.data = method, args.device, data
         self.model, self.params, self.chain = build(method, size, args.rank, args.alpha, args.device, args.quant,
-                                                    args.dtype, args.activation_checkpointing)
+                                                    args.dtype, args.activation_checkpointing, args.prefill_links,
+                                                    args.chain_budget)
         self.opt = torch.optim.AdamW(self.params, lr=args.lr)
         self.i = 0
         self.tokens_per_step = data[0].numel()
@@ -336,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=0, help="sequences per step (0: the size's)")
     ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder block in backward")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-method child processes")
+    ap.add_argument("--prefill-links", type=int, default=0,
+                    help="time RAC-LoRA with the factored chain of link N (bf16/4-bit bases; random factors)")
+    ap.add_argument("--chain-budget", type=lambda v: None if v in ("none", "null") else float(v), default=0.1,
+                    help="raclora.chain_budget for --prefill-links ('none': the exact chain)")
     ap.add_argument("--workers", action="store_true", help="also FSDP2 scaling, 1 vs 2 workers")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -7,7 +7,9 @@
 #  1. smoke: configs/qlora.yaml with the GPU settings its header names, on one GPU;
 #  2. QLoRA on a Llama-3-8B-shaped model: PEFT LoRA vs RAC-LoRA over the same NF4 base, bf16,
 #     activation checkpointing, one process (benchmarks.throughput);
-#  3. the same shapes through `raclora train`: built from config, NF4 on load, FSDP2
+#  3. the same with the chain of link 64 (pre-filled to its budget, raclora.chain_budget 0.1):
+#     a long run's step against PEFT's (issue 27's target: >= 1.05x PEFT's tokens/s, <= 1.0x its peak);
+#  4. the same shapes through `raclora train`: built from config, NF4 on load, FSDP2
 #     (benchmarks.scale --device cuda).
 set -u
 out=${1:-benchmarks/results/gpu}
@@ -34,5 +36,8 @@ cp "${TMPDIR:-/tmp}/raclora-gpu-smoke/metrics.jsonl" "$out/smoke_metrics.jsonl" 
 step qlora_8b "${QLORA_S:-240}" $py -m benchmarks.throughput --device cuda --dtype bfloat16 --quant nf4 --sizes 8b \
   --methods peft_lora,rac_right --rank 16 --alpha 32 --lr 1e-4 --batch 2 --activation-checkpointing \
   --warmup 2 --rounds 3 --window 3 --no-rss --json "$out/qlora_8b.json"
+step qlora_8b_link64 "${QLORA64_S:-240}" $py -m benchmarks.throughput --device cuda --dtype bfloat16 --quant nf4 \
+  --sizes 8b --methods peft_lora,rac_right --rank 16 --alpha 32 --lr 1e-4 --batch 2 --activation-checkpointing \
+  --warmup 2 --rounds 3 --window 3 --no-rss --prefill-links 64 --json "$out/qlora_8b_link64.json"
 step train_8b "${TRAIN_S:-1800}" $py -m benchmarks.scale --device cuda --size 8b --batch 2 --steps 6 \
   --cases "${TRAIN_CASES:-fsdp2-nf4-ckpt}" --json "$out/train_8b.json"

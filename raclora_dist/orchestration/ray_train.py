@@ -110,8 +110,11 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
             # a cluster (inside a Ray job, RAY_ADDRESS names it): the workers' lines are the log
             ray.init(address=cfg.ray.address, **quiet_init)
         else:
-            ray.init(include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", log_to_driver=not quiet,
-                     **quiet_init)
+            # address="local": always a new Ray of this process's own. With no address, Ray joins
+            # the cluster that `ray start` last left on this machine (its temp folder names it),
+            # where a head with no CPUs for our workers leaves the run waiting forever.
+            ray.init(address="local", include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
+                     log_to_driver=not quiet, **quiet_init)
     from raclora_dist.train.checkpoint import find_latest
 
     _check_storage_reaches_every_node(cfg, len([n for n in ray.nodes() if n["Alive"]]))

@@ -200,3 +200,29 @@ def test_the_readme_submit_command_works_from_the_repository_folder(head, tmp_pa
     links = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"]
     assert [r["link"] for r in links] == [0] and links[0]["merged"]
     assert list((run / "ray").rglob("checkpoint_*/meta.json")), "no checkpoint in Ray storage"
+
+
+def test_the_embedded_ray_never_joins_a_head_already_on_the_machine(setup, tmp_path):
+    """A head with no CPUs, started by `ray start` in the temp folder the run sees: an embedded
+    run must start its own Ray (before, Ray joined that head and the run waited forever), and
+    no driver of ours ever connects to the head (no driver log in its session)."""
+    d, cfg, single = setup
+    temp = tmp_path / "ray-temp"
+    env = subprocess_env(RAY_TMPDIR=str(temp), RAY_AUTH_MODE="token")
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=0",
+                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        head_logs = (temp / "session_latest").resolve() / "logs"
+        drivers_before = sorted(head_logs.glob("python-core-driver-*"))
+        proc = subprocess.run([sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={tmp_path / 'run'}",
+                               "distributed.workers=1", "distributed.strategy=single"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "embedded" in proc.stdout
+        assert sorted(head_logs.glob("python-core-driver-*")) == drivers_before
+        links = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "link"]
+        assert [r["link"] for r in links] == [0, 1, 2]
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
