@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -207,18 +209,19 @@ def test_the_embedded_ray_never_joins_a_head_already_on_the_machine(setup, tmp_p
     run must start its own Ray (before, Ray joined that head and the run waited forever), and
     no driver of ours ever connects to the head (no driver log in its session)."""
     d, cfg, single = setup
-    temp = tmp_path / "ray-temp"
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = subprocess_env(RAY_TMPDIR=str(temp), RAY_AUTH_MODE="token")
     ray = str(Path(sys.executable).parent / "ray")
     subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=0",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp / 'ray'}"],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
-        head_logs = (temp / "session_latest").resolve() / "logs"
+        # Ray's default temp folder under RAY_TMPDIR: where `ray start` leaves ray_current_cluster
+        head_logs = (temp / "ray" / "session_latest").resolve() / "logs"
         drivers_before = sorted(head_logs.glob("python-core-driver-*"))
         proc = subprocess.run([sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={tmp_path / 'run'}",
                                "distributed.workers=1", "distributed.strategy=single"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # joined: waits forever
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "embedded" in proc.stdout
         assert sorted(head_logs.glob("python-core-driver-*")) == drivers_before
@@ -226,3 +229,4 @@ def test_the_embedded_ray_never_joins_a_head_already_on_the_machine(setup, tmp_p
         assert [r["link"] for r in links] == [0, 1, 2]
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
