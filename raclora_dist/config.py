@@ -256,7 +256,16 @@ class DistributedSection(_Section):
         stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
         if self.strategy == "deepspeed" and stage not in (2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")
+        managed = sorted(set(self.deepspeed) & DEEPSPEED_MANAGED_KEYS)
+        if managed:
+            raise ValueError(f"deepspeed.{managed[0]}: raclora manages DeepSpeed's checkpoints (saved in its own "
+                             "folders, loaded as tensors only); remove this key")
         return self
+
+
+#: DeepSpeed config sections that would change how its checkpoints are written or read
+#: (other engines, universal checkpoints loaded with pickle): the product owns that path.
+DEEPSPEED_MANAGED_KEYS = {"checkpoint", "datastates"}
 
 
 class RaySection(_Section):

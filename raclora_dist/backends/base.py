@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from raclora_dist.backends.dist import DistInfo, barrier
+from raclora_dist.backends.tensor_files import load_tensors
 from raclora_dist.config import RunConfig
 from raclora_dist.core import Comm, DenseAccess, FactorAccess, LocalComm, RacLoraLinear
 
@@ -162,7 +163,7 @@ class Backend:
     def load_state(self, folder: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        state = torch.load(folder / "optimizer.pt", weights_only=True)
+        state = load_tensors(folder / "optimizer.pt")
         if not state.get("state"):
             return  # a reset at the boundary: the fresh optimizer is already right
         set_optimizer_state_dict(self.model, self.optimizer, state,

@@ -19,6 +19,7 @@ from torch import nn
 
 from raclora_dist.backends.base import Backend
 from raclora_dist.backends.dist import TRAFFIC, DistComm, contiguous_groups
+from raclora_dist.backends.tensor_files import load_tensors
 from raclora_dist.core import DenseAccess, LocalComm
 
 
@@ -97,7 +98,7 @@ class DDPBackend(Backend):
         path = folder / f"rank{self.info.rank}.pt"
         if not path.is_file():  # written by sync: step: every group starts from the shared state
             return super().load_state(folder)
-        state = torch.load(path, weights_only=True)
+        state = load_tensors(path)
         model = self.model.module if hasattr(self.model, "module") else self.model
         params = dict(model.named_parameters())
         with torch.no_grad():

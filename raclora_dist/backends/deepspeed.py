@@ -21,6 +21,8 @@ from torch import nn
 
 from raclora_dist.backends.base import Backend, decoder_layers, lm_inputs, shard_masters
 from raclora_dist.backends.dist import DistComm
+from raclora_dist.backends.tensor_files import DEEPSPEED_DATA_CLASSES, load_tensors
+from raclora_dist.config import ConfigError
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeView
 
@@ -155,6 +157,7 @@ class DeepSpeedBackend(Backend):
             model=model, optimizer=self._make_optimizer(params), config=self.ds_config,
             dist_init_required=False,
         )
+        engine.checkpoint_engine = tensors_only_checkpoint_engine(engine.checkpoint_engine)
         self.model, self.optimizer, self.engine = engine, optimizer, engine
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -189,6 +192,31 @@ class DeepSpeedBackend(Backend):
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed state with tag {TAG!r}")
+
+
+def tensors_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine with its loads made data-only.
+
+    DeepSpeed 0.19 loads its model and ZeRO state files with ``torch.load(weights_only=False)``:
+    a file planted in the checkpoint's storage would run code on every worker at resume. This
+    engine saves as DeepSpeed's does and loads through :func:`load_tensors` (tensors, plain
+    containers and the few data classes ZeRO's state holds); anything else is refused with the
+    file named. Raises ConfigError if DeepSpeed was configured with another engine (its
+    ``checkpoint`` section is refused by the config, so this is a guard).
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine) is not TorchCheckpointEngine:
+        raise ConfigError(f"DeepSpeed chose the {type(engine).__name__}; raclora loads DeepSpeed checkpoints "
+                          "only through its tensors-only torch engine")
+
+    class TensorsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_tensors(path, map_location=map_location, allow=DEEPSPEED_DATA_CLASSES)
+
+    safe = TensorsOnly.__new__(TensorsOnly)
+    safe.__dict__.update(engine.__dict__)  # same serialization settings, no second init log
+    return safe
 
 
 def offloads(ds_config: dict, what: str) -> bool:

@@ -8,8 +8,8 @@ Layout: ``RUN/checkpoints/link-<next link>-step-<global step>/`` (e.g. ``link-00
   mid-link checkpoint, the current link's factors so far. Sketches are regenerated from the
   seed; their fingerprints are in ``meta.json``;
 * ``optimizer.pt`` (or ``deepspeed/``; with ``distributed.sync: link`` also every rank's
-  ``rank<R>.pt``) -- the backend's optimizer state; ``rng.pt``. Tensors only, loaded with
-  ``weights_only=True``;
+  ``rank<R>.pt``) -- the backend's optimizer state; ``rng.pt``. Tensors only, loaded as data
+  (:func:`raclora_dist.backends.tensor_files.load_tensors`: a pickled callable is refused);
 * ``config.yaml`` and ``metrics.jsonl`` as they were at the checkpoint (a resume whose run
   folder was lost with its node gets them back from here);
 * ``meta.json`` -- written last: its presence marks the checkpoint complete. It lists every
@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from raclora_dist.backends.tensor_files import load_tensors
 from raclora_dist.config import ConfigError
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
@@ -416,6 +417,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise ConfigError(f"checkpoint {path}: damaged: {'; '.join(problems)}")
     try:
         return _load(path)
+    except ConfigError:
+        raise  # already names the file
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise ConfigError(f"checkpoint {path}: unreadable: {type(err).__name__}: {err}") from None
 
@@ -435,7 +438,7 @@ def _load(path: Path) -> Checkpoint:
         factors={t: factors[t] for t in meta["merged"]},
         cumulative_update_norm=float(meta["cumulative_update_norm"]),
     )
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = load_tensors(path / "rng.pt")
     return Checkpoint(path, meta, chain, rng, current)
 
 

@@ -159,3 +159,12 @@ def test_the_chain_budget_is_on_by_default_and_old_run_configs_keep_their_exact_
     # a run config saved before chain_budget existed spells out max_chain_rank: null (the exact chain)
     assert RacLoraConfig.model_validate({"max_chain_rank": None}).chain_budget is None
     assert RacLoraConfig.model_validate({"max_chain_rank": None, "chain_budget": 0.2}).chain_budget == 0.2
+
+
+@pytest.mark.parametrize("section", ["checkpoint: {load_universal: true}", "datastates: {enabled: true}"])
+def test_deepspeed_sections_that_change_how_checkpoints_load_are_refused(cfg_file, section):
+    """DeepSpeed's universal checkpoints and other engines load pickles with code; the
+    product's tensors-only engine is the only way in (SECURITY.md)."""
+    with pytest.raises(ConfigError, match=r"deepspeed\.(checkpoint|datastates): raclora manages DeepSpeed's checkpoints"):
+        load_config(cfg_file, ["distributed.strategy=deepspeed", "distributed.workers=2",
+                               f"distributed.deepspeed={{zero_optimization: {{stage: 2}}, {section}}}"])
