@@ -196,13 +196,13 @@ def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
     """In this process: memory of one forward/backward at ``seq`` tokens, then tokens/s."""
     import torch
 
-    from raclora_dist.config import build_config
+    from raclora_dist.config import build_config, with_values
     from raclora_dist.train.heap import mapped_large_allocations
     from raclora_dist.train.session import build_session
 
     cfg = build_config(run_config(folder, Path(tempfile.gettempdir()) / "unused", 1, seq, 1)
                        | {"distributed": {"strategy": "single", "workers": 1}})
-    cfg.train.activation_checkpointing = ckpt
+    cfg = with_values(cfg, {"train.activation_checkpointing": ckpt})
     torch.manual_seed(0)
     session = build_session(cfg)
     session.chain.start_link(0)

@@ -122,7 +122,7 @@ def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
     from raclora_dist.orchestration.paths import absolutize
     from raclora_dist.train.session import validate_model
 
-    absolutize(cfg)
+    cfg = absolutize(cfg)
     validate_model(cfg)  # targets and rank: fail here, before any Ray worker starts
     from raclora_dist.orchestration.ray_train import fit, latest_in_storage
     from raclora_dist.train.checkpoint import find_latest

@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # frozen: a validated config cannot be edited into an invalid one; changes go through
+    # with_values, which validates the whole config again.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RunSection(_Section):
@@ -299,15 +301,6 @@ class RunConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
 
     @model_validator(mode="after")
-    def _default_tokenizer(self) -> "RunConfig":
-        if self.data.tokenizer is None:
-            folder = self.model.name_or_path
-            own = folder is not None and any((Path(folder) / f).is_file()
-                                             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-            self.data.tokenizer = folder if own else "bytes"
-        return self
-
-    @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> "RunConfig":
         if self.train.batch_size % self.distributed.workers:
             raise ValueError(
@@ -434,10 +427,34 @@ def _expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Reads, merges overrides into, and validates a config; sets ``run.dir`` if unset."""
     data = _deep_merge(_expand_shorthands(read_yaml(path)), parse_overrides(overrides or []))
-    cfg = build_config(data, str(path))
-    if cfg.run.dir is None:
-        cfg.run.dir = str(Path("runs") / Path(path).stem)
-    return cfg
+    run = data.get("run")
+    if not isinstance(run, dict) or run.get("dir") is None:
+        data = _deep_merge(data, {"run": {"dir": str(Path("runs") / Path(path).stem)}})
+    return build_config(data, str(path))
+
+
+def with_values(cfg: RunConfig, changes: dict[str, Any], source: str = "config") -> RunConfig:
+    """A copy of ``cfg`` with dotted fields changed, validated again as a whole.
+
+    Configs are frozen; this is the one way to change one, so that no combination of
+    changes yields a config that would fail where it is next read (a worker, a cluster).
+
+    Args:
+        changes: ``{"distributed.workers": 3, "ray.enabled": True, ...}``; a value that is a
+            mapping replaces the field whole.
+        source: what made the change, for the error (e.g. ``raclora k8s render``).
+
+    Raises:
+        ConfigError: the changed config is invalid; names each field and its value.
+    """
+    data = cfg.model_dump(mode="json")
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return build_config(data, source)
 
 
 def _describe(e: dict[str, Any]) -> str:

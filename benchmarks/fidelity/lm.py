@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from raclora_dist.config import load_config
+from raclora_dist.config import load_config, with_values
 from raclora_dist.train.run import load_data, run_training
 from raclora_dist.train.session import build_session
 
@@ -56,7 +56,7 @@ def experiment(overrides: list[str] | None = None, ft_lr: float = 1e-3) -> dict:
     data = load_data(cfg)
     out: dict = {"config": CONFIG, "overrides": overrides or [], "steps": steps, "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg.run.dir = str(Path(tmp) / "rac")
+        cfg = with_values(cfg, {"run.dir": str(Path(tmp) / "rac")})
         t0 = time.perf_counter()
         history = run_training(cfg, log=lambda _: None)
         base = build_session(cfg, source=Path(cfg.run.dir) / "base")  # the untouched base

@@ -81,7 +81,7 @@ def _needed(config: str, overrides: list[str], root: Path) -> list[tuple[str, Pa
         return []  # the job reports it, with the field named, in its logs
     fields = [("the config", config), *[("data.path", p) for p in cfg.data.paths],
               *[("data.eval_path", p) for p in cfg.data.eval_paths]]
-    if cfg.data.tokenizer != "bytes":
+    if cfg.data.tokenizer not in (None, "bytes"):
         fields.append(("data.tokenizer", cfg.data.tokenizer))
     if cfg.model.name_or_path is not None:
         fields.append(("model.name_or_path", cfg.model.name_or_path))

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from raclora_dist import __version__
-from raclora_dist.config import RunConfig
+from raclora_dist.config import RunConfig, with_values
 
 DEFAULT_IMAGE = f"ghcr.io/raclora/raclora-dist:{__version__}"
 CONFIG_DIR = "/etc/raclora"
@@ -41,23 +41,35 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False,
                       "capabilities": {"drop": ["ALL"]}}
 
 
-def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None) -> RunConfig:
-    """The config as the cluster runs it: paths inside the pods, Ray on, durable storage."""
-    c = cfg.model_copy(deep=True)
-    c.ray.enabled = True
-    c.ray.address = None  # the RayJob's own cluster (RAY_ADDRESS inside the job)
-    c.ray.name = name
-    if storage_uri:
-        c.run.dir = f"/tmp/raclora/runs/{name}"
-        c.ray.storage_path = storage_uri
-    else:
-        c.run.dir = f"{STORAGE_DIR}/runs/{name}"
-        c.ray.storage_path = f"{STORAGE_DIR}/ray"
-    if isinstance(c.data.path, str) and c.data.path.endswith("stdlib_docstrings.jsonl"):
-        c.data.path = IMAGE_DATA
-    if c.distributed.strategy == "single":
-        c.distributed.strategy = "fsdp2"
-    return c
+def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None, workers: int | None = None,
+                   gpu: bool = False) -> RunConfig:
+    """The config as the cluster runs it: paths inside the pods, Ray on, durable storage, the
+    workers and devices the manifest asks for; validated again as a whole.
+
+    Raises:
+        ConfigError: the config cannot run that way (e.g. ``train.batch_size`` is not a
+            multiple of the workers); names the field, here rather than on the cluster.
+    """
+    storage = {"run.dir": f"/tmp/raclora/runs/{name}", "ray.storage_path": storage_uri} if storage_uri else {
+        "run.dir": f"{STORAGE_DIR}/runs/{name}", "ray.storage_path": f"{STORAGE_DIR}/ray"}
+    changes: dict[str, Any] = {
+        "ray.enabled": True,
+        "ray.address": None,  # the RayJob's own cluster (RAY_ADDRESS inside the job)
+        "ray.name": name, **storage,
+        "distributed.workers": workers or cfg.distributed.workers,
+        "ray.use_gpu": gpu, "ray.resources_per_worker": {"GPU": 1.0} if gpu else {"CPU": 1.0},
+    }
+    if isinstance(cfg.data.path, str) and cfg.data.path.endswith("stdlib_docstrings.jsonl"):
+        changes["data.path"] = IMAGE_DATA
+    if cfg.distributed.strategy == "single":
+        # Pods are workers: a one-process config becomes the engine that keeps its meaning
+        # (link sync needs whole replicas; otherwise shard).
+        changes["distributed.strategy"] = "ddp" if cfg.distributed.sync == "link" else "fsdp2"
+    if gpu:
+        changes.update({"distributed.backend": "nccl", "distributed.mixed_precision": "bf16"})
+        if cfg.model.quantization.enabled:
+            changes["model.quantization.compute_dtype"] = "bfloat16"  # QLoRA's GPU setting (CPU configs say float32)
+    return with_values(cfg, changes, source=f"raclora k8s render {name}")
 
 
 def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: list, mounts: list) -> dict:
@@ -81,16 +93,8 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
         storage_uri: an object-store URI for checkpoints (credentials from
             ``credentials_secret`` by reference); default a ReadWriteMany PVC ``pvc``.
     """
-    n = workers or cfg.distributed.workers
-    c = cluster_config(cfg, name, storage_uri)
-    c.distributed.workers = n
-    c.ray.use_gpu = gpu
-    c.ray.resources_per_worker = {"GPU": 1.0} if gpu else {"CPU": 1.0}
-    if gpu:
-        c.distributed.backend = "nccl"
-        c.distributed.mixed_precision = "bf16"
-        if c.model.quantization.enabled:
-            c.model.quantization.compute_dtype = "bfloat16"  # QLoRA's GPU setting (CPU configs say float32)
+    c = cluster_config(cfg, name, storage_uri, workers, gpu)
+    n = c.distributed.workers
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
                   "data": {CONFIG_KEY: c.to_yaml()}}
     env = [{"name": "OMP_NUM_THREADS", "value": "1"}]

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raclora_dist.config import RunConfig
+from raclora_dist.config import RunConfig, with_values
 
 
 def absolutize(cfg: RunConfig) -> RunConfig:
-    """Makes the config's local paths absolute (in place): Ray workers run elsewhere."""
-    cfg.run.dir = str(Path(cfg.run.dir).resolve())
+    """The config with its local paths made absolute (Ray workers run elsewhere), Ray storage
+    and run name defaulted from the run folder; validated again."""
     resolve = lambda p: str(Path(p).resolve())  # noqa: E731
-    cfg.data.path = [resolve(p) for p in cfg.data.path] if isinstance(cfg.data.path, list) else resolve(cfg.data.path)
+    each = lambda v: [resolve(p) for p in v] if isinstance(v, list) else resolve(v)  # noqa: E731
+    run_dir = resolve(cfg.run.dir)
+    changes = {"run.dir": run_dir, "data.path": each(cfg.data.path)}
     if cfg.data.eval_path is not None:
-        cfg.data.eval_path = ([resolve(p) for p in cfg.data.eval_path] if isinstance(cfg.data.eval_path, list)
-                              else resolve(cfg.data.eval_path))
-    if cfg.data.tokenizer != "bytes":
-        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
+        changes["data.eval_path"] = each(cfg.data.eval_path)
+    if cfg.data.tokenizer not in (None, "bytes"):
+        changes["data.tokenizer"] = resolve(cfg.data.tokenizer)
     if cfg.model.name_or_path is not None:
-        cfg.model.name_or_path = str(Path(cfg.model.name_or_path).resolve())
+        changes["model.name_or_path"] = resolve(cfg.model.name_or_path)
     if cfg.ray.storage_path is None:
-        cfg.ray.storage_path = str(Path(cfg.run.dir) / "ray")
+        changes["ray.storage_path"] = str(Path(run_dir) / "ray")
     elif "://" not in cfg.ray.storage_path:
-        cfg.ray.storage_path = str(Path(cfg.ray.storage_path).resolve())
+        changes["ray.storage_path"] = resolve(cfg.ray.storage_path)
     if cfg.ray.name is None:
-        cfg.ray.name = Path(cfg.run.dir).name
-    return cfg
+        changes["ray.name"] = Path(run_dir).name
+    return with_values(cfg, changes)

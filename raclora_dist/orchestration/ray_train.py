@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raclora_dist.config import RunConfig
+from raclora_dist.train.checkpoint import symlinks_in, verify_checkpoint
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -79,9 +80,16 @@ def latest_in_storage(cfg: RunConfig) -> Path | None:
     root = Path(cfg.ray.storage_path) / str(cfg.ray.name)
     found = []
     for meta in root.glob("checkpoint_*/meta.json"):
-        m = json.loads(meta.read_text())
-        found.append((m["global_step"], meta.parent))
-    return max(found)[1] if found else None
+        try:
+            found.append((int(json.loads(meta.read_text())["global_step"]), meta.parent))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a checkpoint of ours (or half written): passed over like a damaged one
+    # Newest first, the first intact one: a damaged copy in storage (a partial upload, a bad
+    # disk) is passed over for the one before it, as find_latest does in the run folder.
+    for _, folder in sorted(found, reverse=True):
+        if not verify_checkpoint(folder) and not symlinks_in(folder):
+            return folder
+    return None
 
 
 def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):

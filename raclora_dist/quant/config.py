@@ -11,7 +11,7 @@ class QuantizationConfig(BaseModel):
     """bitsandbytes 4-bit settings (QLoRA's); ``model.quantization: nf4`` is shorthand for
     ``{method: nf4}``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["none", "nf4", "fp4"] = Field("none", description="4-bit data type of the base's linear layers, or none.")
     double_quant: bool = Field(True, description="Quantize the per-block absmax constants too (QLoRA's double quantization).")

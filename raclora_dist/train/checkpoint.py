@@ -28,6 +28,7 @@ storage; resuming installs the whole of it on every disk (:mod:`raclora_dist.tra
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from raclora_dist.train.parts import is_first, mark, part_problems, seal_part
 
 FORMAT_VERSION = 2  # 2: one file per link under links/; 1: every link in chain.safetensors (still read)
 READABLE_FORMATS = (1, 2)
+log = logging.getLogger(__name__)
 LINKS = "links"
 
 
@@ -258,7 +260,11 @@ def _listed_problems(path: Path, listed: dict[str, list | None]) -> list[str]:
     problems = []
     for rel, expected in listed.items():
         f = path / rel
-        if not f.is_file():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{rel}: not inside the checkpoint")
+        elif f.is_symlink():
+            problems.append(f"{rel}: a symbolic link, not a file")
+        elif not f.is_file():
             problems.append(f"{rel}: missing")
         elif expected is not None and f.stat().st_size != expected[0]:
             problems.append(f"{rel}: {f.stat().st_size} bytes, {expected[0]} when written")
@@ -273,12 +279,18 @@ def _complete(root: Path) -> list[Path]:
 
 
 def _prune(root: Path, keep: int, protect: Path | None, spare: Path | None = None) -> None:
-    for p in [*root.glob(".tmp-*"), *root.glob(".part-*")]:  # leftovers of crashed writes
-        if p != spare:
-            shutil.rmtree(p, ignore_errors=True)
+    """Removes leftovers of crashed writes and all but the newest ``keep`` checkpoints. A
+    failure does not stop the run (its checkpoint is written) but is said, once per folder:
+    undeleted checkpoints fill the disk."""
+    stale = [p for p in [*root.glob(".tmp-*"), *root.glob(".part-*")] if p != spare]
     done = [p for p in _complete(root) if p != protect]
-    for p in done[: max(0, len(done) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    for p in stale + done[: max(0, len(done) - (keep - 1))]:
+        errors: list[str] = []
+        # onerror (Python 3.10/3.11; onexc from 3.12): exc_info[1] is the OSError
+        shutil.rmtree(p, onerror=lambda _fn, path, exc_info: errors.append(f"{path}: {exc_info[1]}"))
+        if errors:
+            log.warning("could not remove old checkpoint folder %s (%d errors, first: %s); it takes disk space "
+                        "until removed", p, len(errors), errors[0])
 
 
 def find_latest(run_dir: Path, report: Callable[[str], None] | None = None) -> Path | None:
@@ -374,6 +386,12 @@ def install_checkpoint(src: Path, run_dir: Path, records: bool = True) -> Path:
     folder's copy does not begin with the checkpoint's (lost with its node, or left behind by
     an earlier attempt on this disk while the run went on elsewhere).
     """
+    links = symlinks_in(src)
+    if links:
+        # A checkpoint holds plain files; a link in storage could point the copy (and the
+        # manifest's digests) at any file on the node.
+        raise ConfigError(f"checkpoint {src}: refused: it holds symbolic links ({', '.join(links[:3])}); "
+                          "checkpoints hold plain files only")
     root = ckpt_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(src)
@@ -381,7 +399,7 @@ def install_checkpoint(src: Path, run_dir: Path, records: bool = True) -> Path:
     if not (final / "meta.json").is_file() or verify_checkpoint(final):
         tmp = root / f".tmp-install-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
+        shutil.copytree(src, tmp, symlinks=True)
         for f in tmp.rglob("*"):  # durable before it becomes visible, as _commit does
             if f.is_file():
                 fsync_file(f)
@@ -391,6 +409,16 @@ def install_checkpoint(src: Path, run_dir: Path, records: bool = True) -> Path:
         _restore_records(final, Path(run_dir))
     _point_latest(root, name)
     return final
+
+
+def symlinks_in(folder: Path) -> list[str]:
+    """Relative paths of the symbolic links under ``folder`` (none followed)."""
+    out = []
+    for top, dirs, files in os.walk(folder):  # os.walk does not descend into linked folders
+        for name in dirs + files:
+            if os.path.islink(os.path.join(top, name)):
+                out.append(os.path.relpath(os.path.join(top, name), folder))
+    return sorted(out)
 
 
 def _restore_records(ckpt: Path, run_dir: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raclora_dist.config import ConfigError, RunConfig
+from raclora_dist.train.tokenizer import tokenizer_source
 
 # Fields that may differ between a run and its resumption (they do not change the chain).
 RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "train.sample_", "distributed.",
@@ -25,7 +26,7 @@ def check_paths(cfg: RunConfig) -> None:
         for path in paths:
             if not Path(path).exists():
                 raise ConfigError(f"{field}: {path!r} does not exist (a file or a folder)")
-    if cfg.data.tokenizer != "bytes" and not Path(cfg.data.tokenizer).is_dir():
+    if cfg.data.tokenizer not in (None, "bytes") and not Path(cfg.data.tokenizer).is_dir():
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is neither 'bytes' nor a folder")
     if cfg.model.name_or_path is not None and not Path(cfg.model.name_or_path).is_dir():
         raise ConfigError(
@@ -54,5 +55,12 @@ def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:
             if not any(key == c or key.startswith(c) for c in RESUMABLE_CHANGES):
                 out.append(f"{key}: run has {a!r}, config has {b!r}")
 
-    walk(saved.model_dump(mode="json"), given.model_dump(mode="json"), "")
+    def dump(cfg: RunConfig) -> dict:
+        # The tokenizer as the run reads it: run configs saved before it was resolved at
+        # use time hold the resolved name, newer ones may leave it unset.
+        data = cfg.model_dump(mode="json")
+        data["data"]["tokenizer"] = tokenizer_source(cfg)
+        return data
+
+    walk(dump(saved), dump(given), "")
     return out

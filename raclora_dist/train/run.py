@@ -6,6 +6,7 @@ run folder is touched, so a failed start never damages an earlier run's files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from raclora_dist.train.config_checks import check_paths, diff_configs
 from raclora_dist.train.data import PackedData, tokenized_blocks
 from raclora_dist.train.loop import Trainer
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
-from raclora_dist.train.runs import clear_running, mark_running
+from raclora_dist.train.runs import running
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.train.token_cache import cached_blocks
 from raclora_dist.train.tokenizer import load_tokenizer
@@ -182,44 +183,44 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     load_s, peak_loaded = time.perf_counter() - t_load, peak_rss_mb()
     if info.is_main:
         _write_config(cfg, run_dir)
-        mark_running(run_dir)  # `raclora runs` shows it running while this process lives
-        if ckpt is not None:
+    # `raclora runs` shows the run as running until this block ends, however it ends
+    with running(run_dir) if info.is_main else contextlib.nullcontext():
+        if info.is_main and ckpt is not None:
             truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
-    trackers = None
-    if info.is_main and cfg.run.trackers:  # after the truncation: they continue from the checkpoint
-        from raclora_dist.train.trackers import Trackers
+        trackers = None
+        if info.is_main and cfg.run.trackers:  # after the truncation: they continue from the checkpoint
+            from raclora_dist.train.trackers import Trackers
 
-        r = cfg.run
-        trackers = Trackers(r.trackers, run_dir, cfg.model_dump(mode="json"), r.mlflow_tracking_uri, r.wandb_project,
-                            r.wandb_mode)
-        callbacks.append(trackers)
-    backend.setup(session.model)
-    session.chain.access = backend.access
-    startup = {"t_start": t_start, "load_s": load_s, "rss_mb_start": rss_start, "rss_mb_before_load": rss_before_load,
-               "peak_rss_mb_loaded": peak_loaded}
-    if device_peak_mb(info.device) is not None:
-        startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
-    log(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
-    trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint, startup=startup,
-                      callbacks=callbacks)
-    start_link = start_step = 0
-    if ckpt is not None:
-        backend.load_state(ckpt.path)
-        trainer.global_step = ckpt.global_step
-        torch.set_rng_state(ckpt.rng)
-        start_link, start_step = ckpt.next_link, ckpt.step_in_link
-        log(f"resumed {run_dir} at link {start_link + 1} (step {ckpt.global_step})")
-        trainer._write({"type": "resume", "link": start_link, "step": ckpt.global_step})
-    log(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
-        f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
-        f"{cfg.distributed.strategy} x {info.world_size}")
-    history = trainer.fit(start_link, start_step)
-    if info.is_main:
-        from raclora_dist.train.plot import plot_run
+            r = cfg.run
+            trackers = Trackers(r.trackers, run_dir, cfg.model_dump(mode="json"), r.mlflow_tracking_uri, r.wandb_project,
+                                r.wandb_mode)
+            callbacks.append(trackers)
+        backend.setup(session.model)
+        session.chain.access = backend.access
+        startup = {"t_start": t_start, "load_s": load_s, "rss_mb_start": rss_start, "rss_mb_before_load": rss_before_load,
+                   "peak_rss_mb_loaded": peak_loaded}
+        if device_peak_mb(info.device) is not None:
+            startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
+        log(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
+        trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint, startup=startup,
+                          callbacks=callbacks)
+        start_link = start_step = 0
+        if ckpt is not None:
+            backend.load_state(ckpt.path)
+            trainer.global_step = ckpt.global_step
+            torch.set_rng_state(ckpt.rng)
+            start_link, start_step = ckpt.next_link, ckpt.step_in_link
+            log(f"resumed {run_dir} at link {start_link + 1} (step {ckpt.global_step})")
+            trainer._write({"type": "resume", "link": start_link, "step": ckpt.global_step})
+        log(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
+            f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
+            f"{cfg.distributed.strategy} x {info.world_size}")
+        history = trainer.fit(start_link, start_step)
+        if info.is_main:
+            from raclora_dist.train.plot import plot_run
 
-        plot_run(run_dir)
-        if trackers is not None:
-            trackers.finish()
-        clear_running(run_dir)
-    barrier()
-    return history
+            plot_run(run_dir)
+            if trackers is not None:
+                trackers.finish()
+        barrier()
+        return history

@@ -2,8 +2,10 @@
 
 A run folder is one with a ``config.yaml``. Its state:
 
-* ``running``: ``running.json`` names a process that is alive on this machine (rank 0
-  writes it when training starts and removes it when the process ends);
+* ``running``: ``running.json`` names a process that is alive on this machine, or, written on
+  another machine (a shared run folder), was touched within :data:`STALE_S` (rank 0 writes
+  it when training starts, touches it every :data:`HEARTBEAT_S` and removes it when training
+  ends, failed or not; a killed process leaves it, and it goes stale);
 * ``finished``: the latest complete checkpoint is past the last link;
 * ``resumable``: not running and not finished, with a complete checkpoint (``--resume``);
 * ``failed``: not running, nothing to resume from.
@@ -11,9 +13,13 @@ A run folder is one with a ``config.yaml``. Its state:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -37,13 +43,38 @@ def clear_running(run_dir: Path) -> None:
     running_marker(run_dir).unlink(missing_ok=True)
 
 
+HEARTBEAT_S = 30.0  # how often a running process touches its marker
+STALE_S = 120.0  # another machine's marker untouched this long: its process is gone
+
+
+@contextlib.contextmanager
+def running(run_dir: Path) -> Iterator[None]:
+    """Rank 0, around training: the marker exists, kept fresh, while the block runs, and is
+    removed however it ends (an exception included)."""
+    mark_running(run_dir)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(running_marker(run_dir))
+
+    threading.Thread(target=beat, name="raclora-running-marker", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+        clear_running(run_dir)
+
+
 def _alive(marker: Path) -> bool:
     try:
         info = json.loads(marker.read_text())
+        age = time.time() - marker.stat().st_mtime
     except (OSError, json.JSONDecodeError):
         return False
     if info.get("host") != socket.gethostname():
-        return True  # another machine's process: trust the marker
+        return age < STALE_S  # another machine's process: alive while it keeps the marker fresh
     try:
         os.kill(int(info["pid"]), 0)
     except (ProcessLookupError, ValueError, KeyError):

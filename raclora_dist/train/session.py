@@ -27,14 +27,14 @@ from torch import nn
 from raclora_dist.backends import backend_class
 from raclora_dist.backends.base import Backend, decoder_layers
 from raclora_dist.backends.vocab_parallel import VocabParallelEmbedding, VocabParallelHead, split, splittable
-from raclora_dist.config import ConfigError, RunConfig
+from raclora_dist.config import ConfigError, RunConfig, with_values
 from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
 from raclora_dist.train.checkpoint import Checkpoint
 from raclora_dist.train.estimate import Estimate, estimate_memory
 from raclora_dist.train.heap import mapped_large_allocations, release_between_blocks, worth_releasing
 from raclora_dist.train.metrics import interactive
 from raclora_dist.train.model import build_meta_model, save_base, weight_source
-from raclora_dist.train.tokenizer import load_tokenizer
+from raclora_dist.train.tokenizer import load_tokenizer, tokenizer_source
 from raclora_dist.train.weights import (
     WeightSource,
     load_units,
@@ -76,14 +76,14 @@ def _wrap(model: nn.Module, names: list[str], cfg: RunConfig) -> dict[str, RacLo
 
 def _meta_injected(cfg: RunConfig) -> tuple[nn.Module, dict[str, RacLoraLinear]]:
     """The model on the meta device with its RAC-LoRA layers injected (no memory, no weights)."""
-    tok = load_tokenizer(cfg.data.tokenizer)
+    tok = load_tokenizer(tokenizer_source(cfg))
     if cfg.model.quantization.enabled:
         # Nothing is quantized on the meta device, so dense layers stand in for the 4-bit
         # ones (merging as 4-bit layers do by default); the 4-bit-only options were already
         # checked with the config.
         mode = "factored" if cfg.raclora.merge_mode == "auto" else cfg.raclora.merge_mode
-        cfg = cfg.model_copy(update={"raclora": cfg.raclora.model_copy(
-            update={"master_weights": "none", "stochastic_rounding": False, "merge_mode": mode})})
+        cfg = with_values(cfg, {"raclora.master_weights": "none", "raclora.stochastic_rounding": False,
+                                "raclora.merge_mode": mode})
     model = build_meta_model(cfg.model, len(tok))
     for p in model.parameters():  # the base is frozen, as in a run (what the engines shard depends on it)
         p.requires_grad_(False)
@@ -142,7 +142,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         ConfigError: bad targets or rank, missing weights, or a checkpoint that does not
             belong to this model (other layers, other sketches).
     """
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_source(cfg))
     model = build_meta_model(cfg.model, len(tokenizer), source)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from raclora_dist.config import DataSection
+from raclora_dist.config import ConfigError, DataSection
 
 VERSION = 1  # bump when the rendering or packing of blocks changes
 SETTINGS_NOT_IN_KEY = ("cache_dir", "eval_fraction")  # the split is taken after the cache
@@ -83,6 +83,23 @@ def _read(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def _store(tmp: Path, entry: Path) -> None:
+    """Renames a written entry into place; another process's finished entry is kept, an
+    unfinished one (no meta.json) replaced, and any other failure said, naming the folder."""
+    for attempt in range(2):
+        try:
+            os.rename(tmp, entry)
+            return
+        except OSError as err:
+            if (entry / "meta.json").is_file():
+                return  # another process finished the same entry first: keep theirs
+            if attempt == 0 and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)  # a leftover without meta.json: not an entry
+                continue
+            raise ConfigError(f"data.cache_dir: could not store the tokenized data in {entry} "
+                              f"({type(err).__name__}: {err})") from None
+
+
 def cached_blocks(dcfg: DataSection, tokenizer, build: Callable[[], dict[str, dict[str, torch.Tensor]]],
                   log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """The blocks of ``dcfg`` from the cache, built by ``build()`` and stored first if absent.
@@ -98,10 +115,7 @@ def cached_blocks(dcfg: DataSection, tokenizer, build: Callable[[], dict[str, di
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
         try:
             _write(tmp, sets)
-            try:
-                os.rename(tmp, entry)
-            except OSError:  # another process finished the same entry first: keep theirs
-                pass
+            _store(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if log is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 EOS = "<|endoftext|>"
 
@@ -34,6 +35,23 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_source(cfg) -> str:
+    """What ``data.tokenizer`` names, its default resolved where the run reads it: unset means
+    the model folder's own tokenizer if the folder has one, else ``"bytes"``.
+
+    Resolved here rather than in the config: a config is validated on machines that may not
+    hold the model (a laptop rendering manifests for a cluster), and validation reads no disk.
+    """
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    folder = cfg.model.name_or_path
+    own = folder is not None and any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
+    return folder if own else "bytes"
 
 
 def load_tokenizer(spec: str):

@@ -12,25 +12,31 @@ sent and each tracker's run id, so a resumed run, or a Ray worker group restarte
 run folder, continues the same tracker run.
 
 * ``tensorboard``: event files in ``RUN/tensorboard/`` (``torch.utils.tensorboard``);
-* ``mlflow``: ``run.mlflow_tracking_uri``, default the folder ``RUN/mlruns`` (MLflow's file
-  store, which works offline; MLflow 3 asks for an opt-in to it, given here), experiment
-  named after the run folder;
+* ``mlflow``: ``run.mlflow_tracking_uri``, default ``sqlite:///RUN/mlflow.db`` with artifacts in
+  ``RUN/mlartifacts`` (works offline; MLflow's client and ``mlflow ui --backend-store-uri``
+  open it with no setting: MLflow 3 keeps its file store behind an opt-in), experiment named
+  after the run folder. Runs started before this default continue in their ``RUN/mlruns``;
 * ``wandb``: ``wandb.init(mode=run.wandb_mode)``, offline by default (``RUN/wandb/``).
 
 Step records give ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``
 (and ``train/trained_tokens_per_s``); link records ``link/eval_loss``, ``link/train_loss``,
 ``link/update_norm``, ``link/landed_fraction``, ``link/merge_time_s``; the first eval
-``eval/loss``. The resolved config is logged as parameters (flattened, ``section.field``).
+``eval/loss``. The resolved config is logged as parameters (flattened, ``section.field``),
+with credentials redacted (:func:`redact`: the password of a URI, secret-looking query
+parameters and fields).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from raclora_dist.train.callbacks import Callback
 
@@ -48,6 +54,58 @@ def scalars(record: dict) -> tuple[int, dict[str, float]] | None:
     if kind == "eval":
         return record["step"], {"eval/loss": float(record["eval_loss"])}
     return None
+
+
+REDACTED = "***"
+# Field and query-parameter names whose values are credentials (AWS, GCS, Azure SAS, tokens).
+SECRET_NAME = re.compile(r"(^|[_-])(password|passwd|secret|token|api[_-]key|access[_-]key|credentials?|signature|sig)"
+                         r"($|[_-])", re.IGNORECASE)
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """A config (or any value in it) with credentials replaced by ``***``, for trackers.
+
+    Redacts: the password in a URI's userinfo (``scheme://user:PASS@host``, the user kept),
+    query parameters with secret-looking names (``?token=``, ``X-Amz-Signature=``, ``sig=``),
+    and whole values of fields so named. Returns a new object; ``value`` is not changed.
+    """
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, name) for v in value]
+    if isinstance(value, str):
+        if name and SECRET_NAME.search(name):
+            return REDACTED
+        return _redact_uri(value) if "://" in value or "@" in value else value
+    return value
+
+
+def redact_args(args: list[str]) -> list[str]:
+    """Command-line arguments with credentials redacted: ``section.field=value`` overrides as
+    :func:`redact` treats the field, other arguments as URIs."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        out.append(f"{key}={redact(value, key.rsplit('.', 1)[-1])}" if sep and not key.startswith("-")
+                   else redact(arg))
+    return out
+
+
+def _redact_uri(text: str) -> str:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return text
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        name, sep, _ = user.partition(":")
+        netloc = f"{name}:{REDACTED}@{host}" if sep else f"{REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, REDACTED if SECRET_NAME.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -90,14 +148,21 @@ class MLflow:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        if uri is None:
+        artifacts = None
+        if uri is None and "mlflow_run_id" in state and "mlflow_store" not in state:
+            # A run begun with the earlier default (MLflow's file store) continues there.
             uri = (run_dir / "mlruns").resolve().as_uri()
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in to its file store
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        elif uri is None:
+            uri = f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            artifacts = (run_dir / "mlartifacts").resolve().as_uri()  # else MLflow's ./mlruns in the cwd
+            state["mlflow_store"] = "sqlite"
         self.client = MlflowClient(tracking_uri=uri)
         if "mlflow_run_id" not in state:
             name = run_dir.resolve().name
             exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            exp_id = (exp.experiment_id if exp is not None
+                      else self.client.create_experiment(name, artifact_location=artifacts))
             run = self.client.create_run(exp_id, run_name=name)
             state["mlflow_run_id"] = run.info.run_id
             params = [Param(k[:250], v[:6000]) for k, v in flatten(config).items()]
@@ -127,8 +192,13 @@ class WandB:
         os.environ.setdefault("WANDB_SILENT", "true")
         state.setdefault("wandb_id", uuid.uuid4().hex[:8])
         self.wandb = wandb
-        self.run = wandb.init(project=project, name=run_dir.resolve().name, id=state["wandb_id"], resume="allow",
-                              dir=str(run_dir), mode=mode, config=config)
+        # W&B records the command line with the run, and overrides on it may carry credentials.
+        argv, sys.argv = sys.argv, [sys.argv[0], *redact_args(sys.argv[1:])]
+        try:
+            self.run = wandb.init(project=project, name=run_dir.resolve().name, id=state["wandb_id"], resume="allow",
+                                  dir=str(run_dir), mode=mode, config=config)
+        finally:
+            sys.argv = argv
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -151,6 +221,7 @@ class Trackers(Callback):
         self.state_path = self.run_dir / "trackers.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"sent_lines": 0}
         self.trackers = []
+        config = redact(config)
         for name in names:
             if name == "tensorboard":
                 self.trackers.append(TensorBoard(self.run_dir, self.state, config))

@@ -10,6 +10,7 @@ import torch
 
 from raclora_dist.config import load_config
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
+from raclora_dist.train.tokenizer import tokenizer_source
 from tests.conftest import TINY_MODEL, faults, read_jsonl, run_cli, tiny_config, write_config
 from tests.distributed.test_backends import losses, train
 
@@ -58,7 +59,8 @@ def chat_config(tmp, pretrained, rows):
 
 def test_tokenizer_defaults_to_the_model_folders(tmp_path, pretrained, chat_rows):
     cfg = load_config(chat_config(tmp_path, pretrained, chat_rows))
-    assert cfg.data.tokenizer == str(pretrained)
+    assert cfg.data.tokenizer is None  # resolved where the run reads it, not by the config
+    assert tokenizer_source(cfg) == str(pretrained)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ against the Kubernetes schemas (kubernetes-validate) and the KubeRay CRDs (vendo
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 import shlex
 import shutil
 import subprocess
@@ -184,3 +186,56 @@ def test_the_clusters_front_door_is_locked(sets):
         assert own["from"] == [{"podSelector": {"matchLabels": selector}}] and "ports" not in own
         assert clients["from"] == [{"podSelector": {"matchLabels": {"raclora.io/ray-client": "true"}}}]
         assert sorted(p["port"] for p in clients["ports"]) == [8265, 10001]
+
+
+# Overrides a user may add on top of a bundled config before rendering (each with every flag).
+USER_CHANGES = [[], ["train.batch_size=8"], ["distributed.sync=link"], ["model.quantization=nf4"],
+                ["model.quantization={method: nf4, storage_dtype: float32}"]]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_render_never_writes_a_config_the_cluster_would_refuse(config):
+    """Every combination of the render flags, over each bundled config with each user change
+    it accepts, either fails here, naming a field, or yields a ConfigMap whose config the job
+    validates as is."""
+    from raclora_dist.config import ConfigError, load_config
+    from raclora_dist.orchestration import k8s
+
+    rendered = refused = 0
+    for changes in USER_CHANGES:
+        try:
+            cfg = load_config(config, changes)
+        except ConfigError:
+            continue  # the user's own config, already refused on their machine
+        flags = itertools.product([None, 1, 2, 3, 4], [False, True], [None, "s3://bucket/ray"])
+        for workers, gpu, storage in flags:
+            try:
+                docs = k8s.render(cfg, workers=workers, gpu=gpu, storage_uri=storage)
+            except ConfigError as err:
+                assert "raclora k8s render" in str(err) and re.search(r"\b[a-z_]+\.[a-z_]+", str(err)), str(err)
+                refused += 1
+                if changes == ["train.batch_size=8"]:
+                    assert workers == 3 and "train.batch_size (8)" in str(err), str(err)
+                continue
+            text = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["train.yaml"]
+            build_config(yaml.safe_load(text))  # what `raclora train /etc/raclora/train.yaml` does first
+            rendered += 1
+    assert rendered >= 40 and refused >= 4, (rendered, refused)  # batch 8 over 3 workers, 4 ways at least
+
+
+def test_render_refuses_on_the_users_machine_naming_the_field(tmp_path):
+    """The case from the issue: batch 8 rendered for 3 workers failed only on the cluster."""
+    proc = subprocess.run([sys.executable, "-m", "raclora_dist", "k8s", "render", "configs/quickstart.yaml",
+                           "train.batch_size=8", "--workers", "3"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and not proc.stdout
+    assert "train.batch_size (8) must be a multiple of distributed.workers (3)" in proc.stderr
+
+
+def test_a_one_process_link_sync_config_renders_to_replicas_not_shards():
+    from raclora_dist.config import load_config
+    from raclora_dist.orchestration import k8s
+
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["distributed.strategy=single", "distributed.workers=1",
+                                                          "distributed.sync=link"])
+    text = next(d for d in k8s.render(cfg, workers=2) if d["kind"] == "ConfigMap")["data"]["train.yaml"]
+    assert yaml.safe_load(text)["distributed"]["strategy"] == "ddp"

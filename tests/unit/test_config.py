@@ -168,3 +168,69 @@ def test_deepspeed_sections_that_change_how_checkpoints_load_are_refused(cfg_fil
     with pytest.raises(ConfigError, match=r"deepspeed\.(checkpoint|datastates): raclora manages DeepSpeed's checkpoints"):
         load_config(cfg_file, ["distributed.strategy=deepspeed", "distributed.workers=2",
                                f"distributed.deepspeed={{zero_optimization: {{stage: 2}}, {section}}}"])
+
+
+def test_a_config_cannot_be_edited_and_changes_are_validated_again(cfg_file):
+    """Fields assigned after validation (the k8s renderer did) escaped every cross-field rule."""
+    import pydantic
+
+    from raclora_dist.config import with_values
+
+    cfg = load_config(cfg_file)
+    for section, field, value in (("distributed", "workers", 3), ("raclora", "rank", 4),
+                                  ("model", "dtype", "bfloat16")):
+        with pytest.raises(pydantic.ValidationError, match="frozen"):
+            setattr(getattr(cfg, section), field, value)
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.model.quantization.compute_dtype = "bfloat16"
+    with pytest.raises(ConfigError, match=r"train.batch_size \(4\) must be a multiple of distributed.workers \(3\)"):
+        with_values(cfg, {"distributed.strategy": "ddp", "distributed.workers": 3}, source="a test")
+    changed = with_values(cfg, {"distributed.strategy": "ddp", "distributed.workers": 2})
+    assert (changed.distributed.workers, cfg.distributed.workers) == (2, 1)
+
+
+def test_validation_reads_nothing_from_disk(cfg_file, monkeypatch):
+    """A config is validated where the files it names may not exist (a laptop rendering for a
+    cluster): the default tokenizer is resolved by the run, not by the schema."""
+    import builtins
+    import os
+
+    from raclora_dist.config import build_config, read_yaml
+
+    data = read_yaml(cfg_file)
+    data["model"] = {"name_or_path": "/nowhere/model"}
+    data["data"].pop("tokenizer", None)
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError(f"validation touched the disk: {args[:1]}")
+
+    for name in ("stat", "lstat", "listdir", "scandir", "access"):
+        monkeypatch.setattr(os, name, no_disk)
+    monkeypatch.setattr(builtins, "open", no_disk)
+    cfg = build_config(data)
+    monkeypatch.undo()
+    assert cfg.data.tokenizer is None
+
+
+@pytest.mark.parametrize("value, name, want", [
+    ("ray://alice:hunter2@head:10001", "address", "ray://alice:***@head:10001"),
+    ("https://tok3n@mlflow.example.com/", "mlflow_tracking_uri", "https://***@mlflow.example.com/"),
+    ("s3://b/p?region=eu&X-Amz-Signature=abc&sig=def", "storage_path", "s3://b/p?region=eu&X-Amz-Signature=***&sig=***"),
+    ("sk-abcdef", "wandb_api_key", "***"),
+    ("auto", "address", "auto"),
+    ("/plain/path", "dir", "/plain/path"),
+])
+def test_credentials_are_redacted_from_what_trackers_log(value, name, want):
+    from raclora_dist.train.trackers import redact
+
+    cfg = {"section": {name: value, "n": 3}}
+    assert redact(cfg) == {"section": {name: want, "n": 3}}
+    assert cfg["section"][name] == value  # the config itself is untouched
+
+
+def test_redaction_leaves_every_config_field_name_alone(cfg_file):
+    """Field names such as data.tokenizer or train.sample_tokens are not secrets."""
+    from raclora_dist.train.trackers import flatten, redact
+
+    full = load_config(cfg_file, ["run.mlflow_tracking_uri=http://mlflow:5000"]).model_dump(mode="json")
+    assert flatten(redact(full)) == flatten(full)
