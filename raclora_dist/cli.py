@@ -207,18 +207,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(k8s.to_yaml(docs), end="")
         return 0
     elif args.command == "validate":
+        from raclora_dist.train.data import describe_data
         from raclora_dist.train.estimate import count, size
+        from raclora_dist.train.run import load_data
         from raclora_dist.train.session import plan_run
 
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
         n, est = plan_run(cfg)
+        # Every row read and encoded as `train` does (same checks, same messages); the
+        # tokenized cache it builds is the one `train` then maps.
+        data_lines = describe_data(cfg.data, load_data(cfg, log=print))
         d = cfg.distributed
         print(f"{args.config}: valid ({n} layers targeted, run folder {cfg.run.dir})")
         print(f"model: {count(est.params)} parameters, {size(est.base_params_bytes)} as held "
               f"({cfg.model.dtype}{', ' + cfg.model.quantization.method if cfg.model.quantization.enabled else ''})")
         print(f"estimated memory per rank ({d.strategy} x {d.workers}):\n{est.table()}")
         for line in est.chain_lines:
+            print(line)
+        for line in data_lines:
             print(line)
         for line in est.warnings:
             print(f"warning: {line}", file=sys.stderr)

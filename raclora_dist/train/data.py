@@ -43,6 +43,29 @@ def read_documents(dcfg: DataSection, rows=None, source: str | None = None) -> l
     return docs
 
 
+def describe_data(dcfg: DataSection, data: "PackedData") -> list[str]:
+    """What ``raclora validate`` says about the data: rows read per source kind, and the
+    sequences and tokens they became (those with loss, for instruction/chat data)."""
+    def rows(sources: list[str], field: str) -> int:
+        n = sum(len(load_rows(dcfg, s, field)) for s in sources)
+        return min(n, dcfg.max_documents * len(sources)) if dcfg.max_documents else n
+
+    def tokens(fields: dict[str, torch.Tensor]) -> str:
+        ids = fields["input_ids"]
+        if "labels" in fields:
+            with_loss = int((fields["labels"][:, 1:] != IGNORE).sum())
+            return f"{len(ids):,} sequences of {ids.shape[1]} tokens ({with_loss:,} tokens with loss)"
+        return f"{len(ids):,} sequences of {ids.shape[1]} tokens ({ids.numel():,} tokens)"
+
+    lines = [f"data: {rows(dcfg.paths, 'data.path'):,} rows in data.path -> training {tokens(data.fields)}"]
+    if dcfg.eval_paths:
+        lines.append(f"eval: {rows(dcfg.eval_paths, 'data.eval_path'):,} rows in data.eval_path -> "
+                     f"{tokens(data.eval_fields)}")
+    else:
+        lines.append(f"eval: the last {dcfg.eval_fraction:.0%} of the sequences -> {tokens(data.eval_fields)}")
+    return lines
+
+
 def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Whole examples into (N, seq_len) blocks, first fit in order (each example <= seq_len).
 

@@ -28,13 +28,13 @@ from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_
 from raclora_dist.train.runs import running
 from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.train.token_cache import cached_blocks
-from raclora_dist.train.tokenizer import load_tokenizer
+from raclora_dist.train.tokenizer import load_tokenizer, tokenizer_source
 
 
 def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> PackedData:
     """``data.path``'s packed blocks: memory-mapped from the tokenized cache, which is built
     first (read, rendered, tokenized, packed; ``log`` says so) if this data has none."""
-    tok = load_tokenizer(cfg.data.tokenizer)
+    tok = load_tokenizer(tokenizer_source(cfg))
     sets = cached_blocks(cfg.data, tok, lambda: tokenized_blocks(cfg.data, tok), log)
     return PackedData(sets["train"], cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed,
                       eval_blocks=sets.get("eval"))

@@ -137,3 +137,24 @@ def test_tokenizer_larger_than_the_embedding_is_named(tmp_path, pretrained, chat
     assert (f"data.tokenizer: the tokenizer has 265 tokens, more than the model's embedding "
             f"(model.name_or_path ({pretrained}): vocab_size 260)") in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_reads_every_row_as_train_does(tmp_path, pretrained, chat_rows):
+    """A bad second row passed `raclora validate` (exit 0) and stopped only `train`; now both
+    refuse it with the same line and exit code, and a good file's rows and tokens are counted."""
+    good = run_cli("validate", str(chat_config(tmp_path, pretrained, chat_rows)))
+    assert good.returncode == 0, good.stderr[-2000:]
+    n_rows = len(chat_rows.read_text().splitlines())
+    assert f"data: {n_rows:,} rows in data.path -> training " in good.stdout
+    assert "tokens with loss" in good.stdout
+
+    rows = tmp_path / "bad.jsonl"
+    first = chat_rows.read_text().splitlines()[0]
+    bad = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]})
+    rows.write_text(first + "\n" + bad + "\n")
+    cfg = chat_config(tmp_path, pretrained, rows)
+    said = f"data.path: {rows}, row 2: message 2 has role 'robot'"
+    validated = run_cli("validate", str(cfg))
+    trained = run_cli("train", str(cfg), f"run.dir={tmp_path / 'run'}")
+    assert validated.returncode == trained.returncode == 2
+    assert said in validated.stderr and said in trained.stderr
