@@ -141,3 +141,37 @@ class ChainSize(Callback):
                "in_ram": trainer.s.chain.state.factors.in_ram}
         with open(self.out, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class CountEvalRows(Callback):
+    """Counts the rows each rank runs through the model while evaluating at link boundaries:
+    ``out/rank<R>.json`` holds ``{"rows": n, "evals": k}`` so far, rewritten at each boundary."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer) -> None:
+        backend, evaluate = trainer.backend, trainer.evaluate
+        forward = backend.forward
+        self.rows = self.evals = 0
+        inside = [False]
+
+        def counting_forward(input_ids, *args, **kwargs):
+            if inside[0]:
+                self.rows += len(input_ids)
+            return forward(input_ids, *args, **kwargs)
+
+        def counting_evaluate():
+            inside[0] = True
+            try:
+                return evaluate()
+            finally:
+                inside[0] = False
+                self.evals += 1
+
+        backend.forward, trainer.evaluate = counting_forward, counting_evaluate
+        self.rank = backend.info.rank
+
+    def on_boundary(self, trainer, record: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{self.rank}.json").write_text(json.dumps({"rows": self.rows, "evals": self.evals}))

@@ -34,14 +34,6 @@ def _labelled(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def _eval_inputs(batch: dict[str, torch.Tensor]) -> dict:
-    """A whole eval micro-batch (every rank evaluates all of it): its loss is the mean over
-    its labelled tokens (response tokens only for instruction/chat data)."""
-    if "labels" not in batch:
-        return batch
-    return {**batch, "num_items": max(_labelled(batch["labels"]), 1)}
-
-
 class Trainer:
     """Runs the chain's links on this rank.
 
@@ -101,7 +93,9 @@ class Trainer:
         self._bar = progress_bar(total, self.global_step) if self.is_main else None
         self.backend.model.train()
         if start_link == 0 and self.global_step == 0:
-            self._write({"type": "eval", "step": 0, "eval_loss": self.evaluate()})
+            t0 = time.perf_counter()
+            loss = self.evaluate()
+            self._write({"type": "eval", "step": 0, "eval_loss": loss, "eval_s": time.perf_counter() - t0})
             self._sample(-1)
         self.callbacks.on_train_start(self)
         try:
@@ -223,7 +217,9 @@ class Trainer:
         # What this rank sent in collectives over the link: its fingerprint check, its steps
         # and the boundary.
         link_bytes, self._link_bytes = self._link_bytes + sent, 0
-        rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": self.evaluate(),
+        t0 = time.perf_counter()
+        eval_loss = self.evaluate()
+        rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": eval_loss, "eval_s": time.perf_counter() - t0,
                "link_time_s": link_time, "step": self.global_step, "comm_bytes_boundary": sent,
                "comm_bytes_link": link_bytes}
         self._write(rec)
@@ -265,16 +261,42 @@ class Trainer:
                 self.log(f"  sample: {prompt!r} -> {answer!r}")
 
     @torch.no_grad()
+    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed eval batches, each on every rank (NaN when none)."""
+        """Mean loss over the fixed eval batches (NaN when none), as one process computes it:
+        each batch's loss is the mean over its tokens (its labelled tokens for instruction and
+        chat data), and the batches count equally.
+
+        Each rank evaluates its share of every batch's rows and the per-batch token-loss sums
+        and token counts are summed across ranks (one all-reduce of 2 numbers per batch), so W
+        workers do 1/W of the work each. A batch with fewer rows than ranks gives the ranks
+        without a row a stand-in row that counts for nothing: sharded engines need every
+        rank in every forward.
+        """
         batches = self.data.eval_inputs(self.cfg.train.eval_batches)
         if not batches:
             return float("nan")
-        model = self.backend.model
+        b = self.backend
+        world, rank = b.info.world_size, b.info.rank
+        model = b.model
         model.eval()
-        losses = [self.backend.forward(**_eval_inputs(b)).item() for b in batches]
+        sums = torch.zeros(len(batches), 2, dtype=torch.float64)  # (token-loss sum, tokens) per batch
+        for i, batch in enumerate(batches):
+            mine = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
+            weight = 1.0
+            if not len(mine["input_ids"]):
+                mine, weight = {k: v[:1] for k, v in batch.items()}, 0.0
+            mine.setdefault("labels", mine["input_ids"])  # text: the loss is on every token
+            tokens = _labelled(mine["labels"])
+            # num_items=1: the loss comes back as the sum over the tokens, not their mean
+            loss_sum = b.forward(**mine, num_items=1.0).item()
+            sums[i] = torch.tensor([loss_sum * weight, tokens * weight], dtype=torch.float64)
         model.train()
-        return sum(losses) / len(losses)
+        sums = self.comm.all_reduce_sum(sums)
+        counted = sums[:, 1] > 0
+        if not counted.any():
+            return float("nan")
+        return float((sums[counted, 0] / sums[counted, 1]).mean())
 
     def checkpoint(self, next_link: int, step_in_link: int = 0) -> Path:
         """Checkpoints at a boundary (``next_link`` to start) or mid-link (``step_in_link`` > 0

@@ -71,6 +71,10 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
 
 
+def eval_losses(run: Path) -> list[float]:
+    return [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] in ("eval", "link")]
+
+
 def assert_chains_close(a: Path, b: Path, rtol=1e-4, atol=1e-6) -> None:
     ca, cb = chain(a), chain(b)
     assert ca.keys() == cb.keys()
@@ -104,6 +108,8 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == 2
     assert_chains_close(single, run)
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)
+    # each rank evaluated half of every eval batch; the reduced loss is the one-process loss
+    assert eval_losses(run) == pytest.approx(eval_losses(single), rel=1e-6)
     # every rank held the one-process sketches: their all-reduced fingerprints were checked
     # at each link, and they equal the ones the single run stored
     assert meta(run)["fingerprints"] == meta(single)["fingerprints"]
@@ -176,6 +182,25 @@ def test_desynchronised_sketch_stops_the_run_naming_the_module(setup):
     assert "link 1: ranks hold different sketches for module 'model.layers.0.self_attn.q_proj'" in proc.stderr
     assert meta(run)["merged"] == [0] and meta(run)["world_size"] == 2  # link 0's checkpoint intact
     assert not processes_mentioning(str(run)) and shm_files() <= before
+
+
+def test_eval_split_across_ranks_with_a_batch_smaller_than_the_world_equals_one_process(setup):
+    """Batches of 2 over 91 eval sequences: the last holds 1 row, so rank 1 runs a stand-in
+    row that counts for nothing (FSDP2 gathers in every forward: every rank must run it)."""
+    d, cfg, _ = setup
+    tail = ["raclora.links=1", "raclora.steps_per_link=1", "train.batch_size=2", "train.eval_batches=50"]
+    single = d / "eval-single"
+    assert run_cli("train", str(cfg), f"run.dir={single}", *tail).returncode == 0
+    run, rows = d / "eval-fsdp2", d / "eval-rows"
+    probe = f"run.callbacks=[{{class: 'tests.probes:CountEvalRows', args: {{out: '{rows}'}}}}]"
+    proc = train(cfg, run, *ENGINES["fsdp2"], *tail, probe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(eval_losses(run)) == 2
+    assert eval_losses(run) == pytest.approx(eval_losses(single), rel=1e-6)
+    # each rank ran half the eval set's 91 rows (rank 1 one stand-in row more), not all of it
+    counts = [json.loads((rows / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [c["evals"] for c in counts] == [1, 1]
+    assert [c["rows"] for c in counts] == [46, 46]
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
