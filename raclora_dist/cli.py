@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--address", required=True, help="the Ray job server, e.g. http://HEAD:8265")
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sb.add_argument("--submission-id", help="a job id of your choosing")
+    sb.add_argument("--agent-wait", type=float, default=120.0, metavar="SECONDS",
+                    help="how long to retry while the head's job agent starts (default 120)")
     k = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
     ksub = k.add_subparsers(dest="k8s_command", required=True)
     r = ksub.add_parser("render", help="print a ConfigMap + RayJob for a config (kubectl apply -f -)")
@@ -170,7 +172,8 @@ def _jobs(args: argparse.Namespace) -> int:
         # The config is validated by the job itself, against the cluster's files: a bad one
         # fails there within seconds, with the error in the job's logs, and this exits 1.
         job = jobs.submit(args.address, args.config, args.overrides,
-                          working_dir=jobs.default_working_dir(args.config), submission_id=args.submission_id)
+                          working_dir=jobs.default_working_dir(args.config), submission_id=args.submission_id,
+                          agent_wait_s=args.agent_wait)
         print(f"submitted job {job}")
         if args.no_wait:
             return 0
@@ -274,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raclora: error: {err}", file=sys.stderr)
         return 2
+    except ConnectionError as err:  # a Ray head that cannot be reached or takes no jobs
+        print(f"raclora: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:
         from raclora_dist.train.launch import under_launcher
 

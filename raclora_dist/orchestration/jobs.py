@@ -18,6 +18,10 @@ from pathlib import Path
 # What the job's working directory upload leaves out (the venv, runs, VCS metadata).
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "benchmarks/results", "*.egg-info"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Ray's job server answers this (HTTP 500) until the head's job agent has registered, which
+# takes a while after `ray start` on a loaded machine.
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 120.0
 
 
 def client(address: str):
@@ -39,15 +43,18 @@ def entrypoint(config: str, overrides: list[str]) -> str:
 
 def submit(address: str, config: str, overrides: list[str], *, working_dir: str = ".",
            submission_id: str | None = None, pip: list[str] | None = None,
-           log: Callable[[str], None] = print) -> str:
+           log: Callable[[str], None] = print, agent_wait_s: float = AGENT_WAIT_S) -> str:
     """Submits a training job with the working directory (config, data) uploaded; returns its id.
 
     Ray's upload leaves out what ``.gitignore`` and ``.rayignore`` name (and :data:`EXCLUDES`).
     The files the config needs that they would leave out (generated data, a tokenizer) are
     uploaded anyway, through a staged copy of the working directory (:func:`stage_upload`).
+    While the head's job agent is still starting (Ray answers "No available agent"), the
+    submission is retried for up to ``agent_wait_s`` seconds, with a line saying so.
 
     Raises:
         ConfigError: a file the config needs cannot reach the job (see :func:`stage_upload`).
+        ConnectionError: no job agent came up on the head within ``agent_wait_s``.
     """
     with tempfile.TemporaryDirectory(prefix="raclora-upload-") as tmp:
         upload, added = stage_upload(Path(working_dir), config, overrides, Path(tmp))
@@ -56,8 +63,23 @@ def submit(address: str, config: str, overrides: list[str], *, working_dir: str 
         runtime_env: dict = {"working_dir": str(upload), "excludes": EXCLUDES}
         if pip:
             runtime_env["pip"] = pip
-        return client(address).submit_job(entrypoint=entrypoint(config, overrides), runtime_env=runtime_env,
-                                          submission_id=submission_id)
+        jobs = client(address)
+        deadline, said = time.monotonic() + agent_wait_s, False
+        while True:
+            try:
+                return jobs.submit_job(entrypoint=entrypoint(config, overrides), runtime_env=runtime_env,
+                                       submission_id=submission_id)
+            except RuntimeError as err:
+                if NO_AGENT not in str(err):
+                    raise
+                if not said:
+                    log(f"waiting for the head's job agent (Ray: {NO_AGENT}); retrying for up to "
+                        f"{agent_wait_s:.0f} s")
+                    said = True
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(f"the Ray head at {address} has no job agent after {agent_wait_s:.0f} s "
+                                          f"(it answers: {NO_AGENT}); check the head's dashboard_agent.log") from None
+                time.sleep(2.0)
 
 
 def uploaded_files(root: Path) -> set[Path]:

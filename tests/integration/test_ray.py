@@ -143,9 +143,67 @@ def head(tmp_path_factory):
                     "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={tmp}"],
                    check=True, env=env, capture_output=True, timeout=180)
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        yield f"http://127.0.0.1:{dash}", {**env, "RACLORA_TEST_GCS": f"127.0.0.1:{port}"}
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+AGENT_KV = """
+import sys
+from ray._raylet import GcsClient
+from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD as NS
+from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX as PREFIX
+import os
+gcs = GcsClient(address=os.environ["RACLORA_TEST_GCS"])
+path = sys.argv[2]
+if sys.argv[1] == "hide":
+    (key,) = gcs.internal_kv_keys(PREFIX.encode(), NS)
+    value = gcs.internal_kv_get(key, NS)
+    open(path, "wb").write(key + b"\\n" + value)
+    gcs.internal_kv_del(key, False, NS)
+else:
+    key, value = open(path, "rb").read().split(b"\\n", 1)
+    gcs.internal_kv_put(key, value, True, NS)
+"""
+
+
+def agent_kv(env: dict, action: str, saved: Path) -> None:
+    """Hides the head's job-agent address from Ray's job server (the state of a head whose
+    agent has not registered yet) or puts it back."""
+    subprocess.run([sys.executable, "-c", AGENT_KV, action, str(saved)], env=env, check=True, timeout=60,
+                   capture_output=True)
+
+
+def test_submit_waits_for_the_heads_job_agent_then_fails_clearly_or_submits(head, setup, tmp_path):
+    """Right after `ray start` the job server answers "No available agent" until the head's
+    agent registers. Reproduced on a real head by withholding the agent's address (this test
+    must be the first to submit to the head: the server remembers an agent once found)."""
+    address, env = head
+    d, cfg, _ = setup
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "data.jsonl").write_text(Path(yaml_data_path(cfg)).read_text())
+    write_config(work / "job.yaml", tiny_config(Path("data.jsonl"), Path("runs/job"),
+                                                raclora={"links": 1, "steps_per_link": 1}, ray={"enabled": True}))
+    saved = tmp_path / "agent"
+    agent_kv(env, "hide", saved)
+    cmd = [sys.executable, "-m", "raclora_dist", "submit", "job.yaml", "distributed.workers=1",
+           f"ray.storage_path={tmp_path / 'storage'}", "--address", address]
+    never = subprocess.run([*cmd, "--agent-wait", "5"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert never.returncode == 1
+    assert "waiting for the head's job agent" in never.stdout
+    assert f"raclora: error: the Ray head at {address} has no job agent after 5 s" in never.stderr
+    assert "Traceback" not in never.stderr
+
+    proc = subprocess.Popen([*cmd, "--submission-id", "raclora-test-agent"], cwd=work, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = []
+    for line in proc.stdout:  # event-driven: the agent comes back once the command says it waits
+        out.append(line)
+        if "waiting for the head's job agent" in line:
+            agent_kv(env, "restore", saved)
+    assert proc.wait(timeout=300) == 0, "".join(out)[-3000:]
+    assert "job raclora-test-agent: SUCCEEDED" in "".join(out)
 
 
 def test_job_submission_to_a_head_started_with_ray_start(head, setup, tmp_path):
