@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", help="RayJob and Ray run name (default raclora-<config name>)")
     r.add_argument("--workers", type=int, help="worker pods (default distributed.workers)")
     r.add_argument("--storage-uri", help="object-store URI for checkpoints (default: a ReadWriteMany PVC)")
+    r.add_argument("--model-volume", metavar="CLAIM", help="a PVC with pretrained weights, mounted read-only at "
+                   "/mnt/models on every Ray pod (then model.name_or_path=/mnt/models/<folder>)")
     r.add_argument("--kind", choices=["rayjob", "raycluster"], default="rayjob")
     for verb, text in (("status", "a Ray job's status"), ("logs", "a Ray job's logs"), ("stop", "stop a Ray job")):
         j = sub.add_parser(verb, help=text)
@@ -206,7 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         fn = k8s.render if args.kind == "rayjob" else k8s.render_cluster
         docs = fn(cfg, name=args.name or f"raclora-{Path(args.config).stem}".replace("_", "-"),
                           image=args.image or k8s.DEFAULT_IMAGE, gpu=args.gpu, workers=args.workers,
-                          storage_uri=args.storage_uri)
+                          storage_uri=args.storage_uri, model_volume=args.model_volume)
         print(k8s.to_yaml(docs), end="")
         return 0
     elif args.command == "validate":

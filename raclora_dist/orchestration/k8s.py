@@ -30,6 +30,10 @@ DEFAULT_IMAGE = f"ghcr.io/raclora/raclora-dist:{__version__}"
 CONFIG_DIR = "/etc/raclora"
 CONFIG_KEY = "train.yaml"
 STORAGE_DIR = "/mnt/raclora"
+MODELS_DIR = "/mnt/models"  # --model-volume: a PVC of pretrained weights, read-only on every Ray pod
+# /dev/shm: a container's default is 64 MB, too small for NCCL's buffers and Ray's object
+# store; a memory-backed emptyDir instead, counted in the pod's memory (a quarter to a half).
+SHM = {"head": "1Gi", "cpu-worker": "2Gi", "gpu-worker": "16Gi"}
 IMAGE_DATA = "/opt/raclora/data/stdlib_docstrings.jsonl"  # built into the image (k8s/Dockerfile)
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CLIENT_LABEL = "raclora.io/ray-client"
@@ -42,14 +46,16 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "privileged": False,
 
 
 def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None, workers: int | None = None,
-                   gpu: bool = False) -> RunConfig:
+                   gpu: bool = False, model_volume: str | None = None) -> RunConfig:
     """The config as the cluster runs it: paths inside the pods, Ray on, durable storage, the
     workers and devices the manifest asks for; validated again as a whole.
 
     Raises:
         ConfigError: the config cannot run that way (e.g. ``train.batch_size`` is not a
-            multiple of the workers); names the field, here rather than on the cluster.
+            multiple of the workers, or ``model.name_or_path`` is not a path the pods see);
+            names the field, here rather than on the cluster.
     """
+    _check_model_path(cfg, storage_uri, model_volume)
     storage = {"run.dir": f"/tmp/raclora/runs/{name}", "ray.storage_path": storage_uri} if storage_uri else {
         "run.dir": f"{STORAGE_DIR}/runs/{name}", "ray.storage_path": f"{STORAGE_DIR}/ray"}
     changes: dict[str, Any] = {
@@ -72,6 +78,22 @@ def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None, workers: 
     return with_values(cfg, changes, source=f"raclora k8s render {name}")
 
 
+def _check_model_path(cfg: RunConfig, storage_uri: str | None, model_volume: str | None) -> None:
+    """A pretrained model must sit where every pod sees it: the model volume, or the run's
+    storage PVC. (An object-store bucket mounted by a CSI driver is such a volume too.)"""
+    path = cfg.model.name_or_path
+    if path is None:
+        return
+    seen = ([MODELS_DIR] if model_volume else []) + ([] if storage_uri else [STORAGE_DIR])
+    if not any(path == d or path.startswith(d + "/") for d in seen):
+        where = " or ".join(seen) if seen else "nowhere (no volume is mounted)"
+        from raclora_dist.config import ConfigError
+
+        raise ConfigError(f"raclora k8s render: model.name_or_path: {path!r} is not on a volume the pods mount "
+                          f"({where}); put the weights on a PVC, pass --model-volume CLAIM, and set "
+                          f"model.name_or_path={MODELS_DIR}/<folder> (docs: k8s/README.md)")
+
+
 def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: list, mounts: list) -> dict:
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
@@ -83,7 +105,7 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: lis
 
 def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEFAULT_IMAGE, gpu: bool = False,
            workers: int | None = None, storage_uri: str | None = None, credentials_secret: str = "raclora-storage-credentials",
-           pvc: str = "raclora-storage") -> list[dict]:
+           pvc: str = "raclora-storage", model_volume: str | None = None) -> list[dict]:
     """ConfigMap (+ PVC) + RayJob for ``cfg``.
 
     Args:
@@ -92,8 +114,10 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
         workers: worker pods (default ``distributed.workers``).
         storage_uri: an object-store URI for checkpoints (credentials from
             ``credentials_secret`` by reference); default a ReadWriteMany PVC ``pvc``.
+        model_volume: a PVC holding pretrained weights, mounted read-only at
+            :data:`MODELS_DIR` on the head (the driver checks the model) and every worker.
     """
-    c = cluster_config(cfg, name, storage_uri, workers, gpu)
+    c = cluster_config(cfg, name, storage_uri, workers, gpu, model_volume)
     n = c.distributed.workers
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
                   "data": {CONFIG_KEY: c.to_yaml()}}
@@ -105,17 +129,25 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     if not storage_uri:
         mounts.append({"name": "storage", "mountPath": STORAGE_DIR})
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": pvc}})
+    if model_volume:
+        mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": model_volume, "readOnly": True}})
+    ray_mounts = [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
 
     labels = {"app.kubernetes.io/name": "raclora", "app.kubernetes.io/instance": name}
 
-    def pod(container: dict, extra: dict | None = None) -> dict:
-        spec = {"securityContext": copy.deepcopy(POD_SECURITY), "containers": [container], "volumes": copy.deepcopy(volumes)}
+    def pod(container: dict, extra: dict | None = None, shm: str | None = None) -> dict:
+        own = copy.deepcopy(volumes) if container["volumeMounts"] else []
+        if shm:
+            own.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        spec = {"securityContext": copy.deepcopy(POD_SECURITY), "containers": [container], "volumes": own}
         return {"metadata": {"labels": dict(labels)}, "spec": {**spec, **(extra or {})}}
 
-    head = _container("ray-head", image, "1", "4Gi", 0, env, mounts)
+    head = _container("ray-head", image, "1", "4Gi", 0, env, ray_mounts)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}]
-    worker = _container("ray-worker", image, "8" if gpu else "2", "32Gi" if gpu else "6Gi", 1 if gpu else 0, env, mounts)
+    worker = _container("ray-worker", image, "8" if gpu else "2", "64Gi" if gpu else "6Gi", 1 if gpu else 0, env,
+                        ray_mounts)
     worker_extra = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]} if gpu else None
     submitter = _container("ray-job-submitter", image, "500m", "512Mi", 0, [], [])
     rayjob = {
@@ -132,11 +164,12 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
                 "rayVersion": "2.60.0",
                 "authOptions": {"mode": "token", "secretName": f"{name}-ray-token"},
                 "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-                                  "template": pod(head)},
+                                  "template": pod(head, shm=SHM["head"])},
                 "workerGroupSpecs": [{"groupName": "gpu-workers" if gpu else "workers", "replicas": n,
                                       "minReplicas": n, "maxReplicas": n,
                                       "rayStartParams": {"num-gpus": "1"} if gpu else {"num-cpus": "1"},
-                                      "template": pod(worker, worker_extra)}],
+                                      "template": pod(worker, worker_extra,
+                                                      shm=SHM["gpu-worker" if gpu else "cpu-worker"])}],
             },
             "submitterPodTemplate": pod(submitter, {"restartPolicy": "Never"}),
         },

@@ -40,6 +40,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None or stored:
         # Rank 0's run folder gets the checkpoint, and so does every other disk a rank is on
         # (a node with a disk of its own resumes its ranks' partitions from its own copy).
+        if ckpt is None and "://" in stored:  # an object store: Ray downloads it
+            ckpt = ray.train.Checkpoint(stored)
         with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(stored) as folder:
             install_on_every_disk(Path(folder), Path(cfg.run.dir), rank, shared_token(), dist.barrier)
         resume = True
@@ -68,27 +70,63 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_training(cfg, resume=resume, log=log, on_checkpoint=report)
 
 
-def latest_in_storage(cfg: RunConfig) -> Path | None:
-    """The newest complete raclora checkpoint this run (same name) left in local storage.
+def latest_in_storage(cfg: RunConfig) -> str | None:
+    """The newest intact raclora checkpoint this run (same name) left in Ray storage: a local
+    folder, or a URI when storage is an object store (``s3://``, ``gs://``, ``file://``...).
 
     Ray hands a restarted worker group its latest checkpoint itself; a driver started again
-    after a *failed* run may get none back, so the driver looks in storage too. (For remote
-    URIs only Ray's own record is used.)
+    after a *failed* run (a new Ray cluster: a RayJob's retry) gets none back, so the driver
+    looks in storage too. Candidates are tried newest first and the first intact one wins: a
+    damaged copy (a partial upload, a bad disk) is passed over for the one before it, as
+    :func:`find_latest` does in the run folder. A remote candidate is downloaded to be
+    checked (RAC-LoRA checkpoints hold the chain's factors and optimizer state, not the base).
     """
-    if cfg.ray.storage_path is None or "://" in cfg.ray.storage_path:
+    if cfg.ray.storage_path is None:
         return None
+    if "://" in cfg.ray.storage_path:
+        return _latest_in_remote_storage(cfg.ray.storage_path.rstrip("/") + "/" + str(cfg.ray.name))
     root = Path(cfg.ray.storage_path) / str(cfg.ray.name)
-    found = []
-    for meta in root.glob("checkpoint_*/meta.json"):
-        try:
-            found.append((int(json.loads(meta.read_text())["global_step"]), meta.parent))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a checkpoint of ours (or half written): passed over like a damaged one
-    # Newest first, the first intact one: a damaged copy in storage (a partial upload, a bad
-    # disk) is passed over for the one before it, as find_latest does in the run folder.
-    for _, folder in sorted(found, reverse=True):
+    for folder in _newest_first((meta.parent, meta.read_text) for meta in root.glob("checkpoint_*/meta.json")):
         if not verify_checkpoint(folder) and not symlinks_in(folder):
-            return folder
+            return str(folder)
+    return None
+
+
+def _newest_first(candidates) -> list:
+    """``(where, read_meta)`` pairs -> ``where`` of those whose meta.json parses, newest
+    (highest global step) first; others are not checkpoints of ours, or half written."""
+    found = []
+    for where, read in candidates:
+        try:
+            found.append((int(json.loads(read())["global_step"]), where))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return [where for _, where in sorted(found, key=lambda x: x[0], reverse=True)]
+
+
+def _latest_in_remote_storage(root_uri: str) -> str | None:
+    import tempfile
+
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(root_uri)
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    names = [e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+
+    def reader(name: str):
+        return lambda: filesystem.open_input_stream(f"{root}/{name}/meta.json").read().decode()
+
+    for name in _newest_first((n, reader(n)) for n in names):
+        with tempfile.TemporaryDirectory(prefix="raclora-verify-") as tmp:
+            try:
+                pafs.copy_files(f"{root}/{name}", tmp, source_filesystem=filesystem)
+            except OSError:
+                continue
+            if not verify_checkpoint(Path(tmp)) and not symlinks_in(Path(tmp)):
+                return f"{root_uri}/{name}"
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import re
 import shlex
 import shutil
@@ -140,6 +141,50 @@ def test_gpu_manifest_requests_gpus_and_tolerates_gpu_nodes(sets):
     cfg = build_config(yaml.safe_load(next(iter(config_map["data"].values()))))
     q = cfg.model.quantization
     assert (q.method, q.compute_dtype, q.storage, cfg.distributed.mixed_precision) == ("nf4", "bfloat16", "uint8", "bf16")
+    # ... of a pretrained model whose weights come from a read-only volume every Ray pod mounts
+    assert cfg.model.config is None and cfg.model.name_or_path == "/mnt/models/Llama-3.1-8B"
+    ray_pods = [job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], worker]
+    for spec in ray_pods:
+        (models,) = [v for v in spec["volumes"] if v["name"] == "models"]
+        assert models["persistentVolumeClaim"] == {"claimName": "raclora-models", "readOnly": True}
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "models")
+        assert mount == {"name": "models", "mountPath": "/mnt/models", "readOnly": True}
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_ray_pods_have_a_memory_backed_dev_shm_within_their_memory(sets, folder):
+    """NCCL and Ray's object store need more than a container's default 64 MB /dev/shm."""
+    from raclora_dist.orchestration.k8s import SHM
+
+    def gib(q: str) -> float:
+        return float(q[:-2]) if q.endswith("Gi") else float(q[:-2]) / 1024
+
+    job = next(d for d in sets[f"kustomize:{folder}"] if d["kind"] in ("RayJob", "RayCluster"))
+    cluster = job["spec"].get("rayClusterSpec", job["spec"])
+    specs = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for spec in specs:
+        (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        container = spec["containers"][0]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert gib(shm["emptyDir"]["sizeLimit"]) <= gib(container["resources"]["limits"]["memory"]) / 2
+    gpu = folder == "gpu"
+    worker_shm = next(v for v in specs[-1]["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"]
+    assert worker_shm == SHM["gpu-worker" if gpu else "cpu-worker"]
+
+
+def test_render_refuses_a_model_path_no_pod_mounts(tmp_path):
+    from raclora_dist.config import ConfigError, load_config
+    from raclora_dist.orchestration import k8s
+
+    pretrained = ["model.config=null", f"model.name_or_path={tmp_path}/my-model"]
+    cfg = load_config(ROOT / "configs/quickstart.yaml", pretrained)
+    with pytest.raises(ConfigError, match=r"model.name_or_path: .*my-model' is not on a volume the pods mount"):
+        k8s.render(cfg, model_volume="models")
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["model.config=null", "model.name_or_path=/mnt/models/m"])
+    with pytest.raises(ConfigError, match=r"--model-volume"):
+        k8s.render(cfg, storage_uri="s3://b/ray")  # no volume at all
+    k8s.render(cfg, storage_uri="s3://b/ray", model_volume="models")
 
 
 def test_image_is_set_in_one_place(sets):
@@ -239,3 +284,42 @@ def test_a_one_process_link_sync_config_renders_to_replicas_not_shards():
                                                           "distributed.sync=link"])
     text = next(d for d in k8s.render(cfg, workers=2) if d["kind"] == "ConfigMap")["data"]["train.yaml"]
     assert yaml.safe_load(text)["distributed"]["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["pvc", "object-store"])
+def test_a_retried_rayjob_resumes_from_its_storage(storage, tmp_path, small_data):
+    """A RayJob retry is a new Ray cluster running the same entrypoint on the same ConfigMap:
+    the rendered config, run twice against the same storage, resumes the second time. With a
+    PVC the run folder survives; with an object store it was on the lost pod (removed here)
+    and the checkpoint comes back from storage."""
+    import uuid
+
+    from raclora_dist.config import load_config
+    from raclora_dist.orchestration import k8s
+    from raclora_dist.train.checkpoint import find_latest
+    from tests.conftest import faults, run_cli
+
+    name = f"raclora-retry-{uuid.uuid4().hex[:8]}"
+    cfg = load_config(ROOT / "configs/quickstart.yaml", [
+        f"data.path={small_data}", "data.seq_len=32", "raclora.links=2", "raclora.steps_per_link=3",
+        "train.batch_size=4", "train.eval_batches=1", "ray.max_failures=0"])
+    uri = (tmp_path / "bucket").as_uri() if storage == "object-store" else None
+    docs = k8s.render(cfg, name=name, storage_uri=uri)
+    text = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["train.yaml"]
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["spec"]["entrypoint"] == "raclora train /etc/raclora/train.yaml" and job["spec"]["backoffLimit"] >= 1
+    text = text.replace(k8s.STORAGE_DIR, str(tmp_path / "pvc"))  # where the PVC is mounted here
+    (tmp_path / "train.yaml").write_text(text)
+    run_dir = Path(yaml.safe_load(text)["run"]["dir"])
+
+    first = run_cli("train", str(tmp_path / "train.yaml"), faults(crash_at_step=5), cwd=tmp_path)  # the pod fails
+    assert first.returncode != 0
+    if storage == "object-store":
+        assert run_dir.is_relative_to("/tmp/raclora/runs")
+        shutil.rmtree(run_dir)  # the run folder was on the failed pod's own disk
+    second = run_cli("train", str(tmp_path / "train.yaml"), cwd=tmp_path)  # the retry: same command, new cluster
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "resumed" in second.stdout + second.stderr and "at link 2 (step 3)" in second.stdout + second.stderr
+    assert json.loads((find_latest(run_dir) / "meta.json").read_text())["merged"] == [0, 1]
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -45,9 +45,11 @@ def test_the_checkpoint_latest_in_ray_storage_is_the_newest_intact_one(tmp_path,
     (storage / "r" / "checkpoint_000002" / "state.bin").write_bytes(b"torn")  # a partial upload
     (storage / "r" / "checkpoint_000003").mkdir()
     (storage / "r" / "checkpoint_000003" / "meta.json").write_text("{not json")
-    cfg = build_config(tiny_config(small_data, tmp_path / "run",
-                                   ray={"enabled": True, "storage_path": str(storage), "name": "r"}))
-    assert latest_in_storage(cfg) == storage / "r" / "checkpoint_000001"
+    for path, want in ((str(storage), str(storage / "r" / "checkpoint_000001")),
+                       (storage.as_uri(), storage.as_uri() + "/r/checkpoint_000001")):  # an object store
+        cfg = build_config(tiny_config(small_data, tmp_path / "run",
+                                       ray={"enabled": True, "storage_path": path, "name": "r"}))
+        assert latest_in_storage(cfg) == want
 
 
 def test_a_failed_prune_is_said_not_swallowed(tmp_path, monkeypatch, caplog):
