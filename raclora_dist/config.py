@@ -41,7 +41,9 @@ class RunSection(_Section):
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers fed by rank 0 at each checkpoint (TensorBoard event files "
         "in RUN/tensorboard, MLflow, W&B); each library is imported only when named.")
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; default the local folder RUN/mlruns.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite:///RUN/mlflow.db (artifacts in RUN/mlartifacts), which "
+        "MLflow's client and UI open as is.")
     wandb_project: str = Field("raclora", description="W&B project.")
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode (offline: RUN/wandb, "
                                                                  "sync later with `wandb sync`).")

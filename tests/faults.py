@@ -28,7 +28,11 @@ class Faults(Callback):
             bug in a worker, as opposed to a killed process).
         crash_in_checkpoint: exit halfway through this process's N-th checkpoint write (after
             the chain file, before ``meta.json``).
-        sleep_per_step: seconds to sleep after each step (so that a kill lands mid-link).
+        sleep_per_step: seconds to sleep after each step.
+        hold_at_step, hold_rank: after this step, rank ``hold_rank`` writes
+            ``pid_dir/held-at-step<k>`` and waits there to be killed (up to 10 minutes): a
+            test kills it when the marker appears, so the kill lands at that step whatever the
+            machine's load. Once only: a restarted worker finds the marker and goes on.
         pid_dir: each worker writes ``pid_dir/rank<R>.pid`` when training starts.
         die_before_report: this rank exits once, at its first checkpoint (after rank 0 wrote
             it into the run folder, before Ray has it from every worker); a marker in
@@ -40,11 +44,13 @@ class Faults(Callback):
     def __init__(self, crash_at_step: int | None = None, crash_in_checkpoint: int | None = None,
                  sleep_per_step: float = 0.0, pid_dir: str | None = None, die_before_report: int | None = None,
                  desync_rank: int | None = None, nan_rank: int | None = None, nan_link: int | None = None,
-                 raise_at_step: int | None = None, raise_rank: int = 0) -> None:
+                 raise_at_step: int | None = None, raise_rank: int = 0, hold_at_step: int | None = None,
+                 hold_rank: int = 0) -> None:
         self.crash_at_step, self.crash_in_checkpoint = crash_at_step, crash_in_checkpoint
         self.raise_at_step, self.raise_rank = raise_at_step, raise_rank
         self.sleep_per_step, self.pid_dir, self.die_before_report = sleep_per_step, pid_dir, die_before_report
         self.desync_rank, self.nan_rank, self.nan_link = desync_rank, nan_rank, nan_link
+        self.hold_at_step, self.hold_rank = hold_at_step, hold_rank
         self._checkpoints = 0
 
     def on_train_start(self, trainer) -> None:
@@ -64,6 +70,13 @@ class Faults(Callback):
             os._exit(FAULT_EXIT_CODE)
         if self.raise_at_step == record["step"] and trainer.backend.info.rank == self.raise_rank:
             raise RuntimeError(f"injected failure at step {record['step']}")
+        if self.hold_at_step == record["step"] and trainer.backend.info.rank == self.hold_rank and self.pid_dir:
+            marker = Path(self.pid_dir, f"held-at-step{record['step']}")
+            if not marker.exists():
+                marker.touch()
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:  # until the test kills this process
+                    time.sleep(0.1)
 
     @torch.no_grad()
     def before_boundary(self, trainer, link: int) -> None:
@@ -84,3 +97,17 @@ class Faults(Callback):
             if not marker.exists():
                 marker.touch()
                 os._exit(FAULT_EXIT_CODE)
+
+
+def wait_for_marker(marker: Path, process, what: str) -> None:
+    """Waits until ``marker`` exists (a worker holding at a step: :class:`Faults`), failing at
+    once if ``process`` (a ``subprocess.Popen``) ends first. The 10-minute bound guards against
+    a hang; it is not a speed check."""
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {process.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} never happened")
+        time.sleep(0.1)
+

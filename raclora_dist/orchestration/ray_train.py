@@ -37,6 +37,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resume = bool(config.get("resume"))
     ckpt = ray.train.get_checkpoint()
     stored = config.get("resume_from")
+    if ckpt is None:
+        # Ray registers a reported checkpoint after its upload, asynchronously: a node lost in
+        # between leaves a complete checkpoint in storage that Ray hands to no one (seen when a
+        # node died one step after a checkpoint). Storage is shared by every rank, so each finds
+        # the same newest intact one; it is this run's own (a checkpoint there when the driver
+        # started was resumed from, or refused, by the driver).
+        stored = latest_in_storage(cfg) or stored
     if ckpt is not None or stored:
         # Rank 0's run folder gets the checkpoint, and so does every other disk a rank is on
         # (a node with a disk of its own resumes its ranks' partitions from its own copy).

@@ -4,7 +4,6 @@ built by the backend use it."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -15,22 +14,17 @@ from torch import nn
 N = 32 * 2**20  # floats per rank: 128 MiB, so the 256 MiB output dwarfs gloo's own buffers
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _status_mib(field: str) -> float:
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 
-def _worker(rank: int, world: int, port: int, out: dict) -> None:
+def _worker(rank: int, world: int, store: str, out: dict) -> None:
     from raclora_dist.backends.fsdp2 import _fully_shard
     from raclora_dist.backends.fsdp2_gloo import broadcast_all_gather
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file rendezvous: no free port to find (and race for)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         shard = torch.arange(N, dtype=torch.float32) + rank * N
         got = torch.zeros(world * N)  # touched: only what the gather adds is measured
@@ -67,9 +61,9 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_gathers_in_place_on_gloo():
+def test_fsdp2_gathers_in_place_on_gloo(tmp_path):
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     output_mib = 2 * N * 4 / 2**20
     for rank in range(2):
         assert out[f"equal{rank}"]  # the same bytes as gloo's all_gather_into_tensor

@@ -3,8 +3,6 @@ own, against the plain modules holding the whole matrix."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,14 +14,9 @@ from raclora_dist.backends.vocab_parallel import VocabParallelEmbedding, VocabPa
 V, H, B, T = 37, 8, 2, 5  # 37 rows over 2 ranks: 19 and 18 (one padded row)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, out: dict) -> None:
+    # a file rendezvous: no free port to find (and race for)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
         emb, head = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
@@ -49,10 +42,10 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_embedding_and_head_split_by_rows_equal_the_whole_ones():
+def test_embedding_and_head_split_by_rows_equal_the_whole_ones(tmp_path):
     assert vocab_rows(V, 0, 2) == (0, 19, 19) and vocab_rows(V, 1, 2) == (19, 37, 19)
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     for rank in range(2):
         assert out[f"emb_equal{rank}"]  # one rank's row plus zeros: exact
         assert out[f"shape{rank}"] == (B, T, V)

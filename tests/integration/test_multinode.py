@@ -27,6 +27,8 @@ import torch
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from tests.conftest import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 from tests.distributed.test_backends import chain
+from tests.faults import wait_for_marker
+from tests.ray_head import RAY, start_head
 
 pytestmark = pytest.mark.slow
 
@@ -80,19 +82,12 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
     run, storage, pid_dir = tmp_path / "run", tmp_path / "storage", tmp_path / "pids"
     cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.strategy=ddp",
            "distributed.workers=2", f"ray.address={c.address}", "ray.max_failures=2", f"ray.storage_path={storage}",
-           "ray.resources_per_worker={CPU: 1, slot: 1}", faults(sleep_per_step=1.0, pid_dir=str(pid_dir))]
+           "ray.resources_per_worker={CPU: 1, slot: 1}", faults(hold_at_step=4, pid_dir=str(pid_dir))]
     driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        metrics = run / "metrics.jsonl"
-        for _ in range(1000):  # until link 0 is recorded (a guard against a hang, not a speed check)
-            if metrics.is_file() and any(r["type"] == "link" for r in read_jsonl(metrics)):
-                break
-            assert driver.poll() is None, driver.stdout.read()[-3000:]
-            time.sleep(0.3)
-        else:
-            pytest.fail("link 0 was never recorded")
-        time.sleep(1.5)  # mid-way through link 1 (a step takes a second)
+        # rank 0 holds after step 4, one step into link 1, until its node is lost
+        wait_for_marker(pid_dir / "held-at-step4", driver, "rank 0 reached step 4")
         rank0 = int((pid_dir / "rank0.pid").read_text())
         lineage = ancestors(rank0)
         (victim,) = [n for n in c.worker_nodes if set(raylet_pids(n)) & set(lineage)]
@@ -185,7 +180,7 @@ def test_deepspeed_zero3_on_nodes_with_their_own_disks_resumes_after_a_node_loss
             nodes.add()
         cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", *zero3,
                f"ray.address={c.address}", "ray.max_failures=2", f"ray.storage_path={storage}",
-               "ray.resources_per_worker={CPU: 1, slot: 1}", faults(sleep_per_step=2.0, pid_dir=str(pid_dir))]
+               "ray.resources_per_worker={CPU: 1, slot: 1}", faults(hold_at_step=4, pid_dir=str(pid_dir))]
         driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         def parts() -> set[str]:
@@ -202,7 +197,8 @@ def test_deepspeed_zero3_on_nodes_with_their_own_disks_resumes_after_a_node_loss
             time.sleep(0.3)
         else:
             pytest.fail(f"link 0's checkpoint in storage lacks a rank's partition: {sorted(parts())}")
-        time.sleep(2.0)  # mid-way through link 1 (a step takes 2 s: slack under a loaded machine)
+        # rank 0 holds after step 4, one step into link 1, until its node is lost
+        wait_for_marker(pid_dir / "held-at-step4", driver, "rank 0 reached step 4")
         assert len(storage_checkpoints(storage)) == 1, "the node must be lost before link 1 ends"
         victim = mount_ns(int((pid_dir / "rank0.pid").read_text()))
         assert victim in nodes.nodes
@@ -228,20 +224,13 @@ def test_deepspeed_zero3_on_nodes_with_their_own_disks_resumes_after_a_node_loss
 def job_head():
     """A Ray head started with ``ray start --head`` (no CPUs: no worker runs on it; the
     dashboard for jobs on a random free port), stopped with every node after the test."""
-    from tests.integration.test_ray import free_port
-
-    port, dash = free_port(), free_port()
     temp = Path(tempfile.mkdtemp(prefix="raclora-ray-"))  # short: Ray's socket paths have a length limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    "--disable-usage-stats", f"--temp-dir={temp}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    port, dash = start_head(env, temp, "--num-cpus=0")
     try:
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
 
 

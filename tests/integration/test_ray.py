@@ -8,11 +8,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,8 @@ import torch
 
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from tests.conftest import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
+from tests.faults import wait_for_marker
+from tests.ray_head import RAY, start_head
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +73,11 @@ def test_a_worker_killed_mid_link_is_restarted_and_the_run_ends_as_if_uninterrup
     env = subprocess_env()
     proc = subprocess.Popen([sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}",
                              "distributed.workers=2", "ray.max_failures=1", *STRATEGIES["fsdp2"],
-                             "run.trackers=[tensorboard]", faults(pid_dir=str(pids), sleep_per_step=1.0)],
+                             "run.trackers=[tensorboard]", faults(pid_dir=str(pids), hold_at_step=4, hold_rank=1)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (run / "checkpoints" / "latest").is_file():  # link 1 done
-            time.sleep(0.2)
-        time.sleep(1.5)  # ~1.5 steps into link 2
+        # rank 1 holds after step 4 (one step into link 2) until killed: the kill lands there
+        wait_for_marker(pids / "held-at-step4", proc, "rank 1 reached step 4")
         victim = int((pids / "rank1.pid").read_text())
         os.kill(victim, signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
@@ -124,28 +122,17 @@ def test_a_restarted_driver_resumes_from_storage(setup):
     assert_chain_equals(single, run)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """A Ray head started with `ray start --head` on 127.0.0.1 (random free ports); stopped after."""
     tmp = tmp_path_factory.mktemp("head")
-    port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_TMPDIR": str(tmp)}
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={tmp}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    port, dash = start_head(env, tmp, "--num-cpus=2")
     try:
         yield f"http://127.0.0.1:{dash}", {**env, "RACLORA_TEST_GCS": f"127.0.0.1:{port}"}
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 AGENT_KV = """
@@ -269,10 +256,7 @@ def test_the_embedded_ray_never_joins_a_head_already_on_the_machine(setup, tmp_p
     d, cfg, single = setup
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = subprocess_env(RAY_TMPDIR=str(temp), RAY_AUTH_MODE="token")
-    ray = str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=0",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp / 'ray'}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    start_head(env, temp / "ray", "--num-cpus=0", dashboard=False)
     try:
         # Ray's default temp folder under RAY_TMPDIR: where `ray start` leaves ray_current_cluster
         head_logs = (temp / "ray" / "session_latest").resolve() / "logs"
@@ -286,5 +270,5 @@ def test_the_embedded_ray_never_joins_a_head_already_on_the_machine(setup, tmp_p
         links = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "link"]
         assert [r["link"] for r in links] == [0, 1, 2]
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
