@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--name", help="RayJob and Ray run name (default raclora-<config name>)")
     r.add_argument("--workers", type=int, help="worker pods (default distributed.workers)")
     r.add_argument("--storage-uri", help="object-store URI for checkpoints (default: a ReadWriteMany PVC)")
+    r.add_argument("--hf-token-secret", metavar="SECRET", help="a Secret whose key 'token' is HF_TOKEN on the "
+                   "Ray pods (a gated Hugging Face Hub model)")
     r.add_argument("--model-volume", metavar="CLAIM", help="a PVC with pretrained weights, mounted read-only at "
                    "/mnt/models on every Ray pod (then model.name_or_path=/mnt/models/<folder>)")
     r.add_argument("--kind", choices=["rayjob", "raycluster"], default="rayjob")
@@ -208,7 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         fn = k8s.render if args.kind == "rayjob" else k8s.render_cluster
         docs = fn(cfg, name=args.name or f"raclora-{Path(args.config).stem}".replace("_", "-"),
                           image=args.image or k8s.DEFAULT_IMAGE, gpu=args.gpu, workers=args.workers,
-                          storage_uri=args.storage_uri, model_volume=args.model_volume)
+                          storage_uri=args.storage_uri, model_volume=args.model_volume,
+                          hf_token_secret=args.hf_token_secret)
         print(k8s.to_yaml(docs), end="")
         return 0
     elif args.command == "validate":
@@ -228,6 +231,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"model: {count(est.params)} parameters, {size(est.base_params_bytes)} as held "
               f"({cfg.model.dtype}{', ' + cfg.model.quantization.method if cfg.model.quantization.enabled else ''})")
         print(f"estimated memory per rank ({d.strategy} x {d.workers}):\n{est.table()}")
+        if cfg.model.name_or_path is not None:
+            from raclora_dist.train.sources import describe
+
+            print(describe(cfg.model.name_or_path))
         for line in est.chain_lines:
             print(line)
         for line in data_lines:

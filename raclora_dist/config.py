@@ -50,7 +50,10 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    name_or_path: str | None = Field(None, description="A local pretrained folder (no hub access is assumed).")
+    name_or_path: str | None = Field(
+        None, description="A pretrained model: a local folder of safetensors, a Hugging Face Hub name "
+        "(org/name or org/name@revision, through the HF cache: HF_HOME, HF_HUB_OFFLINE, HF_TOKEN), or a folder in "
+        "object storage (s3://, gs://, any pyarrow URI; fetched once per machine into $RACLORA_MODEL_CACHE).")
     config: dict[str, Any] | None = Field(
         None, description="A transformers config (with model_type) to build a fresh model from."
     )

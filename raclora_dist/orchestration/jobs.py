@@ -103,9 +103,11 @@ def _needed(config: str, overrides: list[str], root: Path) -> list[tuple[str, Pa
         return []  # the job reports it, with the field named, in its logs
     fields = [("the config", config), *[("data.path", p) for p in cfg.data.paths],
               *[("data.eval_path", p) for p in cfg.data.eval_paths]]
-    if cfg.data.tokenizer not in (None, "bytes"):
+    from raclora_dist.train.sources import kind
+
+    if cfg.data.tokenizer not in (None, "bytes") and kind(cfg.data.tokenizer) == "path":
         fields.append(("data.tokenizer", cfg.data.tokenizer))
-    if cfg.model.name_or_path is not None:
+    if cfg.model.name_or_path is not None and kind(cfg.model.name_or_path) == "path":  # not a Hub name or URI
         fields.append(("model.name_or_path", cfg.model.name_or_path))
     out = []
     for field, value in fields:

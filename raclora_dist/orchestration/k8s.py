@@ -81,9 +81,11 @@ def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None, workers: 
 def _check_model_path(cfg: RunConfig, storage_uri: str | None, model_volume: str | None) -> None:
     """A pretrained model must sit where every pod sees it: the model volume, or the run's
     storage PVC. (An object-store bucket mounted by a CSI driver is such a volume too.)"""
+    from raclora_dist.train.sources import kind
+
     path = cfg.model.name_or_path
-    if path is None:
-        return
+    if path is None or kind(path) != "path":
+        return  # a Hub name or URI: every pod fetches it (HF_TOKEN, storage credentials)
     seen = ([MODELS_DIR] if model_volume else []) + ([] if storage_uri else [STORAGE_DIR])
     if not any(path == d or path.startswith(d + "/") for d in seen):
         where = " or ".join(seen) if seen else "nowhere (no volume is mounted)"
@@ -105,7 +107,8 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int, env: lis
 
 def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEFAULT_IMAGE, gpu: bool = False,
            workers: int | None = None, storage_uri: str | None = None, credentials_secret: str = "raclora-storage-credentials",
-           pvc: str = "raclora-storage", model_volume: str | None = None) -> list[dict]:
+           pvc: str = "raclora-storage", model_volume: str | None = None,
+           hf_token_secret: str | None = None) -> list[dict]:
     """ConfigMap (+ PVC) + RayJob for ``cfg``.
 
     Args:
@@ -116,6 +119,9 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
             ``credentials_secret`` by reference); default a ReadWriteMany PVC ``pvc``.
         model_volume: a PVC holding pretrained weights, mounted read-only at
             :data:`MODELS_DIR` on the head (the driver checks the model) and every worker.
+        hf_token_secret: a Secret whose key ``token`` becomes ``HF_TOKEN`` on the Ray pods (a
+            gated Hub model); with the storage PVC the Hub cache (``HF_HOME``) is on it, so the
+            pods and the job's retries download a model once.
     """
     c = cluster_config(cfg, name, storage_uri, workers, gpu, model_volume)
     n = c.distributed.workers
@@ -124,6 +130,10 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     env = [{"name": "OMP_NUM_THREADS", "value": "1"}]
     if storage_uri:
         env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}} for k in CREDENTIAL_KEYS]
+    else:
+        env.append({"name": "HF_HOME", "value": f"{STORAGE_DIR}/hf"})  # one Hub cache for every pod and retry
+    if hf_token_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf_token_secret, "key": "token"}}})
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes: list[dict] = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
     if not storage_uri:

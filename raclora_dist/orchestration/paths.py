@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raclora_dist.config import RunConfig, with_values
+from raclora_dist.train.sources import kind
 
 
 def absolutize(cfg: RunConfig) -> RunConfig:
@@ -16,9 +17,10 @@ def absolutize(cfg: RunConfig) -> RunConfig:
     changes = {"run.dir": run_dir, "data.path": each(cfg.data.path)}
     if cfg.data.eval_path is not None:
         changes["data.eval_path"] = each(cfg.data.eval_path)
-    if cfg.data.tokenizer not in (None, "bytes"):
+    # Hub names and URIs mean the same on every machine; only local paths are made absolute.
+    if cfg.data.tokenizer not in (None, "bytes") and kind(cfg.data.tokenizer) == "path":
         changes["data.tokenizer"] = resolve(cfg.data.tokenizer)
-    if cfg.model.name_or_path is not None:
+    if cfg.model.name_or_path is not None and kind(cfg.model.name_or_path) == "path":
         changes["model.name_or_path"] = resolve(cfg.model.name_or_path)
     if cfg.ray.storage_path is None:
         changes["ray.storage_path"] = str(Path(run_dir) / "ray")

@@ -26,12 +26,16 @@ def check_paths(cfg: RunConfig) -> None:
         for path in paths:
             if not Path(path).exists():
                 raise ConfigError(f"{field}: {path!r} does not exist (a file or a folder)")
-    if cfg.data.tokenizer not in (None, "bytes") and not Path(cfg.data.tokenizer).is_dir():
-        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is neither 'bytes' nor a folder")
-    if cfg.model.name_or_path is not None and not Path(cfg.model.name_or_path).is_dir():
-        raise ConfigError(
-            f"model.name_or_path: {cfg.model.name_or_path!r} is not a local folder (no hub access)"
-        )
+    from raclora_dist.train.sources import kind
+
+    tok = cfg.data.tokenizer
+    if tok not in (None, "bytes") and kind(tok) == "path" and not Path(tok).expanduser().is_dir():
+        raise ConfigError(f"data.tokenizer: {tok!r} is neither 'bytes', a folder, a Hugging Face Hub name "
+                          "(org/name) nor a URI")
+    model = cfg.model.name_or_path
+    if model is not None and kind(model) == "path" and not Path(model).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path: {model!r} is neither a local folder, a Hugging Face Hub name "
+                          "(org/name[@revision]) nor an object-storage URI (s3://..., gs://...)")
 
 
 def _same_paths(a: str | list[str], b: str | list[str]) -> bool:

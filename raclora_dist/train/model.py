@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from raclora_dist.config import ConfigError, ModelSection
+from raclora_dist.train.sources import local_folder
 from raclora_dist.train.weights import InitFromConfig, SafetensorsFolder, WeightSource, state_shapes, write_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,7 +30,7 @@ def hf_config(mcfg: ModelSection, source: str | Path | None = None):
     """
     from transformers import AutoConfig
 
-    path = source or mcfg.name_or_path
+    path = source or (local_folder(mcfg.name_or_path, weights=False) if mcfg.name_or_path is not None else None)
     if path is not None:
         try:
             return AutoConfig.from_pretrained(str(path))
@@ -72,7 +73,7 @@ def weight_source(mcfg: ModelSection, meta_model, source: str | Path | None = No
                   log: Callable[[str], None] | None = None, bar: bool = False) -> WeightSource:
     """Where the base's tensors come from: ``source`` or ``model.name_or_path`` (a safetensors
     folder), else a from-config initialisation keyed by ``(model.init_seed, module name)``."""
-    path = source or mcfg.name_or_path
+    path = source or (local_folder(mcfg.name_or_path) if mcfg.name_or_path is not None else None)
     if path is not None:
         return SafetensorsFolder(path, log=log, bar=bar)
     return InitFromConfig(meta_model, mcfg.init_seed)

@@ -56,7 +56,11 @@ class Session:
 
 def base_folder(cfg: RunConfig, run_dir: Path) -> Path:
     """Where the untouched base lives: the run's ``base/`` (built from config) or the source."""
-    return Path(run_dir) / "base" if cfg.model.config is not None else Path(cfg.model.name_or_path)
+    if cfg.model.config is not None:
+        return Path(run_dir) / "base"
+    from raclora_dist.train.sources import local_folder
+
+    return local_folder(cfg.model.name_or_path)
 
 
 def _targets(model: nn.Module, cfg: RunConfig) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 EOS = "<|endoftext|>"
 
@@ -47,11 +46,17 @@ def tokenizer_source(cfg) -> str:
     Resolved here rather than in the config: a config is validated on machines that may not
     hold the model (a laptop rendering manifests for a cluster), and validation reads no disk.
     """
-    if cfg.data.tokenizer is not None:
-        return cfg.data.tokenizer
-    folder = cfg.model.name_or_path
-    own = folder is not None and any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
-    return folder if own else "bytes"
+    from raclora_dist.train.sources import kind, local_folder
+
+    named = cfg.data.tokenizer
+    if named is not None:
+        return named if named == "bytes" or kind(named) == "path" else str(
+            local_folder(named, field="data.tokenizer", weights=False))
+    if cfg.model.name_or_path is None:
+        return "bytes"
+    folder = local_folder(cfg.model.name_or_path, weights=False)  # a Hub name or URI: fetched
+    own = any((folder / f).is_file() for f in TOKENIZER_FILES)
+    return (cfg.model.name_or_path if kind(cfg.model.name_or_path) == "path" else str(folder)) if own else "bytes"
 
 
 def load_tokenizer(spec: str):

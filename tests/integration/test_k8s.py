@@ -323,3 +323,22 @@ def test_a_retried_rayjob_resumes_from_its_storage(storage, tmp_path, small_data
     assert "resumed" in second.stdout + second.stderr and "at link 2 (step 3)" in second.stdout + second.stderr
     assert json.loads((find_latest(run_dir) / "meta.json").read_text())["merged"] == [0, 1]
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_hub_model_or_an_object_store_model_renders_with_the_token_from_a_secret():
+    """The three ways a pod gets weights: a volume (above), the Hub (HF_TOKEN from a Secret, the
+    Hub cache on the storage PVC so that pods and retries download once), object storage."""
+    from raclora_dist.config import load_config
+    from raclora_dist.orchestration import k8s
+
+    hub = load_config(ROOT / "configs/quickstart.yaml", ["model.config=null", "model.name_or_path=meta-llama/Llama-3.1-8B"])
+    docs = k8s.render(hub, hf_token_secret="hf-token")
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    for spec in pod_specs(job)[:2]:  # head, workers
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+        assert env["HF_HOME"]["value"] == "/mnt/raclora/hf"
+    text = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["train.yaml"]
+    assert yaml.safe_load(text)["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B"
+    s3 = load_config(ROOT / "configs/quickstart.yaml", ["model.config=null", "model.name_or_path=s3://models/llama"])
+    k8s.render(s3, storage_uri="s3://bucket/ray")  # its credentials: the storage Secret's
