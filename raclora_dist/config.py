@@ -76,7 +76,8 @@ class ModelSection(_Section):
 class DataSection(_Section):
     path: str | list[str] = Field(
         ..., description="Training data, read through Hugging Face datasets: a .jsonl/.json/.parquet/.csv/.txt file "
-        "(.txt: blank-line separated documents), a folder of such files, or a save_to_disk folder; or a list of these "
+        "(.txt: blank-line separated documents), a folder of such files, a save_to_disk folder, or a Hugging Face Hub "
+        "dataset (org/name[@revision], its data files of data.split, through the HF cache); or a list of these "
         "(sources, mixed by data.weights).")
     weights: list[float] | None = Field(
         None, description="With several data.path sources: their shares of the training examples (normalised); each "

@@ -12,7 +12,8 @@ def absolutize(cfg: RunConfig) -> RunConfig:
     """The config with its local paths made absolute (Ray workers run elsewhere), Ray storage
     and run name defaulted from the run folder; validated again."""
     resolve = lambda p: str(Path(p).resolve())  # noqa: E731
-    each = lambda v: [resolve(p) for p in v] if isinstance(v, list) else resolve(v)  # noqa: E731
+    local = lambda p: resolve(p) if kind(p) == "path" else p  # noqa: E731 -- a Hub name stays a name
+    each = lambda v: [local(p) for p in v] if isinstance(v, list) else local(v)  # noqa: E731
     run_dir = resolve(cfg.run.dir)
     changes = {"run.dir": run_dir, "data.path": each(cfg.data.path)}
     if cfg.data.eval_path is not None:

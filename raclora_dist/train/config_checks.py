@@ -22,11 +22,12 @@ PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "model.name_or_p
 
 def check_paths(cfg: RunConfig) -> None:
     """Checks that the files a config names exist (the config itself is already valid)."""
+    from raclora_dist.train.sources import kind
+
     for field, paths in (("data.path", cfg.data.paths), ("data.eval_path", cfg.data.eval_paths)):
         for path in paths:
-            if not Path(path).exists():
+            if kind(path) != "hub" and not Path(path).exists():
                 raise ConfigError(f"{field}: {path!r} does not exist (a file or a folder)")
-    from raclora_dist.train.sources import kind
 
     tok = cfg.data.tokenizer
     if tok not in (None, "bytes") and kind(tok) == "path" and not Path(tok).expanduser().is_dir():

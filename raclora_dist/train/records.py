@@ -56,12 +56,20 @@ def load_rows(dcfg: DataSection, source: str, field: str = "data.path"):
     """
     import datasets
 
+    from raclora_dist.train.sources import hub_data_files, kind
+
     _quiet_datasets()
     path = Path(source)
-    if not path.exists():
+    hub = kind(source) == "hub"
+    if not hub and not path.exists():
         raise ConfigError(f"{field}: {source!r} does not exist (a file or a folder)")
     try:
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+        if hub:  # a dataset on the Hugging Face Hub: its data files, through the HF cache
+            files = hub_data_files(source, dcfg.split, field)
+            builder = _builder(files, source, field)
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            rows = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        elif path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
                               or (path / "state.json").is_file()):
             rows = datasets.load_from_disk(str(path))
             if isinstance(rows, datasets.DatasetDict):

@@ -36,12 +36,17 @@ WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
 SMALL = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]  # config, tokenizer, template
 
 
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".text", ".md", ".safetensors", ".yaml")
+
+
 def kind(value: str) -> str:
-    """``"uri"``, ``"hub"`` or ``"path"``: how ``value`` names a model. A name that exists on
-    disk, or starts like a path (``/``, ``.``, ``~``), is a path."""
+    """``"uri"``, ``"hub"`` or ``"path"``: how ``value`` names a model or data set. A name that
+    exists on disk, starts like a path (``/``, ``.``, ``~``) or ends like a file is a path; so
+    is anything but ``org/name[@revision]``."""
     if "://" in value:
         return "uri"
-    if value.startswith(("/", ".", "~")) or Path(value).exists() or not HUB_NAME.match(value):
+    if (value.startswith(("/", ".", "~")) or value.lower().endswith(FILE_SUFFIXES) or Path(value).exists()
+            or not HUB_NAME.match(value)):
         return "path"
     return "hub"
 
@@ -61,8 +66,8 @@ def local_folder(value: str, field: str = "model.name_or_path", weights: bool = 
 
 @lru_cache(maxsize=None)
 def _fetched(value: str, field: str, weights: bool, how: str) -> Path:
-    if how == "hub":
-        return _from_hub(value, field, weights)
+    if how in ("hub", "hub-dataset"):
+        return _from_hub(value, field, weights, "dataset" if how == "hub-dataset" else "model")
     return _from_uri(value, field, weights)
 
 
@@ -99,7 +104,7 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
         return None
 
 
-def _from_hub(value: str, field: str, weights: bool) -> Path:
+def _from_hub(value: str, field: str, weights: bool, repo_type: str = "model") -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -111,24 +116,43 @@ def _from_hub(value: str, field: str, weights: bool) -> Path:
     )
 
     repo, revision = _split(value)
-    patterns = SMALL + (WEIGHTS if weights else [])
+    patterns = DATA_FILES if repo_type == "dataset" else SMALL + (WEIGHTS if weights else [])
     try:
-        with node_lock(f"hub-{repo}-{revision}"):
-            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+        with node_lock(f"hub-{repo_type}-{repo}-{revision}"):
+            folder = Path(snapshot_download(repo, revision=revision, repo_type=repo_type, allow_patterns=patterns,
                                             local_files_only=constants.HF_HUB_OFFLINE))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise ConfigError(f"{field}: {value!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                          "HF_HUB_OFFLINE is set; download it once (`huggingface-cli download "
-                          f"{repo}`), point HF_HOME at a cache that has it, or unset HF_HUB_OFFLINE") from None
+                          "HF_HUB_OFFLINE is set (nor a local folder here); download it once (`huggingface-cli "
+                          f"download {repo}`), point HF_HOME at a cache that has it, or unset HF_HUB_OFFLINE") from None
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
         raise ConfigError(f"{field}: {value!r}: {type(err).__name__} on the Hugging Face Hub (a gated model "
                           "needs HF_TOKEN)") from None
     except HfHubHTTPError as err:
         raise ConfigError(f"{field}: {value!r}: the Hugging Face Hub answered {err}") from None
-    if weights and not any(folder.glob("*.safetensors")):
+    if repo_type == "model" and weights and not any(folder.glob("*.safetensors")):
         raise ConfigError(f"{field}: {value!r} has no safetensors weights (only safetensors are loaded: "
                           "no pickled .bin files)")
     return folder
+
+
+# -- datasets on the Hub ------------------------------------------------------------------------
+DATA_FILES = ["*.jsonl", "*.json", "*.parquet", "*.csv", "*.txt"]
+
+
+def hub_data_files(value: str, split: str, field: str = "data.path") -> list[Path]:
+    """The data files of a Hub dataset repository (``org/name[@revision]``) for ``split``:
+    fetched through the Hugging Face cache as models are, then the repository's files of
+    ``split`` (a folder or a file name starting with it, as the Hub's own layout names them),
+    or all its data files when none is named so. README and hidden files are not data."""
+    folder = _fetched(value, field, False, "hub-dataset")
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower() != "readme.md"
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                   and any(fnmatch.fnmatch(f.name, p) for p in DATA_FILES))
+    if not files:
+        raise ConfigError(f"{field}: the Hub dataset {value!r} holds no data files ({', '.join(DATA_FILES)})")
+    named = [f for f in files if split in f.relative_to(folder).parts[:-1] or f.name.startswith(split)]
+    return named or files
 
 
 # -- object storage ---------------------------------------------------------------------------

@@ -38,9 +38,14 @@ def cache_root(dcfg: DataSection) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "raclora" / "tokenized"
 
 
-def _files(source: str) -> list[list]:
+def _files(source: str, split: str) -> list[list]:
+    from raclora_dist.train.sources import hub_data_files, kind
+
     path = Path(source)
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    if kind(source) == "hub":
+        files = hub_data_files(source, split)  # the snapshot's files: a new revision is new data
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
@@ -55,7 +60,7 @@ def cache_key(dcfg: DataSection, tokenizer) -> str:
     """The hash naming the cache entry of ``dcfg``'s blocks under ``tokenizer``."""
     settings = {k: v for k, v in dcfg.model_dump(mode="json").items() if k not in SETTINGS_NOT_IN_KEY}
     settings.pop("tokenizer", None)  # the tokenizer's content counts, not where it lies
-    sources = {p: _files(p) for p in dcfg.paths + dcfg.eval_paths}
+    sources = {p: _files(p, dcfg.split) for p in dcfg.paths + dcfg.eval_paths}
     blob = json.dumps({"v": VERSION, "settings": settings, "sources": sources,
                        "tokenizer": _tokenizer_fingerprint(tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -38,18 +38,18 @@ def pretrained(tmp_path_factory):
     return folder
 
 
-def hub_cache(home: Path, repo: str, folder: Path) -> None:
-    """Lays ``folder`` out in ``home`` as the Hub cache holds a downloaded model repository:
-    content-addressed blobs, a snapshot of symbolic links per commit, refs/main -> commit."""
-    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+def hub_cache(home: Path, repo: str, files: dict[str, bytes], kind: str = "models") -> None:
+    """Lays ``files`` (repository path -> bytes) out in ``home`` as the Hub cache holds a
+    downloaded repository: content-addressed blobs, a snapshot of symbolic links per commit,
+    refs/main -> the commit."""
+    root = home / "hub" / f"{kind}--{repo.replace('/', '--')}"
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text(COMMIT)
-    for f in sorted(folder.iterdir()):
-        data = f.read_bytes()
+    for rel, data in files.items():
         blob = root / "blobs" / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(data)
-        link = root / "snapshots" / COMMIT / f.name
+        link = root / "snapshots" / COMMIT / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(os.path.relpath(blob, link.parent), link)
 
@@ -62,7 +62,10 @@ def runs(tmp_path_factory, pretrained, small_data):
     del cfg["data"]["tokenizer"]  # the model's own
     path = write_config(d / "c.yaml", cfg)
     home = d / "hf"
-    hub_cache(home, "raclora-test/tiny", pretrained)
+    hub_cache(home, "raclora-test/tiny", {f.name: f.read_bytes() for f in sorted(pretrained.iterdir())})
+    # a dataset repository as the Hub lays one out: its data under data/, a README beside it
+    hub_cache(home, "raclora-test/docs", {"data/train-00000-of-00001.jsonl": small_data.read_bytes(),
+                                          "README.md": b"# docs\n"}, kind="datasets")
     env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "RACLORA_MODEL_CACHE": str(d / "models")}
     return d, path, env
 
@@ -89,6 +92,18 @@ def test_a_path_a_hub_name_and_an_object_store_uri_train_the_same_chain(runs, pr
     listed = json.loads((fetched / ".raclora-fetched.json").read_text())
     assert listed["model.safetensors.index.json"] == (pretrained / "model.safetensors.index.json").stat().st_size
     assert {p.name for p in pretrained.iterdir()} <= set(listed)
+
+
+def test_a_hub_dataset_trains_as_its_local_file_does(runs, pretrained, small_data):
+    d, cfg, env = runs
+    chains = []
+    for name, data in (("data-path", str(small_data)), ("data-hub", "raclora-test/docs")):
+        run = d / name
+        proc = run_cli("train", str(cfg), f"run.dir={run}", f"model.name_or_path={pretrained}", f"data.path={data}",
+                       env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        chains.append(chain_tensors(find_latest(run)))
+    assert chains[0].keys() == chains[1].keys() and all(torch.equal(chains[0][k], chains[1][k]) for k in chains[0])
 
 
 def test_a_name_missing_from_the_cache_offline_is_named_with_the_cache(runs, tmp_path):
