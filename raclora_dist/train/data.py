@@ -9,35 +9,37 @@ one example see another; the rest of a block is padding without loss.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
-from raclora_dist.train.formats import IGNORE, Example, detect_format, encode_rows
+from raclora_dist.train.formats import IGNORE, Example, detect_format
+from raclora_dist.train.packing import (
+    ExamplePacker,
+    ItemStore,
+    iter_documents,
+    mix_order,
+    scratch,
+    store_documents,
+    store_examples,
+    write_part,
+)
 from raclora_dist.train.records import first_bad_utf8, load_rows
 
 
 def read_documents(dcfg: DataSection, rows=None, source: str | None = None) -> list[str]:
-    """The text documents of one source: ``data.text_field`` of each row as it is, or the
-    blank-line separated paragraphs of ``.txt`` files, stripped, empty ones skipped; the first
-    ``max_documents``. ``rows``: the source's rows if read already; ``source``: its path
-    (default: the first of ``data.path``)."""
+    """The text documents of one source, in memory (see
+    :func:`raclora_dist.train.packing.store_documents` for what counts as one); ``rows``: the
+    source's rows if read already; ``source``: its path (default: the first of ``data.path``)."""
     source = source or dcfg.paths[0]
     rows = load_rows(dcfg, source) if rows is None else rows
     field = "text" if "text" in rows.column_names and dcfg.text_field not in rows.column_names else dcfg.text_field
     if field not in rows.column_names:
         raise ConfigError(f"data.path: {source}, row 1: no field data.text_field={dcfg.text_field!r} "
                           f"(the rows have {', '.join(rows.column_names)})")
-    paragraphs = rows.info.builder_name == "text"
-    docs = []
-    for i, value in enumerate(rows[field]):
-        if value is None:
-            raise ConfigError(f"data.path: {source}, row {i + 1}: field {field!r} is missing")
-        if not paragraphs:
-            docs.append(str(value))
-        elif value.strip():
-            docs.append(value.strip())
-        if dcfg.max_documents and len(docs) == dcfg.max_documents:
-            break
+    docs = [d for chunk in iter_documents(dcfg, rows, source, field) for d in chunk]
     if not docs:
         raise ConfigError(f"data.path: {source!r} holds no documents")
     return docs
@@ -67,95 +69,80 @@ def describe_data(dcfg: DataSection, data: "PackedData") -> list[str]:
 
 
 def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Whole examples into (N, seq_len) blocks, first fit in order (each example <= seq_len).
+    """Whole examples into (N, seq_len) blocks, first fit in order (each example <= seq_len),
+    in memory (:class:`raclora_dist.train.packing.ExamplePacker`).
 
     Returns:
         ``input_ids``, ``labels`` (-100 on prompt and padding) and ``position_ids`` (0 at each
         example's first token; padding counts on from the last example), each (N, seq_len).
     """
-    blocks: list[tuple[list[int], list[int], list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    pos: list[int] = []
-
-    def close() -> None:
-        pad = seq_len - len(ids)
-        start = pos[-1] + 1 if pos else 0
-        blocks.append((ids + [pad_id] * pad, labels + [IGNORE] * pad, pos + list(range(start, start + pad))))
-
-    for ex in examples:
-        if len(ids) + len(ex.ids) > seq_len:
-            close()
-            ids, labels, pos = [], [], []
-        ids, labels, pos = ids + ex.ids, labels + ex.labels, pos + list(range(len(ex.ids)))
-    if ids:
-        close()
+    packer = ExamplePacker(seq_len, pad_id)
+    blocks = [b for ex in examples for b in packer.add(ex.ids, ex.labels)] + list(packer.finish())
     t = [torch.tensor(col, dtype=torch.long) for col in zip(*blocks)]
     return {"input_ids": t[0], "labels": t[1], "position_ids": t[2]}
 
 
 def mix(items: list[list], weights: list[float] | None) -> list:
-    """Several sources' items as one list.
+    """Several sources' items as one list, in :func:`raclora_dist.train.packing.mix_order`."""
+    return [items[s][i] for s, i in mix_order([len(src) for src in items], weights)]
 
-    Without weights: all items, source after source. With weights: source ``i`` gives its
-    first ``n_i`` items, ``n_i`` proportional to its weight, as many as the sources allow
-    before the first runs out; the sources are then interleaved in a fixed pseudo-random order.
+
+def write_blocks(dcfg: DataSection, tokenizer, folder: Path) -> dict[str, list[int]]:
+    """``data.path`` (and ``data.eval_path``) read, rendered for its format, tokenized, mixed
+    and packed into ``folder/<part>.<field>.bin`` in a stream (:mod:`raclora_dist.train.packing`):
+    memory is bounded by a chunk of rows, not by the corpus.
+
+    Returns:
+        ``{"train.input_ids": [N, T], ...}``: ``train`` (and ``eval`` with ``data.eval_path``)
+        parts of ``input_ids`` and, for instruction/chat data, ``labels`` and ``position_ids``.
     """
-    if weights is None or len(items) == 1:
-        return [x for src in items for x in src]
-    total = sum(weights)
-    shares = [w / total for w in weights]
-    scale = min(len(src) / p for src, p in zip(items, shares) if p > 0)
-    counts = [int(scale * p + 1e-9) for p in shares]
-    order = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
-    order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))]
-    taken = [0] * len(items)
-    out = []
-    for i in order.tolist():
-        out.append(items[i][taken[i]])
-        taken[i] += 1
-    return out
+    shapes = _write_part(dcfg, tokenizer, dcfg.paths, "data.path", dcfg.weights, folder, "train")
+    if dcfg.eval_paths:
+        shapes.update(_write_part(dcfg, tokenizer, dcfg.eval_paths, "data.eval_path", None, folder, "eval"))
+    return shapes
 
 
-def _source(dcfg: DataSection, tokenizer, source: str, field: str):
-    """One source's format and items: text documents, or encoded examples."""
-    rows = load_rows(dcfg, source, field)
-    fmt = detect_format(rows.column_names, dcfg)
-    try:
-        if fmt == "text":
-            return "text", read_documents(dcfg, rows, source)
-        return fmt, encode_rows(rows, dcfg, tokenizer, fmt, f"{field}: {source}")
-    except UnicodeDecodeError:  # datasets decodes strings lazily, as the rows are read
-        raise ConfigError(f"{field}: {source} could not be read: not UTF-8 at {first_bad_utf8(source)}") from None
-
-
-def _blocks(dcfg: DataSection, tokenizer, sources: list[str], field: str,
-            weights: list[float] | None) -> dict[str, torch.Tensor]:
-    read = [_source(dcfg, tokenizer, src, field) for src in sources]
-    kinds = {fmt == "text" for fmt, _ in read}
+def _write_part(dcfg: DataSection, tokenizer, sources: list[str], field: str, weights: list[float] | None,
+                folder: Path, part: str) -> dict[str, list[int]]:
+    opened = []
+    for src in sources:
+        rows = load_rows(dcfg, src, field)
+        opened.append((src, rows, detect_format(rows.column_names, dcfg)))
+    kinds = {fmt == "text" for _, _, fmt in opened}
     if len(kinds) > 1:
-        named = ", ".join(f"{src} ({fmt})" for src, (fmt, _) in zip(sources, read))
+        named = ", ".join(f"{src} ({fmt})" for src, _, fmt in opened)
         raise ConfigError(f"{field}: the sources mix text with instruction/chat rows ({named}); "
                           "give data of one kind, or set data.format")
-    items = mix([it for _, it in read], weights)
-    if kinds == {True}:
-        return {"input_ids": pack(items, tokenizer, dcfg.seq_len)}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pack_examples(items, dcfg.seq_len, pad)
+    text = kinds == {True}
+    with scratch(folder) as tmp:
+        stores = []
+        for k, (src, rows, fmt) in enumerate(opened):
+            store = ItemStore(Path(tmp) / str(k), labelled=not text)
+            try:
+                if text:
+                    store_documents(dcfg, rows, src, tokenizer, store)
+                else:
+                    store_examples(dcfg, rows, tokenizer, fmt, f"{field}: {src}", store)
+            except UnicodeDecodeError:  # datasets decodes strings lazily, as the rows are read
+                raise ConfigError(f"{field}: {src} could not be read: not UTF-8 at {first_bad_utf8(src)}") from None
+            store.close()
+            stores.append(store)
+        return write_part(dcfg, tokenizer, stores, weights, text, folder, part)
 
 
 def tokenized_blocks(dcfg: DataSection, tokenizer) -> dict[str, dict[str, torch.Tensor]]:
-    """``data.path`` (and ``data.eval_path``) read, rendered for its format, tokenized, mixed
-    and packed.
+    """:func:`write_blocks` read back into memory (int64 tensors): ``{"train": fields}``, plus
+    ``"eval"`` with ``data.eval_path``."""
+    import tempfile
 
-    Returns:
-        ``{"train": fields}``, plus ``"eval"`` with ``data.eval_path``; each field set has
-        ``input_ids`` (N, T) and, for instruction/chat data, ``labels`` and ``position_ids``.
-    """
-    out = {"train": _blocks(dcfg, tokenizer, dcfg.paths, "data.path", dcfg.weights)}
-    if dcfg.eval_paths:
-        out["eval"] = _blocks(dcfg, tokenizer, dcfg.eval_paths, "data.eval_path", None)
-    return out
+    with tempfile.TemporaryDirectory(prefix="raclora-blocks-") as tmp:
+        shapes = write_blocks(dcfg, tokenizer, Path(tmp))
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, shape in shapes.items():
+            part, name = key.split(".", 1)
+            flat = np.fromfile(Path(tmp) / f"{key}.bin", dtype=np.int32)
+            out.setdefault(part, {})[name] = torch.from_numpy(flat).long().view(*shape)
+        return out
 
 
 def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:

@@ -145,38 +145,3 @@ class ChatEncoder:
             if self.dcfg.train_on_prompt or any(s <= a < e for s, e in spans):
                 labels[t] = ids[t]
         return Example(ids, labels)
-
-
-def encode_rows(rows, dcfg: DataSection, tokenizer, fmt: str, source: str) -> list[Example]:
-    """Every row of an instruction or chat dataset as an :class:`Example` (the first
-    ``max_documents`` rows), checked before any is used.
-
-    Args:
-        source: where the rows come from, named in errors ("data.path: FILE").
-
-    Raises:
-        ConfigError: naming file, row and field: a missing or empty field, an unknown role,
-            no assistant turn, or (``data.overlong: error``) an example longer than seq_len.
-    """
-    enc = ChatEncoder(tokenizer, dcfg)
-    to_messages = chat_messages if fmt == "chat" else instruction_messages
-    out = []
-    limit = len(rows) if dcfg.max_documents is None else min(dcfg.max_documents, len(rows))
-    for i in range(limit):
-        where = _where(source, i)
-        ex = enc.encode(to_messages(rows[i], dcfg, where), where)
-        if len(ex.ids) > dcfg.seq_len:
-            if dcfg.overlong == "error":
-                raise ConfigError(f"{where}: {len(ex.ids)} tokens, longer than data.seq_len={dcfg.seq_len}; "
-                                  "raise seq_len, or set data.overlong to truncate or drop")
-            if dcfg.overlong == "drop":
-                continue
-            ex = Example(ex.ids[: dcfg.seq_len], ex.labels[: dcfg.seq_len])
-        if ex.trained == 0:
-            if dcfg.overlong == "truncate":
-                continue  # its response was cut away entirely
-            raise ConfigError(f"{where}: no response tokens after rendering")
-        out.append(ex)
-    if not out:
-        raise ConfigError(f"{source}: no example fits data.seq_len={dcfg.seq_len}")
-    return out

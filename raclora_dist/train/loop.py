@@ -22,6 +22,7 @@ from raclora_dist.config import RunConfig
 from raclora_dist.train.callbacks import Callback, CallbackList
 from raclora_dist.train.checkpoint import ckpt_root, save_checkpoint
 from raclora_dist.train.data import PackedData
+from raclora_dist.train.formats import IGNORE
 from raclora_dist.train.link_files import LinkStore
 from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
 from raclora_dist.train.parts import own_part
@@ -261,7 +262,6 @@ class Trainer:
                 self.log(f"  sample: {prompt!r} -> {answer!r}")
 
     @torch.no_grad()
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed eval batches (NaN when none), as one process computes it:
         each batch's loss is the mean over its tokens (its labelled tokens for instruction and
@@ -269,9 +269,10 @@ class Trainer:
 
         Each rank evaluates its share of every batch's rows and the per-batch token-loss sums
         and token counts are summed across ranks (one all-reduce of 2 numbers per batch), so W
-        workers do 1/W of the work each. A batch with fewer rows than ranks gives the ranks
-        without a row a stand-in row that counts for nothing: sharded engines need every
-        rank in every forward.
+        workers do 1/W of the work each. Every rank runs the same number of rows (engines that
+        exchange activations, such as the vocabulary-split head, need equal shapes): a share
+        short of ``ceil(B / W)`` rows is filled with copies of the batch's first row whose
+        labels are all -100, which count for nothing.
         """
         batches = self.data.eval_inputs(self.cfg.train.eval_batches)
         if not batches:
@@ -282,15 +283,18 @@ class Trainer:
         model.eval()
         sums = torch.zeros(len(batches), 2, dtype=torch.float64)  # (token-loss sum, tokens) per batch
         for i, batch in enumerate(batches):
-            mine = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
-            weight = 1.0
-            if not len(mine["input_ids"]):
-                mine, weight = {k: v[:1] for k, v in batch.items()}, 0.0
-            mine.setdefault("labels", mine["input_ids"])  # text: the loss is on every token
-            tokens = _labelled(mine["labels"])
-            # num_items=1: the loss comes back as the sum over the tokens, not their mean
+            batch = {**batch, "labels": batch.get("labels", batch["input_ids"])}  # text: loss on every token
+            rows = len(batch["input_ids"])
+            share = -(-rows // world)
+            lo, hi = min(rank * share, rows), min((rank + 1) * share, rows)
+            mine = {k: v[lo:hi] for k, v in batch.items()}
+            if hi - lo < share:
+                filler = {k: v[:1].repeat(share - (hi - lo), 1) for k, v in batch.items()}
+                filler["labels"] = torch.full_like(filler["labels"], IGNORE)
+                mine = {k: torch.cat([mine[k], filler[k]]) for k in mine}
+            # num_items=1: the loss comes back as the sum over the labelled tokens, not their mean
             loss_sum = b.forward(**mine, num_items=1.0).item()
-            sums[i] = torch.tensor([loss_sum * weight, tokens * weight], dtype=torch.float64)
+            sums[i] = torch.tensor([loss_sum, _labelled(mine["labels"])], dtype=torch.float64)
         model.train()
         sums = self.comm.all_reduce_sum(sums)
         counted = sums[:, 1] > 0

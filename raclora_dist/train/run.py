@@ -22,7 +22,7 @@ from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.config_checks import check_paths, diff_configs
-from raclora_dist.train.data import PackedData, tokenized_blocks
+from raclora_dist.train.data import PackedData, write_blocks
 from raclora_dist.train.loop import Trainer
 from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
 from raclora_dist.train.runs import running
@@ -35,7 +35,7 @@ def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> Packe
     """``data.path``'s packed blocks: memory-mapped from the tokenized cache, which is built
     first (read, rendered, tokenized, packed; ``log`` says so) if this data has none."""
     tok = load_tokenizer(tokenizer_source(cfg))
-    sets = cached_blocks(cfg.data, tok, lambda: tokenized_blocks(cfg.data, tok), log)
+    sets = cached_blocks(cfg.data, tok, lambda folder: write_blocks(cfg.data, tok, folder), log)
     return PackedData(sets["train"], cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed,
                       eval_blocks=sets.get("eval"))
 

@@ -86,8 +86,9 @@ def _meta_injected(cfg: RunConfig) -> tuple[nn.Module, dict[str, RacLoraLinear]]
         # ones (merging as 4-bit layers do by default); the 4-bit-only options were already
         # checked with the config.
         mode = "factored" if cfg.raclora.merge_mode == "auto" else cfg.raclora.merge_mode
+        # (allow_lossy_merge: on the meta device nothing is merged; the run's own config keeps its rule)
         cfg = with_values(cfg, {"raclora.master_weights": "none", "raclora.stochastic_rounding": False,
-                                "raclora.merge_mode": mode})
+                                "raclora.merge_mode": mode, "raclora.allow_lossy_merge": True})
     model = build_meta_model(cfg.model, len(tok))
     for p in model.parameters():  # the base is frozen, as in a run (what the engines shard depends on it)
         p.requires_grad_(False)

@@ -1,8 +1,8 @@
 """Tokenize once: packed blocks cached on disk and memory-mapped by every rank.
 
 The first process that needs a data set (the launching process's preflight, or rank 0)
-reads, renders, tokenizes and packs it (:func:`raclora_dist.train.data.tokenized_blocks`)
-and writes the blocks as raw int32 files into ``data.cache_dir/<key>/``; every process then
+reads, renders, tokenizes and packs it in a stream (:func:`raclora_dist.train.data.write_blocks`:
+memory bounded by a chunk of rows) straight into raw int32 files in ``data.cache_dir/<key>/``; every process then
 maps those files (``torch.from_file``, copy-on-write), so the pages are shared through the
 page cache and a corpus larger than a process's memory is read only where batches touch it.
 
@@ -27,7 +27,7 @@ import torch
 
 from raclora_dist.config import ConfigError, DataSection
 
-VERSION = 1  # bump when the rendering or packing of blocks changes
+VERSION = 2  # bump when the rendering or packing of blocks changes (2: streamed; the same blocks, rebuilt once)
 SETTINGS_NOT_IN_KEY = ("cache_dir", "eval_fraction")  # the split is taken after the cache
 
 
@@ -66,13 +66,14 @@ def cache_key(dcfg: DataSection, tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _write(folder: Path, sets: dict[str, dict[str, torch.Tensor]]) -> None:
-    meta = {}
+def write_tensors(folder: Path, sets: dict[str, dict[str, torch.Tensor]]) -> dict[str, list[int]]:
+    """Writes in-memory blocks as an entry's files would hold them; returns their shapes."""
+    shapes = {}
     for part, fields in sets.items():
         for name, t in fields.items():
             t.to(torch.int32).contiguous().numpy().tofile(folder / f"{part}.{name}.bin")
-            meta[f"{part}.{name}"] = list(t.shape)
-    (folder / "meta.json").write_text(json.dumps({"version": VERSION, "shapes": meta}))
+            shapes[f"{part}.{name}"] = list(t.shape)
+    return shapes
 
 
 def _read(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -105,9 +106,10 @@ def _store(tmp: Path, entry: Path) -> None:
                               f"({type(err).__name__}: {err})") from None
 
 
-def cached_blocks(dcfg: DataSection, tokenizer, build: Callable[[], dict[str, dict[str, torch.Tensor]]],
+def cached_blocks(dcfg: DataSection, tokenizer, write: Callable[[Path], dict[str, list[int]]],
                   log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """The blocks of ``dcfg`` from the cache, built by ``build()`` and stored first if absent.
+    """The blocks of ``dcfg`` from the cache, written first if absent by ``write(folder)``
+    (which fills a temporary folder with ``<part>.<field>.bin`` files and returns their shapes).
 
     Returns:
         ``{"train": fields, "eval"?: fields}`` of memory-mapped int32 (N, T) tensors.
@@ -115,16 +117,16 @@ def cached_blocks(dcfg: DataSection, tokenizer, build: Callable[[], dict[str, di
     root = cache_root(dcfg)
     entry = root / cache_key(dcfg, tokenizer)
     if not (entry / "meta.json").is_file():
-        sets = build()
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
         try:
-            _write(tmp, sets)
+            shapes = write(tmp)
+            (tmp / "meta.json").write_text(json.dumps({"version": VERSION, "shapes": shapes}))
             _store(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if log is not None:
-            train = sets["train"]
+            train = _read(entry)["train"]
             trained = int((train["labels"][:, 1:] != -100).sum()) if "labels" in train else train["input_ids"].numel()
             log(f"tokenized {', '.join(dcfg.paths)}: {len(train['input_ids'])} sequences of {dcfg.seq_len} tokens "
                 f"({trained:,} with loss) -> {entry}")

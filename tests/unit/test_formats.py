@@ -226,6 +226,7 @@ def test_eval_path_is_held_out_as_given(tmp_path):
 
 
 def test_tokenized_cache_is_built_once_and_memory_mapped(tmp_path):
+    from raclora_dist.train.data import write_blocks
     from raclora_dist.train.token_cache import cache_key, cached_blocks
 
     path = write(CHAT * 3, tmp_path / "c.jsonl", "jsonl")
@@ -233,10 +234,11 @@ def test_tokenized_cache_is_built_once_and_memory_mapped(tmp_path):
     tok = byte_tokenizer()
     built = tokenized_blocks(dcfg, tok)
     lines = []
-    first = cached_blocks(dcfg, tok, lambda: built, lines.append)
+    first = cached_blocks(dcfg, tok, lambda folder: write_blocks(dcfg, tok, folder), lines.append)
     assert len(lines) == 1 and "tokenized" in lines[0]
+    assert not [p for p in (tmp_path / "cache").rglob(".items-*")], "the streamed build left its item files"
 
-    def must_not_build():
+    def must_not_build(folder):
         raise AssertionError("tokenized again")
 
     again = cached_blocks(dcfg, tok, must_not_build, lines.append)

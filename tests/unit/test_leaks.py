@@ -84,7 +84,7 @@ def test_a_token_cache_that_cannot_be_stored_names_the_folder(tmp_path, small_da
 
     monkeypatch.setattr(token_cache.os, "rename", full)
     with pytest.raises(ConfigError, match=r"data.cache_dir: could not store the tokenized data in .*No space left"):
-        token_cache.cached_blocks(cfg.data, byte_tokenizer(), build=lambda: {"train": {"input_ids": _ids()}})
+        token_cache.cached_blocks(cfg.data, byte_tokenizer(), write=_write_ids)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()], "half-written cache files left"
 
 
@@ -95,7 +95,7 @@ def test_an_unfinished_token_cache_entry_is_replaced(tmp_path, small_data):
     entry = token_cache.cache_root(cfg.data) / token_cache.cache_key(cfg.data, byte_tokenizer())
     entry.mkdir(parents=True)
     (entry / "junk.bin").write_bytes(b"x")  # no meta.json: not an entry
-    got = token_cache.cached_blocks(cfg.data, byte_tokenizer(), build=lambda: {"train": {"input_ids": _ids()}})
+    got = token_cache.cached_blocks(cfg.data, byte_tokenizer(), write=_write_ids)
     assert got["train"]["input_ids"].tolist() == _ids().tolist()
 
 
@@ -103,6 +103,12 @@ def cached_config(tmp_path: Path, data: Path):
     cfg = tiny_config(data, tmp_path / "run")
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     return build_config(cfg)
+
+
+def _write_ids(folder: Path) -> dict:
+    from raclora_dist.train import token_cache
+
+    return token_cache.write_tensors(folder, {"train": {"input_ids": _ids()}})
 
 
 def _ids():
