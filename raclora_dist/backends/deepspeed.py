@@ -197,7 +197,7 @@ class DeepSpeedBackend(Backend):
 def tensors_only_checkpoint_engine(engine):
     """DeepSpeed's torch checkpoint engine with its loads made data-only.
 
-    DeepSpeed 0.19 loads its model and ZeRO state files with ``torch.load(weights_only=False)``:
+    DeepSpeed 0.19 loads its model and ZeRO state files with torch.load and its full unpickler (weights-only off):
     a file planted in the checkpoint's storage would run code on every worker at resume. This
     engine saves as DeepSpeed's does and loads through :func:`load_tensors` (tensors, plain
     containers and the few data classes ZeRO's state holds); anything else is refused with the

@@ -51,7 +51,7 @@ def load_tensors(path: Path | str, map_location: Any = "cpu", allow: tuple[str, 
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()
-        # torch's message is a paragraph suggesting weights_only=False; keep the line that
+        # torch's message is a paragraph suggesting the full unpickler; keep the line that
         # says what was found.
         found = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
         found = found.split(" Please")[0].strip()[:200]
