@@ -63,7 +63,8 @@ def chat_template(tokenizer, dcfg: DataSection) -> str:
                       "or to a Jinja template")
 
 
-def _where(source: str, row: int) -> str:
+def row_where(source: str, row: int) -> str:
+    """How errors name a row: ``"FILE, row N"`` (1-based)."""
     return f"{source}, row {row + 1}"
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
-from raclora_dist.train.formats import IGNORE, ChatEncoder, Example, chat_messages, instruction_messages
+from raclora_dist.train.formats import IGNORE, ChatEncoder, Example, chat_messages, instruction_messages, row_where
 
 CHUNK_ROWS = 256  # rows read, rendered and tokenized at a time (a fast tokenizer holds ~100 bytes a token)
 READ_ITEMS = 4096  # items read back at a time
@@ -112,10 +112,6 @@ class ItemStore:
                 base = int(ends[-1])
 
 
-def _where(source: str, i: int) -> str:
-    return f"{source}, row {i + 1}"
-
-
 def store_documents(dcfg: DataSection, rows, source: str, tokenizer, store: ItemStore) -> None:
     """Text rows: ``data.text_field`` of each row as it is, or the blank-line separated
     paragraphs of ``.txt`` files, stripped, empty ones skipped; the first ``max_documents``;
@@ -176,7 +172,7 @@ def store_examples(dcfg: DataSection, rows, tokenizer, fmt: str, source: str, st
     for batch in rows.select(range(limit)).iter(batch_size=CHUNK_ROWS):
         items = []
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
-            where = _where(source, i)
+            where = row_where(source, i)
             i += 1
             ex = enc.encode(to_messages(row, dcfg, where), where)
             ex = fit_example(ex, dcfg, where)
