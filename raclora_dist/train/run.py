@@ -7,6 +7,7 @@ run folder is touched, so a failed start never damages an earlier run's files.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -145,6 +146,10 @@ def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None
         return _run(cfg, run_dir, info, resume, log if info.is_main else (lambda _: None), on_checkpoint)
     finally:
         if owns_group:  # Ray Train made the group and tears it down itself
+            # Free the engine's wrappers (DDP's reducer, gloo work objects held in reference
+            # cycles) while the group is alive: collected after it, at interpreter exit, they
+            # can abort the process ("terminate called without an active exception").
+            gc.collect()
             shutdown()
 
 
