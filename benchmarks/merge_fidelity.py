@@ -1,6 +1,6 @@
 """How much of each link's update reaches the weights, per base dtype and merge mode.
 
-Usage: python -m benchmarks.merge_fidelity --json OUT [--links 20] [--steps 5]
+Usage: python -m benchmarks.merge_fidelity --json OUT [--links 20] [--steps 5] [--cases "BASE:LABEL;..."]
 
 For base dtypes fp32, bf16, nf4 and fp4 and every merge mode that applies, trains the
 quickstart model (one process, `raclora train`, the same batches) for ``links`` links and
@@ -37,6 +37,12 @@ CASES = [
     # a typical fine-tuning learning rate: smaller links, closer to bf16's rounding step
     ("bf16", "into_base, lr 1e-4", "into_base", ["train.lr=1e-4"]),
     ("bf16", "factored, lr 1e-4", "factored", ["train.lr=1e-4"]),
+    # the remedies for bf16 bases at that learning rate (core/master.py), and the exact chain
+    ("bf16", "factored exact, lr 1e-4", "factored", ["train.lr=1e-4", "raclora.chain_budget=null"]),
+    ("bf16", "into_base+master, lr 1e-4", "into_base", ["train.lr=1e-4", "raclora.master_weights=cpu"]),
+    ("bf16", "into_base+stochastic, lr 1e-4", "into_base", ["train.lr=1e-4", "raclora.stochastic_rounding=true"]),
+    ("bf16", "into_base+master+stochastic, lr 1e-4", "into_base",
+     ["train.lr=1e-4", "raclora.master_weights=cpu", "raclora.stochastic_rounding=true"]),
     *[(q, label, mode, extra) for q in ("nf4", "fp4") for label, mode, extra in [
         ("factored", "factored", []),
         ("into_base", "into_base", ["raclora.allow_lossy_merge=true"]),
@@ -99,12 +105,16 @@ def main() -> None:
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--links", type=int, default=20)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cases", default="", help="semicolon-separated BASE:LABEL names as printed "
+                    "(e.g. 'bf16:into_base, lr 1e-4;bf16:into_base+master, lr 1e-4'); default all")
     args = ap.parse_args()
+    wanted = {c.strip() for c in args.cases.split(";") if c.strip()}
+    cases = [c for c in CASES if not wanted or f"{c[0]}:{c[1]}" in wanted]
     out = {"config": args.config, "links": args.links, "steps_per_link": args.steps, "runs": []}
-    print(f"{'base':5} {'merge mode':22} {'link-1 landed':>13} {f'{args.links}-link landed':>14} {'ratio':>6} "
+    print(f"{'base':5} {'merge mode':36} {'link-1 landed':>13} {f'{args.links}-link landed':>14} {'ratio':>6} "
           f"{'cosine':>6} {'eval loss':>9} {'state MiB':>9} {'peak RSS MiB':>12}")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (dtype, label, mode, extra) in enumerate(CASES):
+        for i, (dtype, label, mode, extra) in enumerate(cases):
             run = Path(tmp) / f"{i:02d}-{dtype}"
             cmd = [sys.executable, "-m", "raclora_dist", "train", args.config, f"run.dir={run}",
                    f"raclora.links={args.links}", f"raclora.steps_per_link={args.steps}", "ray.enabled=false",
@@ -122,7 +132,7 @@ def main() -> None:
                  "final_eval_loss": links[-1]["eval_loss"], "state_mb": total["state_mb"],
                  "peak_rss_mb": max(r["rss_mb"] for r in recs if r["type"] == "step")}
             out["runs"].append(m)
-            print(f"{dtype:5} {label:22} {m['landed_after_1']:>13.3f} {m['landed_after_all']:>14.3f} "
+            print(f"{dtype:5} {label:36} {m['landed_after_1']:>13.3f} {m['landed_after_all']:>14.3f} "
                   f"{m['norm_ratio_after_all']:>6.2f} {m['cosine_after_all']:>6.3f} {m['final_eval_loss']:>9.4f} "
                   f"{m['state_mb']:>9.2f} {m['peak_rss_mb']:>12.0f}", flush=True)
     write_json(args.json, out)

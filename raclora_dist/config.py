@@ -323,11 +323,13 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _master_weights_need_4bit(self) -> "RunConfig":
-        rc = self.raclora
-        if (rc.master_weights != "none" or rc.stochastic_rounding) and not self.model.quantization.enabled:
-            raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to 4-bit bases; "
-                             "set model.quantization (nf4 or fp4) or leave them unset")
+    def _master_weights_need_a_rounding_base(self) -> "RunConfig":
+        rc, m = self.raclora, self.model
+        if (rc.master_weights != "none" or rc.stochastic_rounding) and not m.quantization.enabled \
+                and m.dtype == "float32":
+            raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to bases that round a "
+                             "merge: model.dtype bfloat16 or float16, or model.quantization (nf4, fp4); this base is "
+                             "model.dtype float32, which merges exactly: leave them unset")
         return self
 
     @model_validator(mode="after")

@@ -37,11 +37,13 @@ class RacLoraConfig(BaseModel):
         "for fp32 bases, factored for bf16/fp16 and 4-bit bases (docs/benchmarks.md, merge fidelity).",
     )
     master_weights: Literal["none", "device", "cpu"] = Field(
-        "none", description="into_base on a 4-bit base: keep a fp32 master copy (sharded like the base) on the "
-        "device or the CPU, merge into it and requantize from it; none: requantize in place.",
+        "none", description="into_base on a bf16/fp16 or 4-bit base: keep a fp32 master copy (row chunks, sharded "
+        "like the base) on the device or the CPU, merge into it and round (requantize) the working weight from it; "
+        "none: merge into the working weight itself.",
     )
     stochastic_rounding: bool = Field(
-        False, description="into_base on a 4-bit base: round the merged weight to the 4-bit grid stochastically (unbiased)."
+        False, description="into_base on a bf16/fp16 or 4-bit base: round the merged weight to the base's dtype (or "
+        "4-bit grid) stochastically, unbiased, instead of to nearest."
     )
     allow_lossy_merge: bool = Field(
         False, description="Allow into_base on a 4-bit base with neither master_weights nor stochastic_rounding "

@@ -21,7 +21,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raclora_dist.core.landed import MergeResult, lowrank_fro_norm, lowrank_landed, merge_rows_into_weight
+from raclora_dist.core.landed import (
+    MergeResult,
+    landed_stats,
+    lowrank_fro_norm,
+    lowrank_landed,
+    merge_rows_into_weight,
+)
+from raclora_dist.core.master import Gather, gather_rows, row_chunk, stochastic_round_rows
 from raclora_dist.core.sketch import sample_sketch, tensor_fingerprint
 
 Side = Literal["left", "right"]
@@ -93,6 +100,9 @@ def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: to
     chain_A.copy_(A_new)
     # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
     return cap, discarded, torch.cat([chain_B, -old_B], dim=1), torch.cat([chain_A, old_A], dim=0)
+
+
+_CHUNK_ROWS = 1024  # rows merged at a time: the extra memory is a few (1024, n) fp32 blocks
 
 
 class RankError(ValueError):
@@ -203,11 +213,6 @@ class RacLoraLinear(nn.Module):
         stochastic_rounding: bool = False,
     ) -> None:
         super().__init__()
-        if master_weights != "none" or stochastic_rounding:
-            raise ValueError(
-                f"module {name!r} ({type(base_layer).__name__}): raclora.master_weights and "
-                "raclora.stochastic_rounding apply to 4-bit bases only (model.quantization)"
-            )
         m, n = base_layer.out_features, base_layer.in_features
         d = n if side == "right" else m
         if rank > d:
@@ -246,6 +251,28 @@ class RacLoraLinear(nn.Module):
             self.register_buffer("chain_B", torch.zeros(m, 0, dtype=factor_dtype, device=dev), persistent=False)
             self.register_buffer("chain_A", torch.zeros(0, n, dtype=factor_dtype, device=dev), persistent=False)
         self.chain_rank = 0
+        self._init_master(master_weights, stochastic_rounding)
+
+    def _init_master(self, master_weights: str, stochastic_rounding: bool) -> None:
+        """Sets up the precise merge of ``into_base`` on a low-precision base (core/master.py)."""
+        if master_weights != "none" or stochastic_rounding:
+            if self.merge_mode != "into_base":
+                raise ValueError(f"module {self.name!r}: raclora.master_weights and raclora.stochastic_rounding "
+                                 f"need raclora.merge_mode=into_base, not {self.merge_mode!r}")
+            if not self.rounds_merges():
+                raise ValueError(f"module {self.name!r}: raclora.master_weights and raclora.stochastic_rounding "
+                                 f"apply to bf16, fp16 and 4-bit bases; this base is {self.base_layer.weight.dtype}, "
+                                 "which merges exactly")
+        self.master_weights, self.stochastic_rounding = master_weights, stochastic_rounding
+        self.master_rows = (0, self.out_features)  # this rank's rows of the master (all of them unsharded)
+        self.master_world = 1  # the ranks the master's rows are split over
+        self._cpu_master: torch.Tensor | None = None
+        if master_weights != "none":
+            source = self.master_source().float().clone()  # (m, n) fp32
+            if master_weights == "device":
+                self.register_buffer("_master", source, persistent=False)
+            else:  # a plain attribute: model.to(device) leaves it on the CPU
+                self._cpu_master = source
 
     # -- what engines may ask of a layer (declared here; a 4-bit layer overrides them) ----------
     packed_base = False
@@ -261,9 +288,55 @@ class RacLoraLinear(nn.Module):
             return "chain"
         return "packed" if self.packed_base else "rows"
 
+    def rounds_merges(self) -> bool:
+        """Whether merging into this base rounds (a bf16/fp16 or 4-bit weight): where a master
+        copy or stochastic rounding applies."""
+        dtype = self.base_layer.weight.dtype
+        return not (dtype.is_floating_point and torch.finfo(dtype).bits >= 32)
+
+    def master_source(self) -> torch.Tensor:
+        """The (m, n) weight a master copy starts from (a 4-bit layer: the original weights)."""
+        return self.base_layer.weight.detach()
+
+    @property
+    def master(self) -> torch.Tensor | None:
+        """This rank's rows :attr:`master_rows` of the fp32 master copy (k, n), or None."""
+        return self._cpu_master if self._cpu_master is not None else getattr(self, "_master", None)
+
+    @torch.no_grad()
     def shard_master(self, rank: int, world: int) -> None:
-        """Keeps only this rank's slice of a high-precision master copy of the base; a dense
-        layer has none (nothing to do)."""
+        """Keeps only this rank's row chunk of the master copy (FSDP2's ``Shard(0)`` rows; frees
+        the rest). Idempotent: a master already sharded is left as it is; no master, nothing."""
+        if self.master is None or self.master_rows != (0, self.out_features):
+            return
+        lo, hi = row_chunk(self.out_features, rank, world)
+        local = self.master[lo:hi].clone()
+        if self._cpu_master is not None:
+            self._cpu_master = local
+        else:
+            self._master = local
+        self.master_rows, self.master_world = (lo, hi), world
+
+    @torch.no_grad()
+    def add_to_master(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        """``master += s B A`` on this rank's rows of the master (in place), a row block at a time."""
+        lo, hi = self.master_rows
+        for i in range(lo, hi, _CHUNK_ROWS):
+            j = min(hi, i + _CHUNK_ROWS)
+            block = self.master[i - lo : j - lo]
+            block.addmm_(B[i:j].float().to(block.device), A.float().to(block.device), alpha=self.scale)
+
+    def master_rows_of(self, row_start: int, rows: int, gather: Gather | None) -> torch.Tensor:
+        """The master's fp32 rows ``row_start : row_start + rows`` (a view of this rank's chunk,
+        or gathered from every rank: collective when ``gather`` is given and needed)."""
+        lo, hi = self.master_rows
+        if lo <= row_start and row_start + rows <= hi:
+            return self.master[row_start - lo : row_start - lo + rows]
+        if gather is None:
+            raise RuntimeError(f"module {self.name!r}: the merge needs master rows {row_start}..{row_start + rows} "
+                               f"but this rank holds {lo}..{hi} and the engine gave no gather")
+        whole = gather_rows(self.master, self.out_features, self.master_world, gather)
+        return whole[row_start : row_start + rows]
 
     def default_merge_mode(self) -> MergeMode:
         """``auto``'s choice for this base: ``into_base`` for fp32 weights (exact), else
@@ -399,12 +472,44 @@ class RacLoraLinear(nn.Module):
 
     def merge_into_base(self, view: MergeView, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
         """``W[rows] += s B[rows] A`` on the dense rows in ``view`` (in place); the 4-bit layer
-        overrides it with a requantizing merge of the whole packed weight."""
+        overrides it with a requantizing merge of the whole packed weight.
+
+        With a master copy, the master takes the link and the rows are rounded from it afresh;
+        with stochastic rounding, the rounding to the weight's dtype is unbiased."""
         W = view.weight
         landed = torch.zeros(3, dtype=torch.float64)
-        if W.shape[0]:  # a rank may own no rows of a small layer
-            landed = merge_rows_into_weight(W, B[view.row_start : view.row_start + W.shape[0]], A, self.scale)
+        rows = B[view.row_start : view.row_start + W.shape[0]]
+        if self.master is not None:
+            self.add_to_master(B, A)
+            source = self.master_rows_of(view.row_start, W.shape[0], view.gather)
+            landed = self._round_rows_into(W, view.row_start, rows, A, source)
+        elif self.stochastic_rounding:
+            landed = self._round_rows_into(W, view.row_start, rows, A, None)
+        elif W.shape[0]:  # a rank may own no rows of a small layer
+            landed = merge_rows_into_weight(W, rows, A, self.scale)
         return MergeResult(self.scale * lowrank_fro_norm(B, A), landed, rows_only=view.rows_only)
+
+    @torch.no_grad()
+    def _round_rows_into(self, W: torch.Tensor, row_start: int, B: torch.Tensor, A: torch.Tensor,
+                         source: torch.Tensor | None) -> torch.Tensor:
+        """Sets ``W`` (k, n), global rows ``row_start:``, to ``source`` (the master's rows) or to
+        ``W + s B A``, rounded to W's dtype (stochastically if set), a block at a time (in place).
+
+        Returns the landed statistics of the change (:func:`landed_stats`)."""
+        landed = torch.zeros(3, dtype=torch.float64)
+        for i in range(0, W.shape[0], _CHUNK_ROWS):
+            rows = W[i : i + _CHUNK_ROWS]
+            before = rows.float()
+            intended = self.scale * (B[i : i + _CHUNK_ROWS].float() @ A.float()).to(before.device)
+            target = source[i : i + rows.shape[0]].to(before.device) if source is not None else before + intended
+            if self.stochastic_rounding:
+                new = stochastic_round_rows(target, rows.dtype, row_start + i, seed=self.seed, link=self.sketch_link,
+                                            name=self.name)
+            else:
+                new = target.to(rows.dtype)
+            landed += landed_stats(new.float() - before, intended)
+            rows.copy_(new)
+        return landed
 
     @torch.no_grad()
     def merge_into_chain(self, chain_B: torch.Tensor, chain_A: torch.Tensor,

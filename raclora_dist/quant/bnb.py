@@ -17,8 +17,7 @@ Importing this module registers :class:`Linear4bitRacLora` with the layer dispat
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 import bitsandbytes.functional as bnbf
 import torch
@@ -28,12 +27,10 @@ from torch import nn
 from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
 from raclora_dist.core.landed import MergeResult, landed_stats, lowrank_fro_norm
 from raclora_dist.core.layer import MergeMode, MergeView
+from raclora_dist.core.master import Gather
 from raclora_dist.quant.config import QuantizationConfig
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# gather(local_flat, total) -> the whole flat tensor, identical on every rank (collective).
-Gather = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 # -- quantization ------------------------------------------------------------------------
@@ -196,53 +193,24 @@ class Linear4bitRacLora(RacLoraLinear):
 
     packed_base = True  # engines gather the whole packed weight to merge into it
 
-    def __init__(self, base_layer: Linear4bit, name: str, *, master_weights: str = "none",
-                 stochastic_rounding: bool = False, **kwargs) -> None:
+    def __init__(self, base_layer: Linear4bit, name: str, **kwargs) -> None:
         super().__init__(base_layer, name, **kwargs)
-        if self.merge_mode != "into_base" and (master_weights != "none" or stochastic_rounding):
-            raise ValueError(f"module {name!r}: raclora.master_weights and raclora.stochastic_rounding "
-                             f"need raclora.merge_mode=into_base, not {self.merge_mode!r}")
-        self.master_weights, self.stochastic_rounding = master_weights, stochastic_rounding
         self.storage = base_layer.quant_storage
-        numel = self.out_features * self.in_features
-        self.master_range = (0, numel)  # this rank's slice of the flat master (all of it unsharded)
-        source = base_layer.__dict__.pop("_raclora_source", None)
-        self._cpu_master: torch.Tensor | None = None
-        if master_weights != "none":
-            if source is None:
-                raise ValueError(f"module {name!r}: a master copy needs the original weights "
-                                 "(quantize_model(keep_source=True))")
-            flat = source.float().flatten().clone()
-            if master_weights == "device":
-                self.register_buffer("_master", flat, persistent=False)
-            else:  # a plain attribute: model.to(device) leaves it on the CPU
-                self._cpu_master = flat
 
     def default_merge_mode(self) -> MergeMode:
         """4-bit bases merge ``factored`` by default: exact, and the codes stay untouched."""
         return "factored"
 
-    @property
-    def master(self) -> torch.Tensor | None:
-        """This rank's slice of the flat fp32 master copy, or None without one."""
-        return self._cpu_master if self._cpu_master is not None else getattr(self, "_master", None)
+    def rounds_merges(self) -> bool:
+        return True  # whatever dtype stores the packed codes
 
-    @torch.no_grad()
-    def shard_master(self, rank: int, world: int) -> None:
-        """Keeps only this rank's equal slice of the flat master copy (frees the rest).
-
-        Idempotent: a master already sliced is left as it is."""
-        numel = self.out_features * self.in_features
-        if self.master is None or self.master_range != (0, numel):
-            return
-        chunk = math.ceil(numel / world)
-        lo, hi = min(numel, rank * chunk), min(numel, (rank + 1) * chunk)
-        local = self.master[lo:hi].clone()
-        if self._cpu_master is not None:
-            self._cpu_master = local
-        else:
-            self._master = local
-        self.master_range = (lo, hi)
+    def master_source(self) -> torch.Tensor:
+        """The original (pre-quantization) weight that :func:`quantize_model` kept."""
+        source = self.base_layer.__dict__.pop("_raclora_source", None)
+        if source is None:
+            raise ValueError(f"module {self.name!r}: a master copy needs the original weights "
+                             "(quantize_model(keep_source=True))")
+        return source
 
     def dense_base_weight(self) -> torch.Tensor:
         return dequantize(self.base_layer.weight.data, self.base_layer.quant_state)
@@ -277,11 +245,8 @@ class Linear4bitRacLora(RacLoraLinear):
         before = dequantize(packed, state)
         intended = self.scale * (B.float() @ A.float())
         if self.master is not None:
-            lo, hi = self.master_range
-            m = self.master
-            m += intended.flatten()[lo:hi].to(m.device)
-            full = m if gather is None else gather(m, before.numel())
-            target = full.to(before.device).view_as(before)
+            self.add_to_master(B, A)
+            target = self.master_rows_of(0, self.out_features, gather).to(before.device)
         else:
             target = before + intended
         if self.stochastic_rounding:

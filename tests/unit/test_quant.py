@@ -139,14 +139,15 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_the_grid():
     assert torch.allclose(dequantize(p2, s2), one, atol=1e-6)  # on the grid: quantizing is exact
 
 
-def test_masters_are_only_for_4bit_bases_and_into_base():
-    with pytest.raises(ValueError, match="4-bit bases only"):
+def test_masters_are_only_for_rounding_bases_and_into_base():
+    with pytest.raises(ValueError, match="apply to bf16, fp16 and 4-bit bases; this base is torch.float32"):
         inject(nn.Sequential(nn.Linear(8, 8)), RacLoraConfig(rank=2, target_modules=["0"], merge_mode="into_base",
                                                              master_weights="cpu"))
     with pytest.raises(ValueError, match="need merge_mode into_base"):
         RacLoraConfig(rank=2, master_weights="cpu", merge_mode="factored")
     base = {"model": {"config": {"model_type": "llama"}}, "data": {"path": "x.jsonl"}}
-    with pytest.raises(ConfigError, match="raclora.master_weights and raclora.stochastic_rounding apply to 4-bit"):
+    with pytest.raises(ConfigError, match="raclora.master_weights and raclora.stochastic_rounding apply to bases that "
+                                          "round a merge"):
         build_config({**base, "raclora": {"merge_mode": "into_base", "master_weights": "cpu"}})
     with pytest.raises(ConfigError, match=r"model.quantization.method: .*'nf4'.*'int3'"):
         build_config({**base, "model": {**base["model"], "quantization": "int3"}})
