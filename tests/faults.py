@@ -1,6 +1,6 @@
 """Fault injection for tests: a training-loop callback (``raclora_dist.train.callbacks``).
 
-Runs name it through the config, e.g. ``faults(crash_at_step=5)`` from ``tests.conftest``
+Runs name it through the config, e.g. ``faults(crash_at_step=5)`` from ``tests.helpers``
 gives the override ``run.callbacks=[{class: tests.faults:Faults, args: {crash_at_step: 5}}]``.
 Workers import it, so the repository root must be importable there (``run_cli`` puts it on
 ``PYTHONPATH``). ``os._exit`` skips every cleanup handler, as a SIGKILL would.

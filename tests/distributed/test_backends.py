@@ -10,7 +10,6 @@ compared at rtol 1e-4 / atol 1e-6 (measured differences are ~1e-8) and losses at
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,68 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from raclora_dist.train.checkpoint import chain_tensors, find_latest
-from tests.conftest import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
+from raclora_dist.train.checkpoint import find_latest
+from tests.distributed.engines import (
+    ENGINES,
+    assert_chains_close,
+    eval_losses,
+    losses,
+    meta,
+    processes_mentioning,
+    shm_files,
+    train,
+)
+from tests.helpers import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
-
-ENGINES = {
-    "ddp": ["distributed.strategy=ddp"],
-    "fsdp2": ["distributed.strategy=fsdp2"],
-    "zero2": ["distributed.strategy=deepspeed", "distributed.deepspeed={zero_optimization: {stage: 2}}"],
-    "zero3": ["distributed.strategy=deepspeed",
-              "distributed.deepspeed={zero_optimization: {stage: 3, stage3_param_persistence_threshold: 0}}"],
-}
-
-
-def shm_files() -> set[str]:
-    return {p for p in os.listdir("/dev/shm") if "deepspeed" in p} if os.path.isdir("/dev/shm") else set()
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line mentions ``text`` (leftover workers of a run)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd and int(pid) != os.getpid():
-            pids.append(int(pid))
-    return pids
-
-
-def train(cfg: Path, run: Path, *overrides: str, env: dict | None = None, resume: bool = False):
-    """`raclora train` with 2 workers by default; checks nothing is left behind."""
-    before = shm_files()
-    args = ["train", str(cfg), f"run.dir={run}", "distributed.workers=2", *overrides]
-    proc = run_cli(*args, *(["--resume"] if resume else []), env={"OMP_NUM_THREADS": "1", **(env or {})})
-    assert not processes_mentioning(str(run)), "worker processes outlived the run"
-    assert shm_files() <= before, "shared-memory files left behind"
-    return proc
-
-
-def chain(run: Path) -> dict[str, torch.Tensor]:
-    return chain_tensors(find_latest(run))
-
-
-def meta(run: Path) -> dict:
-    return json.loads((find_latest(run) / "meta.json").read_text())
-
-
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
-
-
-def eval_losses(run: Path) -> list[float]:
-    return [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] in ("eval", "link")]
-
-
-def assert_chains_close(a: Path, b: Path, rtol=1e-4, atol=1e-6) -> None:
-    ca, cb = chain(a), chain(b)
-    assert ca.keys() == cb.keys()
-    for k in ca:
-        assert torch.allclose(ca[k], cb[k], rtol=rtol, atol=atol), (k, (ca[k] - cb[k]).abs().max())
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
-from tests.distributed.test_backends import ENGINES, chain, losses, meta, train
+from tests.distributed.engines import ENGINES, chain, losses, meta, train
+from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import read_jsonl, run_cli, tiny_config, write_config
-from tests.distributed.test_backends import chain, losses, processes_mentioning
+from tests.distributed.engines import chain, losses, processes_mentioning
+from tests.helpers import read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

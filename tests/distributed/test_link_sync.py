@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
-from tests.distributed.test_backends import assert_chains_close, chain, losses, meta, train
+from tests.distributed.engines import assert_chains_close, chain, losses, meta, train
+from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
-from tests.distributed.test_backends import ENGINES, assert_chains_close, losses, meta, train
+from tests.distributed.engines import ENGINES, assert_chains_close, losses, meta, train
+from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

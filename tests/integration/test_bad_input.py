@@ -4,7 +4,7 @@
 import pytest
 
 from raclora_dist.cli import main
-from tests.conftest import run_cli, snapshot, tiny_config, write_config
+from tests.helpers import run_cli, snapshot, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from benchmarks.token_cache import corpus
-from tests.conftest import read_jsonl, run_cli, subprocess_env, tiny_config, write_config
+from tests.helpers import read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import torch
 from raclora_dist.config import load_config
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from raclora_dist.train.tokenizer import tokenizer_source
-from tests.conftest import TINY_MODEL, faults, read_jsonl, run_cli, tiny_config, write_config
-from tests.distributed.test_backends import losses, train
+from tests.distributed.engines import losses, train
+from tests.helpers import TINY_MODEL, faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 
 from raclora_dist.cli import main
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
-from tests.conftest import snapshot, tiny_config, write_config
+from tests.helpers import snapshot, tiny_config, write_config
 
 NEWEST, OLDER = "link-00003-step-0000009", "link-00002-step-0000006"
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import run_cli, tiny_config, write_config
+from tests.helpers import run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

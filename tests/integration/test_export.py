@@ -11,7 +11,7 @@ from raclora_dist.cli import main
 from raclora_dist.config import load_config
 from raclora_dist.train.checkpoint import find_latest, load_checkpoint
 from raclora_dist.train.session import build_session
-from tests.conftest import read_jsonl, tiny_config, write_config
+from tests.helpers import read_jsonl, tiny_config, write_config
 
 
 def trained_logits(run_dir, x):

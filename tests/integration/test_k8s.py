@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from raclora_dist.config import build_config, parse_overrides
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 K8S = ROOT / "k8s"
 CRDS = K8S / "crds"  # vendored KubeRay CRDs (k8s/crds/README.md)
@@ -298,7 +298,7 @@ def test_a_retried_rayjob_resumes_from_its_storage(storage, tmp_path, small_data
     from raclora_dist.config import load_config
     from raclora_dist.orchestration import k8s
     from raclora_dist.train.checkpoint import find_latest
-    from tests.conftest import faults, run_cli
+    from tests.helpers import faults, run_cli
 
     name = f"raclora-retry-{uuid.uuid4().hex[:8]}"
     cfg = load_config(ROOT / "configs/quickstart.yaml", [

@@ -14,7 +14,7 @@ from raclora_dist.cli import main
 from raclora_dist.config import load_config
 from raclora_dist.train.checkpoint import chain_tensors, find_latest, load_checkpoint
 from raclora_dist.train.link_files import link_name
-from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
+from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 LINKS = 32
 BUDGET = 0.3  # the tiny model's layers (32 x 32 .. 64 x 32) then cap at 3-6 columns, 2-3 links of r 2

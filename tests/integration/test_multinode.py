@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
-from tests.conftest import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
-from tests.distributed.test_backends import chain
+from tests.distributed.engines import chain
 from tests.faults import wait_for_marker
+from tests.helpers import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 from tests.ray_head import RAY, start_head
 
 pytestmark = pytest.mark.slow

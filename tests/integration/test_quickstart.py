@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raclora_dist.cli import main
-from tests.conftest import ROOT, read_jsonl, run_cli
+from tests.helpers import ROOT, read_jsonl, run_cli
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

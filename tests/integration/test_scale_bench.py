@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.helpers import ROOT, subprocess_env
 
 
 @pytest.mark.slow

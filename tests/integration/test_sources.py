@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from raclora_dist.train.checkpoint import chain_tensors, find_latest
-from tests.conftest import TINY_MODEL, run_cli, tiny_config, write_config
+from tests.helpers import TINY_MODEL, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from raclora_dist.train.runs import STALE_S
-from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
+from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import torch
 from raclora_dist.cli import main
 from raclora_dist.train.checkpoint import chain_tensors as checkpoint_tensors
 from raclora_dist.train.checkpoint import find_latest
-from tests.conftest import faults, read_jsonl, run_cli, tiny_config, write_config
+from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 
 def chain_tensors(run_dir: Path) -> dict:

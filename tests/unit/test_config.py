@@ -6,7 +6,7 @@ import pytest
 
 from raclora_dist.config import ConfigError, load_config, parse_overrides
 from raclora_dist.train.config_checks import check_paths
-from tests.conftest import tiny_config, write_config
+from tests.helpers import tiny_config, write_config
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_config_reference_doc_is_current():
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py")], capture_output=True,
                          text=True, check=True, cwd=ROOT)

@@ -13,7 +13,7 @@ from raclora_dist.config import ConfigError, DataSection
 from raclora_dist.train.data import mix, pack_examples, tokenized_blocks
 from raclora_dist.train.formats import IGNORE, Example
 from raclora_dist.train.tokenizer import byte_tokenizer, load_tokenizer
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Upper: abc"},
                       {"role": "assistant", "content": "ABC"}, {"role": "user", "content": "Reverse: xy"},

@@ -11,7 +11,7 @@ from raclora_dist.backends.base import decoder_layers
 from raclora_dist.config import build_config
 from raclora_dist.train import heap
 from raclora_dist.train.session import build_session
-from tests.conftest import TINY_MODEL, tiny_config
+from tests.helpers import TINY_MODEL, tiny_config
 
 HOLES = """
 import ctypes, torch

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from raclora_dist.core import RacLoraChain, RacLoraConfig, RacLoraLinear, RankError, TargetError, inject
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 
 def tiny_llama():

@@ -10,7 +10,7 @@ import yaml
 
 from raclora_dist.config import ConfigError
 from raclora_dist.orchestration.jobs import stage_upload, uploaded_files
-from tests.conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 
 def project(tmp_path: Path, small_data: Path, **model) -> Path:

@@ -15,7 +15,7 @@ from raclora_dist.config import ConfigError, build_config
 from raclora_dist.core import ChainState
 from raclora_dist.train.checkpoint import find_latest, install_checkpoint, save_checkpoint, verify_checkpoint
 from raclora_dist.train.tokenizer import byte_tokenizer
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def checkpoint(run: Path, step: int) -> Path:

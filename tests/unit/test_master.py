@@ -11,7 +11,7 @@ from raclora_dist.config import ConfigError, build_config
 from raclora_dist.core import RacLoraConfig, inject
 from raclora_dist.core.layer import MergeView
 from raclora_dist.core.master import gather_rows, row_chunk, stochastic_round_rows
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 M, N, LINKS = 300, 512, 30
 

@@ -8,7 +8,7 @@ import os
 
 from raclora_dist.config import build_config
 from raclora_dist.train.progress import Follower
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 
 def link(i, landed=1.0):

@@ -16,7 +16,7 @@ from raclora_dist.core import RacLoraLinear
 from raclora_dist.train.model import build_meta_model
 from raclora_dist.train.session import build_session
 from raclora_dist.train.weights import INDEX, InitFromConfig, SafetensorsFolder, state_shapes, write_safetensors
-from tests.conftest import TINY_MODEL, tiny_config
+from tests.helpers import TINY_MODEL, tiny_config
 
 TOKENS = torch.tensor([[1, 5, 9, 200, 17, 33, 4, 250], [7, 7, 100, 3, 2, 90, 12, 8]])
 

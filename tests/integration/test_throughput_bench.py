@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # it runs the benchmark itself, every method
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
