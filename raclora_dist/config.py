@@ -325,11 +325,15 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _master_weights_need_a_rounding_base(self) -> "RunConfig":
         rc, m = self.raclora, self.model
-        if (rc.master_weights != "none" or rc.stochastic_rounding) and not m.quantization.enabled \
+        if (rc.master_weights != "none" or rc.stochastic_rounding is True) and not m.quantization.enabled \
                 and m.dtype == "float32":
             raise ValueError("raclora.master_weights and raclora.stochastic_rounding apply to bases that round a "
                              "merge: model.dtype bfloat16 or float16, or model.quantization (nf4, fp4); this base is "
                              "model.dtype float32, which merges exactly: leave them unset")
+        if (rc.master_weights != "none" or rc.stochastic_rounding is True) and m.quantization.enabled \
+                and rc.merge_mode == "auto":
+            raise ValueError("raclora.master_weights and raclora.stochastic_rounding need raclora.merge_mode into_base "
+                             "on a 4-bit base, whose merge_mode auto is factored")
         return self
 
     @model_validator(mode="after")
@@ -341,7 +345,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _no_lossy_4bit_merge_unless_allowed(self) -> "RunConfig":
         rc, q = self.raclora, self.model.quantization
-        if (q.enabled and rc.merge_mode == "into_base" and rc.master_weights == "none" and not rc.stochastic_rounding
+        if (q.enabled and rc.merge_mode == "into_base" and rc.master_weights == "none" and rc.stochastic_rounding is not True
                 and not rc.allow_lossy_merge):
             raise ValueError(
                 "raclora.merge_mode=into_base on a 4-bit base requantizes each merged link in place, and most of a "

@@ -33,17 +33,19 @@ class RacLoraConfig(BaseModel):
     links: int = Field(4, ge=1, description="T: number of links in the chain.")
     steps_per_link: int = Field(50, ge=1, description="K: optimizer steps per link.")
     merge_mode: Literal["auto", "into_base", "factored"] = Field(
-        "auto", description="Merge links into the base weight, or keep them as frozen factors; auto: into_base "
-        "for fp32 bases, factored for bf16/fp16 and 4-bit bases (docs/benchmarks.md, merge fidelity).",
+        "auto", description="Merge links into the base weight, or keep them as frozen factors; auto: into_base on fp32 "
+        "bases (exact) and on bf16/fp16 bases (with stochastic rounding, or into a master copy), factored on 4-bit "
+        "bases (docs/benchmarks.md, merge fidelity).",
     )
     master_weights: Literal["none", "device", "cpu"] = Field(
         "none", description="into_base on a bf16/fp16 or 4-bit base: keep a fp32 master copy (row chunks, sharded "
         "like the base) on the device or the CPU, merge into it and round (requantize) the working weight from it; "
         "none: merge into the working weight itself.",
     )
-    stochastic_rounding: bool = Field(
-        False, description="into_base on a bf16/fp16 or 4-bit base: round the merged weight to the base's dtype (or "
-        "4-bit grid) stochastically, unbiased, instead of to nearest."
+    stochastic_rounding: bool | Literal["auto"] = Field(
+        "auto", description="into_base on a bf16/fp16 or 4-bit base: round the merged weight to the base's dtype (or "
+        "4-bit grid) stochastically, unbiased, instead of to nearest. auto: on for a bf16/fp16 base merged into_base "
+        "without a master copy, off elsewhere.",
     )
     allow_lossy_merge: bool = Field(
         False, description="Allow into_base on a 4-bit base with neither master_weights nor stochastic_rounding "
@@ -95,9 +97,10 @@ class RacLoraConfig(BaseModel):
 
     @model_validator(mode="after")
     def _master_weights_need_into_base(self) -> "RacLoraConfig":
-        if (self.master_weights != "none" or self.stochastic_rounding) and self.merge_mode != "into_base":
-            raise ValueError(f"master_weights and stochastic_rounding need merge_mode into_base, "
-                             f"got merge_mode {self.merge_mode!r}")
+        # (auto is into_base on the bases where they apply; a 4-bit base's auto is checked with the model)
+        if (self.master_weights != "none" or self.stochastic_rounding is True) and self.merge_mode == "factored":
+            raise ValueError("master_weights and stochastic_rounding need merge_mode into_base (or auto on a bf16/fp16 "
+                             "base), got merge_mode 'factored'")
         return self
 
     @model_validator(mode="after")

@@ -105,6 +105,22 @@ def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: to
 _CHUNK_ROWS = 1024  # rows merged at a time: the extra memory is a few (1024, n) fp32 blocks
 
 
+def auto_merge_mode(*, packed: bool, rounds: bool, master_weights: str = "none",
+                    stochastic_rounding: bool | str = "auto") -> MergeMode:
+    """``merge_mode: auto`` for a base: ``factored`` on a packed 4-bit base (exact, the codes
+    untouched); ``into_base`` on an fp32 base (exact) and on a bf16/fp16 one, whose merge then
+    rounds stochastically or from a master copy (measured as close to the exact chain, at no
+    chain's cost: docs/benchmarks.md, merge fidelity); ``factored`` on a bf16/fp16 base whose
+    merge would round to nearest (both options off), which rounds a small update away.
+
+    Args:
+        packed: the base is packed 4-bit codes. rounds: a merge into the base rounds (bf16/fp16).
+    """
+    if packed or (rounds and master_weights == "none" and stochastic_rounding is False):
+        return "factored"
+    return "into_base"
+
+
 class RankError(ValueError):
     """The rank does not fit a target layer's sketched dimension."""
 
@@ -191,8 +207,10 @@ class RacLoraLinear(nn.Module):
         chain_capacity: for ``factored``, the most chain columns kept (R_max, at most
             min(m, n)); merging past it recompresses the chain by SVD. Ignored for ``into_base``.
         factor_dtype: dtype of the trainable factor, sketch and chain (fp32 by default).
-        master_weights, stochastic_rounding: options of quantized bases (subclasses); a dense
-            base rejects them.
+        master_weights: ``into_base`` on a bf16/fp16 or 4-bit base: ``none``, or a fp32 master
+            copy on the ``cpu`` or the ``device`` (core/master.py).
+        stochastic_rounding: ``into_base`` on such a base: round merges stochastically; ``auto``:
+            on for a dense bf16/fp16 base merged ``into_base`` without a master copy.
     """
 
     def __init__(
@@ -210,7 +228,7 @@ class RacLoraLinear(nn.Module):
         chain_capacity: int = 0,
         factor_dtype: torch.dtype = torch.float32,
         master_weights: str = "none",
-        stochastic_rounding: bool = False,
+        stochastic_rounding: bool | str = "auto",
     ) -> None:
         super().__init__()
         m, n = base_layer.out_features, base_layer.in_features
@@ -225,7 +243,9 @@ class RacLoraLinear(nn.Module):
             p.requires_grad_(False)
         self.name, self.rank, self.side, self.dist, self.seed = name, rank, side, dist, seed
         self.scale = lora_scale(alpha, rank, rslora)
-        self.merge_mode: MergeMode = self.default_merge_mode() if merge_mode == "auto" else merge_mode  # type: ignore[assignment]
+        if merge_mode == "auto":
+            merge_mode = self.default_merge_mode(master_weights, stochastic_rounding)
+        self.merge_mode: MergeMode = merge_mode  # type: ignore[assignment]
         self.sketch_link = -1  # the link whose sketch the buffer holds (keys stochastic rounding)
         self.sketch_key = name  # the name sketches are drawn under (a sketch group's shared key)
         self.shared: SharedProjection | None = None  # a sketch group's, set by :func:`inject`
@@ -253,8 +273,11 @@ class RacLoraLinear(nn.Module):
         self.chain_rank = 0
         self._init_master(master_weights, stochastic_rounding)
 
-    def _init_master(self, master_weights: str, stochastic_rounding: bool) -> None:
+    def _init_master(self, master_weights: str, stochastic_rounding: bool | str) -> None:
         """Sets up the precise merge of ``into_base`` on a low-precision base (core/master.py)."""
+        if stochastic_rounding == "auto":
+            stochastic_rounding = (self.merge_mode == "into_base" and master_weights == "none" and not self.packed_base
+                                   and self.rounds_merges())
         if master_weights != "none" or stochastic_rounding:
             if self.merge_mode != "into_base":
                 raise ValueError(f"module {self.name!r}: raclora.master_weights and raclora.stochastic_rounding "
@@ -338,11 +361,10 @@ class RacLoraLinear(nn.Module):
         whole = gather_rows(self.master, self.out_features, self.master_world, gather)
         return whole[row_start : row_start + rows]
 
-    def default_merge_mode(self) -> MergeMode:
-        """``auto``'s choice for this base: ``into_base`` for fp32 weights (exact), else
-        ``factored`` (a bf16/fp16 weight rounds a small update away; docs/benchmarks.md)."""
-        dtype = self.base_layer.weight.dtype
-        return "into_base" if dtype.is_floating_point and torch.finfo(dtype).bits >= 32 else "factored"
+    def default_merge_mode(self, master_weights: str = "none", stochastic_rounding: bool | str = "auto") -> MergeMode:
+        """``auto``'s choice for this base (:func:`auto_merge_mode`)."""
+        return auto_merge_mode(packed=self.packed_base, rounds=self.rounds_merges(), master_weights=master_weights,
+                               stochastic_rounding=stochastic_rounding)
 
     @property
     def spec(self) -> LayerSpec:

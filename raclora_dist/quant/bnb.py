@@ -26,7 +26,7 @@ from torch import nn
 
 from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
 from raclora_dist.core.landed import MergeResult, landed_stats, lowrank_fro_norm
-from raclora_dist.core.layer import MergeMode, MergeView
+from raclora_dist.core.layer import MergeView
 from raclora_dist.core.master import Gather
 from raclora_dist.quant.config import QuantizationConfig
 
@@ -196,10 +196,6 @@ class Linear4bitRacLora(RacLoraLinear):
     def __init__(self, base_layer: Linear4bit, name: str, **kwargs) -> None:
         super().__init__(base_layer, name, **kwargs)
         self.storage = base_layer.quant_storage
-
-    def default_merge_mode(self) -> MergeMode:
-        """4-bit bases merge ``factored`` by default: exact, and the codes stay untouched."""
-        return "factored"
 
     def rounds_merges(self) -> bool:
         return True  # whatever dtype stores the packed codes

@@ -167,7 +167,7 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
                 chain += t.nbytes
         factor_bytes += layer.factor.nbytes
         factor_numel += layer.factor.numel()
-        if cfg.raclora.master_weights != "none":
+        if layer.master_weights != "none":
             master += 4 * layer.out_features * layer.in_features
     base_bytes = params = 0
     block_bytes = [0] * len(blocks)

@@ -17,6 +17,7 @@ import torch
 
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.core import chain_of_links, compress_lora, concat_links, link_factors
+from raclora_dist.core.layer import auto_merge_mode
 from raclora_dist.train.checkpoint import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.session import base_folder
 
@@ -38,12 +39,12 @@ def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
 
 
 def merge_mode(cfg: RunConfig) -> str:
-    """The run's merge mode with ``auto`` resolved as the layers resolve it: ``into_base`` on an
-    fp32 base, ``factored`` on a bf16/fp16 or 4-bit one."""
-    mode = cfg.raclora.merge_mode
-    if mode != "auto":
-        return mode
-    return "factored" if cfg.model.quantization.enabled or cfg.model.dtype != "float32" else "into_base"
+    """The run's merge mode with ``auto`` resolved as the layers resolve it (``auto_merge_mode``)."""
+    rc = cfg.raclora
+    if rc.merge_mode != "auto":
+        return rc.merge_mode
+    return auto_merge_mode(packed=cfg.model.quantization.enabled, rounds=cfg.model.dtype != "float32",
+                           master_weights=rc.master_weights, stochastic_rounding=rc.stochastic_rounding)
 
 
 def chain_lora(ckpt: Checkpoint, cfg: RunConfig, rank: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

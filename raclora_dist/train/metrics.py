@@ -92,8 +92,8 @@ def landed_warning(rec: dict, threshold: float = LANDED_WARNING) -> str | None:
         return None
     return (f"warning: link {rec['link']}: only {rec['landed_fraction']:.1%} of the intended update landed in the "
             f"weights (cosine {rec['landed_cosine']:.2f}); rounding the merged weight to the base's precision (4-bit, "
-            "bf16) drops small updates. Use raclora.merge_mode=factored (or, on a 4-bit base, "
-            "raclora.master_weights=cpu) to keep them.")
+            "bf16) to nearest drops small updates. Keep them with raclora.merge_mode=into_base and "
+            "raclora.master_weights=cpu or raclora.stochastic_rounding=true, or with raclora.merge_mode=factored.")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

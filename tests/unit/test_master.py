@@ -46,7 +46,7 @@ def merge_all(layer, factors):
 def test_master_copy_lands_every_link_with_one_rounding_of_the_sum():
     """bf16 weight = round(W0 + sum of links) to within one rounding, whatever the number of
     links; without the master most of each small link rounds away."""
-    plain, master = bf16_layer(), bf16_layer(master_weights="cpu")
+    plain, master = bf16_layer(stochastic_rounding=False), bf16_layer(master_weights="cpu")
     W0 = plain.base_layer.weight.float().clone()
     factors = small_links(plain)
     total = merge_all(plain, factors)
@@ -85,7 +85,10 @@ def test_stochastic_rounding_is_unbiased_and_the_same_however_the_rows_are_split
 
 
 def test_stochastic_rounding_lands_small_links_on_average():
-    plain, sr = bf16_layer(), bf16_layer(stochastic_rounding=True)
+    """Also the default: into_base on a bf16 base rounds stochastically (merge_mode and
+    stochastic_rounding auto)."""
+    plain, sr = bf16_layer(stochastic_rounding=False), bf16_layer()
+    assert sr.stochastic_rounding is True
     W0 = plain.base_layer.weight.float().clone()
     factors = small_links(plain)
     merge_all(plain, factors)
@@ -145,8 +148,12 @@ def test_master_and_rounding_options_name_the_base_they_need(small_data, tmp_pat
     assert cfg.raclora.master_weights == "cpu"
     with pytest.raises(ConfigError, match="model.dtype float32, which merges exactly"):
         config(merge_mode="into_base", master_weights="cpu")
+    # auto is into_base on a bf16 base; factored refuses them, and so does a 4-bit base's auto (factored)
+    assert config({"dtype": "bfloat16"}, master_weights="cpu").raclora.merge_mode == "auto"
     with pytest.raises(ConfigError, match="need merge_mode into_base"):
-        config({"dtype": "bfloat16"}, stochastic_rounding=True)
+        config({"dtype": "bfloat16"}, stochastic_rounding=True, merge_mode="factored")
+    with pytest.raises(ConfigError, match="on a 4-bit base, whose merge_mode auto is factored"):
+        config({"quantization": "nf4"}, master_weights="cpu")
     model = nn.Sequential()
     model.add_module("lin", nn.Linear(16, 12))
     with pytest.raises(ValueError, match="torch.float32, which merges exactly"):

@@ -42,15 +42,25 @@ def run_links(model, links, factor_std, **raclora):
     return layers, chain, records
 
 
-def test_dispatch_wraps_linear4bit_and_auto_merge_mode_is_factored():
+def test_dispatch_wraps_linear4bit_and_auto_merge_mode_follows_the_base():
     model = quantized_model()
     layers = inject(model, RacLoraConfig(rank=4, target_modules=["0", "2"]))
     assert all(type(layer) is Linear4bitRacLora for layer in layers.values())
     assert all(layer.merge_mode == "factored" for layer in layers.values())
     dense = inject(nn.Sequential(nn.Linear(8, 8)), RacLoraConfig(rank=2, target_modules=["0"]))
     assert type(dense["0"]) is RacLoraLinear and dense["0"].merge_mode == "into_base"
+    assert not dense["0"].stochastic_rounding and dense["0"].master is None  # fp32 merges exactly
+    # bf16: into the base, rounded stochastically (or from a master copy); factored only when
+    # both are switched off, since rounding to nearest would drop small links
     bf16 = inject(nn.Sequential(nn.Linear(8, 8).bfloat16()), RacLoraConfig(rank=2, target_modules=["0"]))
+    assert bf16["0"].merge_mode == "into_base" and bf16["0"].stochastic_rounding and bf16["0"].master is None
+    bf16 = inject(nn.Sequential(nn.Linear(8, 8).bfloat16()), RacLoraConfig(rank=2, target_modules=["0"],
+                                                                            master_weights="cpu"))
+    assert bf16["0"].merge_mode == "into_base" and not bf16["0"].stochastic_rounding and bf16["0"].master is not None
+    bf16 = inject(nn.Sequential(nn.Linear(8, 8).bfloat16()), RacLoraConfig(rank=2, target_modules=["0"],
+                                                                            stochastic_rounding=False))
     assert bf16["0"].merge_mode == "factored"
+    assert not layers["0"].stochastic_rounding  # 4-bit: factored, nothing rounds
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
