@@ -225,7 +225,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         n, est = plan_run(cfg)
         # Every row read and encoded as `train` does (same checks, same messages); the
         # tokenized cache it builds is the one `train` then maps.
-        data_lines = describe_data(cfg.data, load_data(cfg, log=print))
+        data_lines = describe_data(cfg.data, load_data(cfg))
         d = cfg.distributed
         print(f"{args.config}: valid ({n} layers targeted, run folder {cfg.run.dir})")
         print(f"model: {count(est.params)} parameters, {size(est.base_params_bytes)} as held "
@@ -280,6 +280,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from raclora_dist.config import ConfigError
+    from raclora_dist.logs import console
+
+    console()  # the package's progress lines and notices, as plain lines on stdout
 
     try:
         return _dispatch(args)

@@ -3,8 +3,10 @@ subprocess, fault injection and small readers. (Fixtures are in conftest.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -79,3 +81,21 @@ def snapshot(folder: Path) -> dict:
     """``relative path -> sha256`` of every file under ``folder`` (to show nothing changed)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def captured_logs(level: int = logging.INFO):
+    """The messages the package logs inside the block (a list filled as they come): a handler on
+    the ``raclora_dist`` logger itself, since the console setup stops propagation to the root."""
+    lines: list[str] = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("raclora_dist")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)

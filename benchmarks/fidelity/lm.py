@@ -58,7 +58,7 @@ def experiment(overrides: list[str] | None = None, ft_lr: float = 1e-3) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = with_values(cfg, {"run.dir": str(Path(tmp) / "rac")})
         t0 = time.perf_counter()
-        history = run_training(cfg, log=lambda _: None)
+        history = run_training(cfg)
         base = build_session(cfg, source=Path(cfg.run.dir) / "base")  # the untouched base
         start = _eval(base.model, data, cfg.train.eval_batches)
         out["start_eval_loss"] = start

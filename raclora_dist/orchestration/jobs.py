@@ -6,14 +6,16 @@ from ``RAY_AUTH_TOKEN`` or the token file (``~/.ray/auth_token``); nothing here 
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 # What the job's working directory upload leaves out (the venv, runs, VCS metadata).
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "benchmarks/results", "*.egg-info"]
@@ -43,7 +45,7 @@ def entrypoint(config: str, overrides: list[str]) -> str:
 
 def submit(address: str, config: str, overrides: list[str], *, working_dir: str = ".",
            submission_id: str | None = None, pip: list[str] | None = None,
-           log: Callable[[str], None] = print, agent_wait_s: float = AGENT_WAIT_S) -> str:
+           agent_wait_s: float = AGENT_WAIT_S) -> str:
     """Submits a training job with the working directory (config, data) uploaded; returns its id.
 
     Ray's upload leaves out what ``.gitignore`` and ``.rayignore`` name (and :data:`EXCLUDES`).
@@ -59,7 +61,7 @@ def submit(address: str, config: str, overrides: list[str], *, working_dir: str 
     with tempfile.TemporaryDirectory(prefix="raclora-upload-") as tmp:
         upload, added = stage_upload(Path(working_dir), config, overrides, Path(tmp))
         for rel in added:
-            log(f"uploading {rel} too: the config needs it, and .gitignore/.rayignore would leave it out")
+            logger.info(f"uploading {rel} too: the config needs it, and .gitignore/.rayignore would leave it out")
         runtime_env: dict = {"working_dir": str(upload), "excludes": EXCLUDES}
         if pip:
             runtime_env["pip"] = pip
@@ -73,7 +75,7 @@ def submit(address: str, config: str, overrides: list[str], *, working_dir: str 
                 if NO_AGENT not in str(err):
                     raise
                 if not said:
-                    log(f"waiting for the head's job agent (Ray: {NO_AGENT}); retrying for up to "
+                    logger.info(f"waiting for the head's job agent (Ray: {NO_AGENT}); retrying for up to "
                         f"{agent_wait_s:.0f} s")
                     said = True
                 if time.monotonic() >= deadline:

@@ -14,11 +14,11 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from raclora_dist.config import RunConfig
+from raclora_dist.logs import console
 from raclora_dist.train.checkpoint import symlinks_in, verify_checkpoint
 
 
@@ -69,12 +69,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {k: record[k] for k in ("link", "step", "train_loss", "eval_loss", "update_norm")}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
 
-    def log(line: str) -> None:
-        # Not print(): Ray Train's print patch would send each line to the driver twice.
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-    run_training(cfg, resume=resume, log=log, on_checkpoint=report)
+    console()  # this worker's progress lines on its stdout, which Ray streams to the driver
+    run_training(cfg, resume=resume, on_checkpoint=report)
 
 
 def latest_in_storage(cfg: RunConfig) -> str | None:

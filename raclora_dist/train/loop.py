@@ -9,6 +9,7 @@ the same step because the schedule is deterministic.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from raclora_dist.train.parts import own_part
 from raclora_dist.train.schedule import link_lr
 from raclora_dist.train.session import Session
 
+logger = logging.getLogger(__name__)
+
 
 def _labelled(labels: torch.Tensor) -> int:
     """Tokens a causal-LM loss covers in (B, T) labels: those after the first, not -100."""
@@ -41,7 +44,7 @@ class Trainer:
     Args:
         cfg: the run config. session: model and chain (the backend has set the model up).
         data: packed batches. run_dir: where rank 0 writes metrics and checkpoints.
-        backend: the engine (single, ddp, fsdp2, deepspeed). log: per-link summary lines.
+        backend: the engine (single, ddp, fsdp2, deepspeed).
         on_checkpoint: called on every rank after each checkpoint with what this rank must
             hand to storage (Ray reports it): rank 0 the checkpoint folder, the first rank of
             another disk the part its disk's ranks wrote (removed afterwards), the others None.
@@ -50,7 +53,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, session: Session, data: PackedData, run_dir: Path,
-                 backend: Backend, log: Callable[[str], None] = print,
+                 backend: Backend,
                  on_checkpoint: Callable[[Path | None, dict], None] | None = None, startup: dict | None = None,
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
@@ -59,7 +62,6 @@ class Trainer:
         self._link_bytes = 0  # collective payload this rank sent since the last boundary
         self.is_main = backend.info.is_main
         self.attempt = shared_token()  # names checkpoint staging folders (collective)
-        self.log = log if self.is_main else (lambda _: None)
         self.global_step = 0
         self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
         self.history: list[dict] = []
@@ -168,7 +170,7 @@ class Trainer:
         first = time.perf_counter() - st["t_start"]
         self._write({"type": "startup", "load_s": st["load_s"], "first_step_s": first, **columns})
         above = [p - s for p, s in zip(columns["peak_rss_mb_first_step"], columns["rss_mb_start"])]
-        self.log(f"first step {first:.1f} s after start (loading {st['load_s']:.1f} s); peak RSS above the start "
+        logger.info(f"first step {first:.1f} s after start (loading {st['load_s']:.1f} s); peak RSS above the start "
                  f"per rank: {', '.join(f'{a:,.0f}' for a in above)} MiB")
 
     def _per_rank(self, value: float) -> list[float]:
@@ -225,10 +227,10 @@ class Trainer:
                "comm_bytes_link": link_bytes}
         self._write(rec)
         self.history.append(rec)
-        self.log(link_line(rec, rc.links, self.tokens_per_link))
+        logger.info(link_line(rec, rc.links, self.tokens_per_link))
         warning = landed_warning(rec)
         if warning is not None:
-            self.log(warning)
+            logger.info(warning)
         self._sample(link)
         self.callbacks.on_boundary(self, rec)
         last = link + 1 == rc.links
@@ -259,7 +261,7 @@ class Trainer:
 
             write_samples_md(self.run_dir)
             for prompt, answer in zip(self.sampler.prompts, answers):
-                self.log(f"  sample: {prompt!r} -> {answer!r}")
+                logger.info(f"  sample: {prompt!r} -> {answer!r}")
 
     @torch.no_grad()
     def evaluate(self) -> float:

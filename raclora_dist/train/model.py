@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,12 +69,12 @@ def build_meta_model(mcfg: ModelSection, vocab_size: int, source: str | Path | N
 
 
 def weight_source(mcfg: ModelSection, meta_model, source: str | Path | None = None,
-                  log: Callable[[str], None] | None = None, bar: bool = False) -> WeightSource:
+                  bar: bool = False) -> WeightSource:
     """Where the base's tensors come from: ``source`` or ``model.name_or_path`` (a safetensors
     folder), else a from-config initialisation keyed by ``(model.init_seed, module name)``."""
     path = source or (local_folder(mcfg.name_or_path) if mcfg.name_or_path is not None else None)
     if path is not None:
-        return SafetensorsFolder(path, log=log, bar=bar)
+        return SafetensorsFolder(path, bar=bar)
     return InitFromConfig(meta_model, mcfg.init_seed)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from raclora_dist.backends import make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
+from raclora_dist.logs import console_on, rank_only
 from raclora_dist.train.callbacks import Callback, load_callbacks
 from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.train.config_checks import check_paths, diff_configs
@@ -31,19 +33,20 @@ from raclora_dist.train.session import base_folder, build_session, import_librar
 from raclora_dist.train.token_cache import cached_blocks
 from raclora_dist.train.tokenizer import load_tokenizer, tokenizer_source
 
+logger = logging.getLogger(__name__)
 
-def load_data(cfg: RunConfig, log: Callable[[str], None] | None = None) -> PackedData:
+
+def load_data(cfg: RunConfig) -> PackedData:
     """``data.path``'s packed blocks: memory-mapped from the tokenized cache, which is built
-    first (read, rendered, tokenized, packed; ``log`` says so) if this data has none."""
+    first (read, rendered, tokenized, packed; logged) if this data has none."""
     tok = load_tokenizer(tokenizer_source(cfg))
-    sets = cached_blocks(cfg.data, tok, lambda folder: write_blocks(cfg.data, tok, folder), log)
+    sets = cached_blocks(cfg.data, tok, lambda folder: write_blocks(cfg.data, tok, folder))
     return PackedData(sets["train"], cfg.data.eval_fraction, cfg.train.batch_size, cfg.train.seed,
                       eval_blocks=sets.get("eval"))
 
 
-def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool,
-                  log: Callable[[str], None] | None = None) -> Path | None:
-    ckpt = find_latest(run_dir, report=log)
+def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
+    ckpt = find_latest(run_dir, report=logger.warning)
     damaged = damaged_checkpoints(run_dir)
     if resume and ckpt is None:
         if damaged:
@@ -90,9 +93,10 @@ def preflight(cfg: RunConfig, resume: bool) -> None:
     Raises:
         ConfigError: the run cannot start; nothing was started or written.
     """
-    ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume, log=lambda line: print(line, file=sys.stderr))
-    _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
-    load_data(cfg, log=lambda line: print(line, file=sys.stderr))  # tokenized here, once: workers map it
+    with console_on(sys.stderr):  # ahead of the run's own report on stdout
+        ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume)
+        _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
+        load_data(cfg)  # tokenized here, once: workers map it
 
 
 def _check_world(cfg: RunConfig, info: DistInfo, ckpt_path: Path | None) -> None:
@@ -127,7 +131,7 @@ def _check_checkpoint_world(cfg: RunConfig, world_size: int, ckpt_path: Path | N
             )
 
 
-def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None] = print,
+def run_training(cfg: RunConfig, resume: bool = False,
                  on_checkpoint: Callable[[Path, dict], None] | None = None) -> list[dict]:
     """Trains ``cfg`` into ``cfg.run.dir`` on this rank; returns the link records.
 
@@ -135,7 +139,6 @@ def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None
 
     Args:
         cfg: the run config. resume: continue from the run folder's latest checkpoint.
-        log: per-link progress lines (rank 0).
         on_checkpoint: called on every rank after each checkpoint with its folder and the
             link record (Ray Train reports it to storage).
     """
@@ -143,7 +146,8 @@ def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None
     owns_group = not dist.is_initialized()
     info = init_distributed(cfg.distributed.backend) if cfg.distributed.strategy != "single" else DistInfo()
     try:
-        return _run(cfg, run_dir, info, resume, log if info.is_main else (lambda _: None), on_checkpoint)
+        rank_only(info.is_main)  # progress lines from rank 0 alone
+        return _run(cfg, run_dir, info, resume, on_checkpoint)
     finally:
         if owns_group:  # Ray Train made the group and tears it down itself
             # Free the engine's wrappers (DDP's reducer, gloo work objects held in reference
@@ -153,7 +157,7 @@ def run_training(cfg: RunConfig, resume: bool = False, log: Callable[[str], None
             shutdown()
 
 
-def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Callable[[str], None],
+def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
          on_checkpoint: Callable[[Path, dict], None] | None) -> list[dict]:
     t_start = time.perf_counter()
     check_paths(cfg)
@@ -161,10 +165,10 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
     validate_model(cfg)  # targets and rank, on the meta device (imports the model's code)
     import_libraries(cfg)
     rss_start = current_rss_mb()  # after the libraries: the baseline the model is measured from
-    ckpt_path = _check_resume(cfg, run_dir, resume, log=log if info.is_main else None)
+    ckpt_path = _check_resume(cfg, run_dir, resume)
     _check_world(cfg, info, ckpt_path)
     # Rank 0 tokenizes (when the launching process has not), the others map its cache.
-    data = load_data(cfg, log) if info.is_main else None
+    data = load_data(cfg) if info.is_main else None
     barrier()  # every rank passed the checks before anything is written
     data = data or load_data(cfg)
     # Inputs are good: from here on the run folder may be written (by rank 0).
@@ -183,7 +187,7 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
         cfg, backend,
         source=base if cfg.model.config is not None and not fresh_base else None,
         save_base_to=base if fresh_base and info.is_main else None,
-        ckpt=ckpt, log=log,
+        ckpt=ckpt,
     )
     load_s, peak_loaded = time.perf_counter() - t_load, peak_rss_mb()
     if info.is_main:
@@ -206,8 +210,8 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
                    "peak_rss_mb_loaded": peak_loaded}
         if device_peak_mb(info.device) is not None:
             startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
-        log(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
-        trainer = Trainer(cfg, session, data, run_dir, backend, log=log, on_checkpoint=on_checkpoint, startup=startup,
+        logger.info(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
+        trainer = Trainer(cfg, session, data, run_dir, backend, on_checkpoint=on_checkpoint, startup=startup,
                           callbacks=callbacks)
         start_link = start_step = 0
         if ckpt is not None:
@@ -215,9 +219,9 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, log: Calla
             trainer.global_step = ckpt.global_step
             torch.set_rng_state(ckpt.rng)
             start_link, start_step = ckpt.next_link, ckpt.step_in_link
-            log(f"resumed {run_dir} at link {start_link + 1} (step {ckpt.global_step})")
+            logger.info(f"resumed {run_dir} at link {start_link + 1} (step {ckpt.global_step})")
             trainer._write({"type": "resume", "link": start_link, "step": ckpt.global_step})
-        log(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
+        logger.info(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
             f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
             f"{cfg.distributed.strategy} x {info.world_size}")
         history = trainer.fit(start_link, start_step)

@@ -17,7 +17,7 @@ So a rank holds its shards plus one part in flight: never the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ from raclora_dist.train.weights import (
     meta_tensors,
     tensor_owners,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,8 +129,7 @@ def import_libraries(cfg: RunConfig) -> None:
 
 
 def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path | None = None,
-                  save_base_to: Path | None = None, ckpt: Checkpoint | None = None,
-                  log: Callable[[str], None] | None = None) -> Session:
+                  save_base_to: Path | None = None, ckpt: Checkpoint | None = None) -> Session:
     """Builds tokenizer and base (streamed part by part), quantizes it if the config says so,
     injects the chain, and replays a checkpoint's chain; shards each part as it goes.
 
@@ -141,7 +142,6 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         save_base_to: save the untouched base (config-built) and tokenizer here first.
         ckpt: a checkpoint to resume: its merges are replayed on each layer before the
             engine shards it, and its current link's sketches and factors are restored.
-        log: progress lines (a line per checkpoint file read); None for silence.
 
     Raises:
         ConfigError: bad targets or rank, missing weights, or a checkpoint that does not
@@ -159,7 +159,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         if names != targets:
             raise ConfigError(f"{ckpt.path}: the checkpoint's layers differ from the model's targets")
     main = backend is None or backend.info.is_main
-    weights = weight_source(cfg.model, model, source, log=log if main else None, bar=main and interactive())
+    weights = weight_source(cfg.model, model, source, bar=main and interactive())
     try:
         if save_base_to is not None:
             save_base(model, weights, tokenizer, save_base_to)
@@ -169,10 +169,10 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     finally:
         weights.close()
     split_names = [n for n, m in model.named_modules() if isinstance(m, (VocabParallelEmbedding, VocabParallelHead))]
-    if split_names and log is not None and main:
-        log(f"split {' and '.join(split_names)} by vocabulary rows across {backend.info.world_size} ranks")
-    if unused and log is not None and main:
-        log(f"note: {len(unused)} tensor(s) in the checkpoint are not part of the model (e.g. {unused[0]}); ignored")
+    if split_names:
+        logger.info(f"split {' and '.join(split_names)} by vocabulary rows across {backend.info.world_size} ranks")
+    if unused:
+        logger.info(f"note: {len(unused)} tensor(s) in the checkpoint are not part of the model (e.g. {unused[0]}); ignored")
     chain = RacLoraChain(layers, cfg.raclora.on_nonfinite)
     if ckpt is not None:
         chain.adopt(ckpt.chain)

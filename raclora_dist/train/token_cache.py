@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
+
+logger = logging.getLogger(__name__)
 
 VERSION = 2  # bump when the rendering or packing of blocks changes (2: streamed; the same blocks, rebuilt once)
 SETTINGS_NOT_IN_KEY = ("cache_dir", "eval_fraction")  # the split is taken after the cache
@@ -106,10 +109,11 @@ def _store(tmp: Path, entry: Path) -> None:
                               f"({type(err).__name__}: {err})") from None
 
 
-def cached_blocks(dcfg: DataSection, tokenizer, write: Callable[[Path], dict[str, list[int]]],
-                  log: Callable[[str], None] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def cached_blocks(dcfg: DataSection, tokenizer, write: Callable[[Path], dict[str, list[int]]]
+                  ) -> dict[str, dict[str, torch.Tensor]]:
     """The blocks of ``dcfg`` from the cache, written first if absent by ``write(folder)``
-    (which fills a temporary folder with ``<part>.<field>.bin`` files and returns their shapes).
+    (which fills a temporary folder with ``<part>.<field>.bin`` files and returns their shapes;
+    a line is logged when it does).
 
     Returns:
         ``{"train": fields, "eval"?: fields}`` of memory-mapped int32 (N, T) tensors.
@@ -125,9 +129,9 @@ def cached_blocks(dcfg: DataSection, tokenizer, write: Callable[[Path], dict[str
             _store(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if log is not None:
+        if logger.isEnabledFor(logging.INFO):
             train = _read(entry)["train"]
             trained = int((train["labels"][:, 1:] != -100).sum()) if "labels" in train else train["input_ids"].numel()
-            log(f"tokenized {', '.join(dcfg.paths)}: {len(train['input_ids'])} sequences of {dcfg.seq_len} tokens "
+            logger.info(f"tokenized {', '.join(dcfg.paths)}: {len(train['input_ids'])} sequences of {dcfg.seq_len} tokens "
                 f"({trained:,} with loss) -> {entry}")
     return _read(entry)

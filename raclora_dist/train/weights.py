@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from raclora_dist.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -58,11 +60,10 @@ class SafetensorsFolder:
 
     Args:
         folder: the checkpoint folder.
-        log: where progress lines go (a line per shard file read); None for silence.
         bar: show a progress bar per shard file (interactive terminals).
     """
 
-    def __init__(self, folder: str | Path, log: Callable[[str], None] | None = None, bar: bool = False) -> None:
+    def __init__(self, folder: str | Path, bar: bool = False) -> None:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
@@ -82,7 +83,7 @@ class SafetensorsFolder:
         self._left = {f: sum(v == f for v in self.weight_map.values()) for f in self.files}
         self._bars: dict[str, object] = {}
         self._t0: dict[str, float] = {}
-        self.log, self.bar = log, bar
+        self.bar = bar
         self.read: set[str] = set()
 
     def keys(self) -> set[str]:
@@ -116,9 +117,8 @@ class SafetensorsFolder:
         if self._left[file] == 0:  # every tensor of this file was read
             if file in self._bars:
                 self._bars.pop(file).close()
-            if self.log is not None:
-                done = sum(1 for f in self.files if self._left[f] == 0)
-                self.log(f"loaded {file} ({done}/{len(self.files)}) in {time.perf_counter() - self._t0[file]:.1f} s")
+            done = sum(1 for f in self.files if self._left[f] == 0)
+            logger.info(f"loaded {file} ({done}/{len(self.files)}) in {time.perf_counter() - self._t0[file]:.1f} s")
 
     def close(self) -> None:
         for b in self._bars.values():

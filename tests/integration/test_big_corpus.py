@@ -20,6 +20,9 @@ BUILD = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
 from raclora_dist.config import load_config
+from raclora_dist.logs import console
+
+console()  # the "tokenized ..." line on stdout, as the command line shows it
 
 def status(field):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
@@ -47,7 +50,7 @@ def capped(folder):  # the build alone under the cap (the entry is then read as 
     finally:
         resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
-sets = cached_blocks(cfg.data, tok, capped, print)
+sets = cached_blocks(cfg.data, tok, capped)
 print(json.dumps({"sequences": len(sets["train"]["input_ids"]), "peak_anon_above_mib": peak[0] - anon0}))
 """
 

@@ -16,7 +16,7 @@ from raclora_dist.core import RacLoraLinear
 from raclora_dist.train.model import build_meta_model
 from raclora_dist.train.session import build_session
 from raclora_dist.train.weights import INDEX, InitFromConfig, SafetensorsFolder, state_shapes, write_safetensors
-from tests.helpers import TINY_MODEL, tiny_config
+from tests.helpers import TINY_MODEL, captured_logs, tiny_config
 
 TOKENS = torch.tensor([[1, 5, 9, 200, 17, 33, 4, 250], [7, 7, 100, 3, 2, 90, 12, 8]])
 
@@ -94,8 +94,8 @@ def test_streamed_session_computes_what_from_pretrained_computes(tmp_path, small
     folder, _ = save_pretrained_shards(tmp_path, tied=tied)
     assert len(json.loads((folder / INDEX).read_text())["weight_map"]) > 0
     cfg = config(tmp_path, small_data, name_or_path=str(folder))
-    lines: list[str] = []
-    session = build_session(cfg, log=lines.append)
+    with captured_logs() as lines:
+        session = build_session(cfg)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         got = session.model(TOKENS).logits
