@@ -80,10 +80,10 @@ def cumulative_landed(run: Path, upto: int | None) -> dict:
     """Landed statistics of the first ``upto`` merged links (all if None), by replay."""
     from transformers.utils import logging as hf_logging
 
+    from raclora_dist.checkpoint.folder import find_latest, load_checkpoint
     from raclora_dist.config import load_config
     from raclora_dist.core import ChainState, link_factors
-    from raclora_dist.train.checkpoint import find_latest, load_checkpoint
-    from raclora_dist.train.session import build_session
+    from raclora_dist.model.session import build_session
 
     hf_logging.disable_progress_bar()
     cfg = load_config(run / "config.yaml")

@@ -78,7 +78,7 @@ def write_checkpoint(size: str, folder: Path, seq: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raclora_dist.train.weights import InitFromConfig, state_shapes, write_safetensors
+    from raclora_dist.model.weights import InitFromConfig, state_shapes, write_safetensors
 
     fields = model_config(size, seq)
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -197,8 +197,8 @@ def activation_child(folder: Path, ckpt: bool, seq: int, steps: int) -> dict:
     import torch
 
     from raclora_dist.config import build_config, with_values
-    from raclora_dist.train.heap import mapped_large_allocations
-    from raclora_dist.train.session import build_session
+    from raclora_dist.model.heap import mapped_large_allocations
+    from raclora_dist.model.session import build_session
 
     cfg = build_config(run_config(folder, Path(tempfile.gettempdir()) / "unused", 1, seq, 1)
                        | {"distributed": {"strategy": "single", "workers": 1}})

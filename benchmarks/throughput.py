@@ -76,8 +76,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def batches(seq_len: int, batch: int, count: int) -> list[torch.Tensor]:
     """The same ``count`` (batch, seq_len) token batches for every method."""
     from raclora_dist.config import DataSection
-    from raclora_dist.train.data import PackedData, pack, read_documents
-    from raclora_dist.train.tokenizer import load_tokenizer
+    from raclora_dist.data.batches import PackedData, pack, read_documents
+    from raclora_dist.data.tokenizer import load_tokenizer
 
     data = DataSection(path=str(CORPUS), seq_len=seq_len, max_documents=4000)
     blocks = pack(read_documents(data), load_tokenizer("bytes"), seq_len)
@@ -99,7 +99,7 @@ def build(method: str, size: str, rank: int, alpha: float, device: str, quant: s
     in fp32 and cast. The weights are the same for every method (seed 0 on that device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raclora_dist.train.session import enable_activation_checkpointing
+    from raclora_dist.model.session import enable_activation_checkpointing
 
     cfg = dict(SIZES[size][0])
     torch.manual_seed(0)

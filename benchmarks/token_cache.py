@@ -1,5 +1,5 @@
 """Building the tokenized cache: peak memory and time against the corpus size, streamed
-(:func:`raclora_dist.train.data.write_blocks`) against the former in-memory build.
+(:func:`raclora_dist.data.batches.write_blocks`) against the former in-memory build.
 
 Each build runs in a fresh process on a generated JSONL corpus (documents of pseudo-random
 words) with the byte tokenizer (one token per byte: the most tokens per byte of text), and
@@ -33,7 +33,7 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from raclora_dist.config import build_config
-from raclora_dist.train.tokenizer import byte_tokenizer
+from raclora_dist.data.tokenizer import byte_tokenizer
 
 def status(field):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
@@ -49,8 +49,8 @@ corpus, out, mode, cap = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.
 cfg = build_config({"model": {"config": {"model_type": "llama"}}, "data": {"path": corpus, "tokenizer": "bytes",
                     "seq_len": 512, "cache_dir": str(out)}})
 tok = byte_tokenizer()
-from raclora_dist.train import data
-from raclora_dist.train.records import load_rows
+from raclora_dist.data import batches as data
+from raclora_dist.data.rows import load_rows
 load_rows(cfg.data, corpus)  # datasets' Arrow conversion of the JSONL: before the measured build
 Path("/proc/self/clear_refs").write_text("5")
 before, data_mib, anon_before = status("VmRSS"), status("VmData"), status("RssAnon")
@@ -75,7 +75,7 @@ print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_above_mib": status
 IN_MEMORY = r"""
 def tokenized_blocks_in_memory(dcfg, tokenizer):
     import torch
-    from raclora_dist.train.data import read_documents
+    from raclora_dist.data.batches import read_documents
     docs = read_documents(dcfg)
     ids = []
     for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
@@ -102,8 +102,8 @@ def corpus(path: Path, mib: int, seed: int = 0) -> Path:
 
 def build(path: Path, mode: str, cap_mib: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="raclora-bench-cache-") as out:
-        code = CHILD if mode == "streamed" else CHILD.replace("from raclora_dist.train import data\n",
-                                                               "from raclora_dist.train import data\n" + IN_MEMORY)
+        code = CHILD if mode == "streamed" else CHILD.replace("from raclora_dist.data import batches as data\n",
+                                                               "from raclora_dist.data import batches as data\n" + IN_MEMORY)
         proc = subprocess.run([sys.executable, "-c", code, str(path), out, mode, str(cap_mib)],
                               capture_output=True, text=True)
         if proc.returncode != 0:

@@ -70,8 +70,8 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raclora_dist.config import load_config
-    from raclora_dist.train.config_checks import check_paths
-    from raclora_dist.train.launch import launch_torchrun, under_launcher
+    from raclora_dist.orchestration.torchrun import launch_torchrun, under_launcher
+    from raclora_dist.train.checks import check_paths
 
     overrides = list(args.overrides)
     if under_launcher() and not any(o.startswith("distributed.workers=") for o in overrides):
@@ -125,13 +125,13 @@ def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
     import time
     from pathlib import Path
 
+    from raclora_dist.model.session import validate_model
     from raclora_dist.orchestration.paths import absolutize
-    from raclora_dist.train.session import validate_model
 
     cfg = absolutize(cfg)
     validate_model(cfg)  # targets and rank: fail here, before any Ray worker starts
+    from raclora_dist.checkpoint.folder import find_latest
     from raclora_dist.orchestration.ray_train import fit, latest_in_storage
-    from raclora_dist.train.checkpoint import find_latest
     from raclora_dist.train.run import preflight
 
     if "://" not in cfg.ray.storage_path:  # remote storage: only the workers can look
@@ -146,7 +146,7 @@ def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
     if embedded and not verbose:
         # One machine: the driver shows the run from metrics.jsonl; Ray's and the workers'
         # own output stays in Ray's logs (--verbose shows it).
-        from raclora_dist.train.progress import Follower
+        from raclora_dist.observe.progress import Follower
 
         where = "an embedded Ray"
         print(f"training {_describe(cfg)} under {where}; run folder {cfg.run.dir}, Ray storage {cfg.ray.storage_path}")
@@ -195,7 +195,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from raclora_dist.config import ConfigError, load_config
-    from raclora_dist.train.config_checks import check_paths
+    from raclora_dist.train.checks import check_paths
 
     if args.command == "train":
         return _train(args)
@@ -215,10 +215,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(k8s.to_yaml(docs), end="")
         return 0
     elif args.command == "validate":
-        from raclora_dist.train.data import describe_data
-        from raclora_dist.train.estimate import count, size
+        from raclora_dist.data.batches import describe_data
+        from raclora_dist.model.estimate import count, size
+        from raclora_dist.model.session import plan_run
         from raclora_dist.train.run import load_data
-        from raclora_dist.train.session import plan_run
 
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg)
@@ -232,7 +232,7 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"({cfg.model.dtype}{', ' + cfg.model.quantization.method if cfg.model.quantization.enabled else ''})")
         print(f"estimated memory per rank ({d.strategy} x {d.workers}):\n{est.table()}")
         if cfg.model.name_or_path is not None:
-            from raclora_dist.train.sources import describe
+            from raclora_dist.data.sources import describe
 
             print(describe(cfg.model.name_or_path))
         for line in est.chain_lines:
@@ -242,7 +242,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         for line in est.warnings:
             print(f"warning: {line}", file=sys.stderr)
     elif args.command == "export":
-        from raclora_dist.train.export import export_merged, export_peft
+        from raclora_dist.model.export import export_merged, export_peft
 
         if args.format == "peft":
             out = export_peft(args.run, args.out, args.rank)
@@ -252,13 +252,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "runs":
         from pathlib import Path
 
-        from raclora_dist.train.runs import list_runs, table
+        from raclora_dist.observe.runs import list_runs, table
 
         if not Path(args.folder).is_dir():
             raise ConfigError(f"runs: {args.folder!r} is not a folder")
         print(table(list_runs(Path(args.folder))))
     elif args.command == "plot":
-        from raclora_dist.train.plot import plot_run
+        from raclora_dist.observe.plot import plot_run
 
         print(plot_run(args.run))
     return 0
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raclora: error: {err}", file=sys.stderr)
         return 1
     except Exception as err:
-        from raclora_dist.train.launch import under_launcher
+        from raclora_dist.orchestration.torchrun import under_launcher
 
         if not under_launcher():
             raise

@@ -18,7 +18,7 @@ from raclora_dist.core.config import RacLoraConfig
 from raclora_dist.quant.config import QuantizationConfig
 
 # fsdp_unit auto: the block size from which CPU workers gather sublayers (a block this large is
-# gathered into maps of its own, train.heap.STEADY_MMAP_THRESHOLD; smaller ones are toys)
+# gathered into maps of its own, model.heap.STEADY_MMAP_THRESHOLD; smaller ones are toys)
 AUTO_SUBLAYER_BYTES = 8 << 20
 
 

@@ -82,14 +82,14 @@ class CountUnits(Callback):
 
 
 class CountHeapReleases(Callback):
-    """Counts the heap trims (``train.heap.release_freed``) of the first optimizer step; rank 0
+    """Counts the heap trims (``model.heap.release_freed``) of the first optimizer step; rank 0
     writes the count to ``out``."""
 
     def __init__(self, out: str) -> None:
         self.out, self.count = Path(out), None
 
     def on_train_start(self, trainer) -> None:
-        from raclora_dist.train import heap
+        from raclora_dist.model import heap
 
         real, self.count = heap.release_freed, 0
 

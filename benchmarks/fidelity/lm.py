@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from raclora_dist.config import load_config, with_values
+from raclora_dist.model.session import build_session
 from raclora_dist.train.run import load_data, run_training
-from raclora_dist.train.session import build_session
 
 CONFIG = "configs/quickstart.yaml"
 

@@ -18,7 +18,6 @@ from raclora_dist.core.chain import (
     replay_layer,
 )
 from raclora_dist.core.config import RacLoraConfig
-from raclora_dist.core.export import chain_of_links, compress_lora, concat_links
 from raclora_dist.core.inject import TargetError, inject, match_targets, register_dispatcher, wrap_targets
 from raclora_dist.core.landed import MergeResult, merge_into_weight
 from raclora_dist.core.layer import (
@@ -30,6 +29,7 @@ from raclora_dist.core.layer import (
     lora_scale,
     resolve_side,
 )
+from raclora_dist.core.lowrank import chain_of_links, compress_lora, concat_links
 from raclora_dist.core.sketch import sample_sketch, sketch_seed, tensor_fingerprint
 
 __all__ = [

@@ -74,7 +74,7 @@ def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: to
 
     While it fits, the link is appended (exact). Once ``R + r`` exceeds the capacity, the chain
     and the link are recompressed together to the capacity: QR of both factors and an SVD of
-    the small core (:func:`~raclora_dist.core.export.compress_lora`), the best approximation of
+    the small core (:func:`~raclora_dist.core.lowrank.compress_lora`), the best approximation of
     that rank, and the energy it drops is returned.
 
     Args:
@@ -91,7 +91,7 @@ def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: to
         chain_A[R : R + r] = A
         # The effective weight changed by exactly s B A (up to the chain dtype's rounding).
         return R + r, 0.0, chain_B[:, R : R + r], chain_A[R : R + r]
-    from raclora_dist.core.export import compress_lora
+    from raclora_dist.core.lowrank import compress_lora
 
     old_B, old_A = chain_B[:, :R].clone(), chain_A[:R].clone()
     B_new, A_new, discarded = compress_lora(torch.cat([old_B, sB.to(old_B)], dim=1),

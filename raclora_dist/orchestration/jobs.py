@@ -103,7 +103,7 @@ def _needed(config: str, overrides: list[str], root: Path) -> list[tuple[str, Pa
         cfg = load_config(config, overrides)
     except ConfigError:
         return []  # the job reports it, with the field named, in its logs
-    from raclora_dist.train.sources import kind
+    from raclora_dist.data.sources import kind
 
     fields = [("the config", config), *[("data.path", p) for p in cfg.data.paths if kind(p) == "path"],
               *[("data.eval_path", p) for p in cfg.data.eval_paths if kind(p) == "path"]]

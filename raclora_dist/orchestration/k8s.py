@@ -81,7 +81,7 @@ def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None, workers: 
 def _check_model_path(cfg: RunConfig, storage_uri: str | None, model_volume: str | None) -> None:
     """A pretrained model must sit where every pod sees it: the model volume, or the run's
     storage PVC. (An object-store bucket mounted by a CSI driver is such a volume too.)"""
-    from raclora_dist.train.sources import kind
+    from raclora_dist.data.sources import kind
 
     path = cfg.model.name_or_path
     if path is None or kind(path) != "path":

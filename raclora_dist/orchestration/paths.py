@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raclora_dist.config import RunConfig, with_values
-from raclora_dist.train.sources import kind
+from raclora_dist.data.sources import kind
 
 
 def absolutize(cfg: RunConfig) -> RunConfig:

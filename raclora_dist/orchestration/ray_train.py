@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raclora_dist.checkpoint.folder import symlinks_in, verify_checkpoint
 from raclora_dist.config import RunConfig
 from raclora_dist.logs import console
-from raclora_dist.train.checkpoint import symlinks_in, verify_checkpoint
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -29,7 +29,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from raclora_dist.backends.dist import shared_token
-    from raclora_dist.train.checkpoint import find_latest, install_on_every_disk
+    from raclora_dist.checkpoint.folder import find_latest, install_on_every_disk
     from raclora_dist.train.run import run_training
 
     cfg = RunConfig.model_validate(config["cfg"])
@@ -143,7 +143,7 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
         quiet: turn Ray's own output down through its settings (its loggers at ERROR,
             Ray Train's at WARNING, and with an embedded Ray, whose run folder is on this
             machine, the workers' output kept in Ray's log files: the caller follows
-            ``metrics.jsonl`` instead, :class:`raclora_dist.train.progress.Follower`).
+            ``metrics.jsonl`` instead, :class:`raclora_dist.observe.progress.Follower`).
 
     Raises:
         RuntimeError: the run failed after Ray's allowed restarts (the worker error attached).
@@ -164,7 +164,7 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
             # where a head with no CPUs for our workers leaves the run waiting forever.
             ray.init(address="local", include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
                      log_to_driver=not quiet, **quiet_init)
-    from raclora_dist.train.checkpoint import find_latest
+    from raclora_dist.checkpoint.folder import find_latest
 
     _check_storage_reaches_every_node(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     stored = latest_in_storage(cfg)
@@ -213,7 +213,7 @@ def bring_home(checkpoint, run_dir: Path) -> None:
     Args:
         checkpoint: the ``ray.train.Checkpoint`` Ray returned. run_dir: the driver's run folder.
     """
-    from raclora_dist.train.checkpoint import checkpoint_name, install_checkpoint, latest_name
+    from raclora_dist.checkpoint.folder import checkpoint_name, install_checkpoint, latest_name
 
     with checkpoint.as_directory() as folder:
         if latest_name(run_dir) != checkpoint_name(Path(folder)):

@@ -79,8 +79,12 @@ class CallbackList(Callback):
         self.callbacks = list(callbacks)
 
     def _each(self, hook: str, *args) -> None:
+        # A callback may define any subset of the hooks (the trackers define one): the protocol
+        # is the method names, and subclassing Callback only supplies the empty defaults.
         for cb in self.callbacks:
-            getattr(cb, hook)(*args)
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(*args)
 
     def on_train_start(self, trainer) -> None:
         self._each("on_train_start", trainer)

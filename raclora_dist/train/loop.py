@@ -19,16 +19,16 @@ import torch
 
 from raclora_dist.backends import Backend
 from raclora_dist.backends.dist import TRAFFIC, shared_token
+from raclora_dist.checkpoint.folder import ckpt_root, save_checkpoint
+from raclora_dist.checkpoint.link_files import LinkStore
+from raclora_dist.checkpoint.parts import own_part
 from raclora_dist.config import RunConfig
+from raclora_dist.data.batches import PackedData
+from raclora_dist.data.formats import IGNORE
+from raclora_dist.model.session import Session
+from raclora_dist.observe.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
 from raclora_dist.train.callbacks import Callback, CallbackList
-from raclora_dist.train.checkpoint import ckpt_root, save_checkpoint
-from raclora_dist.train.data import PackedData
-from raclora_dist.train.formats import IGNORE
-from raclora_dist.train.link_files import LinkStore
-from raclora_dist.train.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
-from raclora_dist.train.parts import own_part
 from raclora_dist.train.schedule import link_lr
-from raclora_dist.train.session import Session
 
 logger = logging.getLogger(__name__)
 

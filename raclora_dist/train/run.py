@@ -20,18 +20,18 @@ import torch.distributed as dist
 
 from raclora_dist.backends import make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
+from raclora_dist.checkpoint.folder import damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
+from raclora_dist.data.batches import PackedData, write_blocks
+from raclora_dist.data.token_cache import cached_blocks
+from raclora_dist.data.tokenizer import load_tokenizer, tokenizer_source
 from raclora_dist.logs import console_on, rank_only
+from raclora_dist.model.session import base_folder, build_session, import_libraries, validate_model
+from raclora_dist.observe.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
+from raclora_dist.observe.runs import running
 from raclora_dist.train.callbacks import Callback, load_callbacks
-from raclora_dist.train.checkpoint import damaged_checkpoints, find_latest, load_checkpoint
-from raclora_dist.train.config_checks import check_paths, diff_configs
-from raclora_dist.train.data import PackedData, write_blocks
+from raclora_dist.train.checks import check_paths, diff_configs
 from raclora_dist.train.loop import Trainer
-from raclora_dist.train.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
-from raclora_dist.train.runs import running
-from raclora_dist.train.session import base_folder, build_session, import_libraries, validate_model
-from raclora_dist.train.token_cache import cached_blocks
-from raclora_dist.train.tokenizer import load_tokenizer, tokenizer_source
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
             truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
         trackers = None
         if info.is_main and cfg.run.trackers:  # after the truncation: they continue from the checkpoint
-            from raclora_dist.train.trackers import Trackers
+            from raclora_dist.observe.trackers import Trackers
 
             r = cfg.run
             trackers = Trackers(r.trackers, run_dir, cfg.model_dump(mode="json"), r.mlflow_tracking_uri, r.wandb_project,
@@ -226,7 +226,7 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
             f"{cfg.distributed.strategy} x {info.world_size}")
         history = trainer.fit(start_link, start_step)
         if info.is_main:
-            from raclora_dist.train.plot import plot_run
+            from raclora_dist.observe.plot import plot_run
 
             plot_run(run_dir)
             if trackers is not None:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from raclora_dist.config import DataSection
-from raclora_dist.train.formats import chat_template
-from raclora_dist.train.metrics import read_metrics
+from raclora_dist.data.formats import chat_template
+from raclora_dist.observe.metrics import read_metrics
 
 MARK = "\u00a7\u00a7"  # stands in for an answer, to find what the template writes after one
 

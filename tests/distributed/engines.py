@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from raclora_dist.train.checkpoint import chain_tensors, find_latest
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from tests.helpers import read_jsonl, run_cli
 
 ENGINES = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.checkpoint.folder import find_latest
 from tests.distributed.engines import (
     ENGINES,
     assert_chains_close,

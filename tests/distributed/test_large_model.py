@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.checkpoint.folder import find_latest
 from tests.distributed.engines import chain, losses, processes_mentioning
 from tests.helpers import read_jsonl, run_cli, tiny_config, write_config
 
@@ -146,7 +146,7 @@ def test_two_workers_load_their_shards_only_and_train_the_one_process_chain(vari
     assert max(grown) < LIMITS.get(variant, LIMIT) * size_mib, (grown, size_mib)
 
     # Its blocks (27 MiB each) are gathered from maps of their own, so the C heap is trimmed
-    # after each block's forward and before its backward (train.heap.worth_releasing).
+    # after each block's forward and before its backward (model.heap.worth_releasing).
     assert int(trims.read_text()) == 2 * MODEL["num_hidden_layers"]
     if variant == "fsdp2":  # fsdp_unit auto, such blocks on CPU: attention and MLP apart, the block, the root
         assert int(units.read_text()) == 3 * MODEL["num_hidden_layers"] + 1

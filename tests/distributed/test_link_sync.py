@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.checkpoint.folder import find_latest
 from tests.distributed.engines import assert_chains_close, chain, losses, meta, train
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.checkpoint.folder import find_latest
 from tests.distributed.engines import ENGINES, assert_chains_close, losses, meta, train
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 

@@ -28,13 +28,13 @@ def status(field):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
-from raclora_dist.train.data import write_blocks
-from raclora_dist.train.token_cache import cached_blocks
-from raclora_dist.train.tokenizer import load_tokenizer, tokenizer_source
+from raclora_dist.data.batches import write_blocks
+from raclora_dist.data.token_cache import cached_blocks
+from raclora_dist.data.tokenizer import load_tokenizer, tokenizer_source
 
 cfg = load_config(sys.argv[1])
 tok = load_tokenizer(tokenizer_source(cfg))
-from raclora_dist.train.records import load_rows
+from raclora_dist.data.rows import load_rows
 load_rows(cfg.data, cfg.data.paths[0])  # datasets' Arrow conversion, before the capped build
 peak, anon0 = [0.0], status("RssAnon")
 def sample():

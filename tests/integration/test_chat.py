@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from raclora_dist.config import load_config
-from raclora_dist.train.checkpoint import chain_tensors, find_latest
-from raclora_dist.train.tokenizer import tokenizer_source
+from raclora_dist.data.tokenizer import tokenizer_source
 from tests.distributed.engines import losses, train
 from tests.helpers import TINY_MODEL, faults, read_jsonl, run_cli, tiny_config, write_config
 
@@ -25,7 +25,7 @@ def pretrained(tmp_path_factory):
     """A config-built tiny Llama saved with a tokenizer that has its own chat template."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raclora_dist.train.tokenizer import byte_tokenizer
+    from raclora_dist.data.tokenizer import byte_tokenizer
 
     folder = tmp_path_factory.mktemp("pretrained") / "tiny-chat"
     cfg = dict(TINY_MODEL)
@@ -126,7 +126,7 @@ def test_bad_row_stops_the_run_before_any_worker(tmp_path, pretrained):
 
 
 def test_tokenizer_larger_than_the_embedding_is_named(tmp_path, pretrained, chat_rows):
-    from raclora_dist.train.tokenizer import load_tokenizer
+    from raclora_dist.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(pretrained))
     tok.add_tokens([f"<extra{i}>" for i in range(5)])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from raclora_dist.cli import main
-from raclora_dist.train.checkpoint import chain_tensors, find_latest
 from tests.helpers import snapshot, tiny_config, write_config
 
 NEWEST, OLDER = "link-00003-step-0000009", "link-00002-step-0000006"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raclora_dist.train.checkpoint import find_latest
+from raclora_dist.checkpoint.folder import find_latest
 from tests.helpers import run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow

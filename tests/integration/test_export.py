@@ -7,10 +7,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from raclora_dist.checkpoint.folder import find_latest, load_checkpoint
 from raclora_dist.cli import main
 from raclora_dist.config import load_config
-from raclora_dist.train.checkpoint import find_latest, load_checkpoint
-from raclora_dist.train.session import build_session
+from raclora_dist.model.session import build_session
 from tests.helpers import read_jsonl, tiny_config, write_config
 
 

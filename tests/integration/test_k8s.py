@@ -295,9 +295,9 @@ def test_a_retried_rayjob_resumes_from_its_storage(storage, tmp_path, small_data
     and the checkpoint comes back from storage."""
     import uuid
 
+    from raclora_dist.checkpoint.folder import find_latest
     from raclora_dist.config import load_config
     from raclora_dist.orchestration import k8s
-    from raclora_dist.train.checkpoint import find_latest
     from tests.helpers import faults, run_cli
 
     name = f"raclora-retry-{uuid.uuid4().hex[:8]}"

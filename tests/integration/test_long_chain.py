@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest, load_checkpoint
+from raclora_dist.checkpoint.link_files import link_name
 from raclora_dist.cli import main
 from raclora_dist.config import load_config
-from raclora_dist.train.checkpoint import chain_tensors, find_latest, load_checkpoint
-from raclora_dist.train.link_files import link_name
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 LINKS = 32

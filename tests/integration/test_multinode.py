@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raclora_dist.train.checkpoint import chain_tensors, find_latest
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from tests.distributed.engines import chain
 from tests.faults import wait_for_marker
 from tests.helpers import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raclora_dist.train.checkpoint import chain_tensors, find_latest
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from tests.helpers import TINY_MODEL, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def pretrained(tmp_path_factory):
     """A config-built tiny Llama saved as a sharded safetensors folder with its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raclora_dist.train.tokenizer import byte_tokenizer
+    from raclora_dist.data.tokenizer import byte_tokenizer
 
     folder = tmp_path_factory.mktemp("pretrained") / "tiny"
     cfg = dict(TINY_MODEL)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from raclora_dist.train.runs import STALE_S
+from raclora_dist.observe.runs import STALE_S
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow

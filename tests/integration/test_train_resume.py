@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from raclora_dist.checkpoint.folder import chain_tensors as checkpoint_tensors
+from raclora_dist.checkpoint.folder import find_latest
 from raclora_dist.cli import main
-from raclora_dist.train.checkpoint import chain_tensors as checkpoint_tensors
-from raclora_dist.train.checkpoint import find_latest
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raclora_dist.config import ConfigError, load_config, parse_overrides
-from raclora_dist.train.config_checks import check_paths
+from raclora_dist.train.checks import check_paths
 from tests.helpers import tiny_config, write_config
 
 
@@ -221,7 +221,7 @@ def test_validation_reads_nothing_from_disk(cfg_file, monkeypatch):
     ("/plain/path", "dir", "/plain/path"),
 ])
 def test_credentials_are_redacted_from_what_trackers_log(value, name, want):
-    from raclora_dist.train.trackers import redact
+    from raclora_dist.observe.trackers import redact
 
     cfg = {"section": {name: value, "n": 3}}
     assert redact(cfg) == {"section": {name: want, "n": 3}}
@@ -230,7 +230,7 @@ def test_credentials_are_redacted_from_what_trackers_log(value, name, want):
 
 def test_redaction_leaves_every_config_field_name_alone(cfg_file):
     """Field names such as data.tokenizer or train.sample_tokens are not secrets."""
-    from raclora_dist.train.trackers import flatten, redact
+    from raclora_dist.observe.trackers import flatten, redact
 
     full = load_config(cfg_file, ["run.mlflow_tracking_uri=http://mlflow:5000"]).model_dump(mode="json")
     assert flatten(redact(full)) == flatten(full)

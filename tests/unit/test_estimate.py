@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from raclora_dist.config import build_config
-from raclora_dist.train.session import build_session, plan_run
+from raclora_dist.model.session import build_session, plan_run
 from tests.helpers import TINY_MODEL, tiny_config
 
 

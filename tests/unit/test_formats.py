@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
-from raclora_dist.train.data import mix, pack_examples, tokenized_blocks
-from raclora_dist.train.formats import IGNORE, Example
-from raclora_dist.train.tokenizer import byte_tokenizer, load_tokenizer
+from raclora_dist.data.batches import mix, pack_examples, tokenized_blocks
+from raclora_dist.data.formats import IGNORE, Example
+from raclora_dist.data.tokenizer import byte_tokenizer, load_tokenizer
 from tests.helpers import TINY_MODEL, captured_logs
 
 CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Upper: abc"},
@@ -213,7 +213,7 @@ def labelled_runs(tok, blocks):
 
 
 def test_eval_path_is_held_out_as_given(tmp_path):
-    from raclora_dist.train.data import PackedData
+    from raclora_dist.data.batches import PackedData
 
     train = write(CHAT * 4, tmp_path / "train.jsonl", "jsonl")
     held = write([CHAT[1]], tmp_path / "eval.jsonl", "jsonl")
@@ -226,8 +226,8 @@ def test_eval_path_is_held_out_as_given(tmp_path):
 
 
 def test_tokenized_cache_is_built_once_and_memory_mapped(tmp_path):
-    from raclora_dist.train.data import write_blocks
-    from raclora_dist.train.token_cache import cache_key, cached_blocks
+    from raclora_dist.data.batches import write_blocks
+    from raclora_dist.data.token_cache import cache_key, cached_blocks
 
     path = write(CHAT * 3, tmp_path / "c.jsonl", "jsonl")
     dcfg = section(path, cache_dir=str(tmp_path / "cache"))

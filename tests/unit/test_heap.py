@@ -9,13 +9,13 @@ import torch
 
 from raclora_dist.backends.base import decoder_layers
 from raclora_dist.config import build_config
-from raclora_dist.train import heap
-from raclora_dist.train.session import build_session
+from raclora_dist.model import heap
+from raclora_dist.model.session import build_session
 from tests.helpers import TINY_MODEL, tiny_config
 
 HOLES = """
 import ctypes, torch
-from raclora_dist.train.heap import release_freed
+from raclora_dist.model.heap import release_freed
 ctypes.CDLL("libc.so.6").mallopt(-3, 8 << 20)  # the steady threshold: 1 MiB tensors come from the heap
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024

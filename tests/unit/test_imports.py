@@ -27,3 +27,33 @@ def test_only_the_quant_package_imports_bitsandbytes():
             if any(n.split(".")[0] == "bitsandbytes" for n in names):
                 importers.add(path.relative_to(root).as_posix())
     assert importers == {"quant/bnb.py"}
+
+
+# Each package imports only packages below it (docs/design.md's map); logs.py is stdlib only.
+LAYERS = [{"logs", "core"}, {"quant"}, {"config"}, {"backends", "data"}, {"checkpoint"}, {"observe"}, {"model"},
+          {"train"}, {"orchestration"}, {"cli"}, {"__main__"}]
+
+
+def test_packages_import_only_the_layers_below_them():
+    """Every import, lazy ones inside functions included: the dependency direction holds."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "raclora_dist"
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    wrong = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).parts
+        src = rel[0] if len(rel) > 1 else path.stem
+        if src == "__init__":
+            continue
+        assert src in rank, f"{src}: a new package; place it in LAYERS (and in docs/design.md's map)"
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for mod in mods:
+                parts = mod.split(".")
+                if parts[0] == "raclora_dist" and len(parts) > 1 and parts[1] != src:
+                    if rank[parts[1]] >= rank[src]:
+                        wrong.append(f"{path.relative_to(root)} imports {mod}")
+    assert not wrong, wrong

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from raclora_dist.checkpoint.folder import find_latest, install_checkpoint, save_checkpoint
 from raclora_dist.core import ChainState
-from raclora_dist.train.checkpoint import find_latest, install_checkpoint, save_checkpoint
 
 
 def test_install_into_an_empty_run_folder_points_latest_at_it_and_restores_the_records(tmp_path):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from raclora_dist.checkpoint.folder import find_latest, install_checkpoint, save_checkpoint, verify_checkpoint
 from raclora_dist.config import ConfigError, build_config
 from raclora_dist.core import ChainState
-from raclora_dist.train.checkpoint import find_latest, install_checkpoint, save_checkpoint, verify_checkpoint
-from raclora_dist.train.tokenizer import byte_tokenizer
+from raclora_dist.data.tokenizer import byte_tokenizer
 from tests.helpers import tiny_config
 
 
@@ -75,7 +75,7 @@ def test_a_failed_prune_is_said_not_swallowed(tmp_path, monkeypatch, caplog):
 
 def test_a_token_cache_that_cannot_be_stored_names_the_folder(tmp_path, small_data, monkeypatch):
     """A failed rename (disk full, permissions) surfaced later as a confusing read error."""
-    from raclora_dist.train import token_cache
+    from raclora_dist.data import token_cache
 
     cfg = cached_config(tmp_path, small_data)
 
@@ -89,7 +89,7 @@ def test_a_token_cache_that_cannot_be_stored_names_the_folder(tmp_path, small_da
 
 
 def test_an_unfinished_token_cache_entry_is_replaced(tmp_path, small_data):
-    from raclora_dist.train import token_cache
+    from raclora_dist.data import token_cache
 
     cfg = cached_config(tmp_path, small_data)
     entry = token_cache.cache_root(cfg.data) / token_cache.cache_key(cfg.data, byte_tokenizer())
@@ -106,7 +106,7 @@ def cached_config(tmp_path: Path, data: Path):
 
 
 def _write_ids(folder: Path) -> dict:
-    from raclora_dist.train import token_cache
+    from raclora_dist.data import token_cache
 
     return token_cache.write_tensors(folder, {"train": {"input_ids": _ids()}})
 

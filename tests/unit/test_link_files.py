@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from raclora_dist.checkpoint.folder import load_checkpoint, save_checkpoint
+from raclora_dist.checkpoint.link_files import LinkStore, StoredLink, link_name
 from raclora_dist.core import ChainState
-from raclora_dist.train.checkpoint import load_checkpoint, save_checkpoint
-from raclora_dist.train.link_files import LinkStore, StoredLink, link_name
 
 
 def factors(seed: int) -> dict[str, torch.Tensor]:

@@ -8,16 +8,16 @@ import shutil
 import threading
 from pathlib import Path
 
-import raclora_dist.train.checkpoint as ck
-from raclora_dist.core import ChainState
-from raclora_dist.train.checkpoint import (
+import raclora_dist.checkpoint.folder as ck
+from raclora_dist.checkpoint.folder import (
     checkpoint_name,
     find_latest,
     install_on_every_disk,
     save_checkpoint,
     verify_checkpoint,
 )
-from raclora_dist.train.parts import own_part
+from raclora_dist.checkpoint.parts import own_part
+from raclora_dist.core import ChainState
 
 META = {"next_link": 1, "global_step": 4}
 

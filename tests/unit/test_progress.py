@@ -7,7 +7,7 @@ import json
 import os
 
 from raclora_dist.config import build_config
-from raclora_dist.train.progress import Follower
+from raclora_dist.observe.progress import Follower
 from tests.helpers import TINY_MODEL
 
 

@@ -1,4 +1,4 @@
-"""Streamed base loading (train/weights.py, train/session.py) in one process: a model made real
+"""Streamed base loading (model/weights.py, model/session.py) in one process: a model made real
 part by part from sharded safetensors equals transformers' own ``from_pretrained``; 4-bit on
 load equals quantizing the whole model; config-built weights do not depend on load order;
 activation checkpointing changes memory, not results."""
@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from raclora_dist.config import ConfigError, build_config
 from raclora_dist.core import RacLoraLinear
-from raclora_dist.train.model import build_meta_model
-from raclora_dist.train.session import build_session
-from raclora_dist.train.weights import INDEX, InitFromConfig, SafetensorsFolder, state_shapes, write_safetensors
+from raclora_dist.model.build import build_meta_model
+from raclora_dist.model.session import build_session
+from raclora_dist.model.weights import INDEX, InitFromConfig, SafetensorsFolder, state_shapes, write_safetensors
 from tests.helpers import TINY_MODEL, captured_logs, tiny_config
 
 TOKENS = torch.tensor([[1, 5, 9, 200, 17, 33, 4, 250], [7, 7, 100, 3, 2, 90, 12, 8]])

@@ -9,10 +9,10 @@ rule holds whatever a launcher calls a node (Ray's local rank is per IP address,
 nodes may share one) -- seals that folder as a **part**: renamed to ``.part-<name>-rank<R>``
 with ``part-rank<R>.json`` listing its files' sizes and SHA-256, for the launcher to hand to
 storage beside rank 0's checkpoint (Ray merges every worker's upload into one checkpoint
-folder). :func:`raclora_dist.train.checkpoint.verify_checkpoint` checks a part's list as it
+folder). :func:`raclora_dist.checkpoint.folder.verify_checkpoint` checks a part's list as it
 checks ``meta.json``'s.
 
-Resuming, :func:`raclora_dist.train.checkpoint.install_on_every_disk` copies the storage checkpoint (every part in it) into
+Resuming, :func:`raclora_dist.checkpoint.folder.install_on_every_disk` copies the storage checkpoint (every part in it) into
 the run folder of each disk that holds a rank, once per disk.
 
 Staging and marker folders carry an attempt token (:func:`raclora_dist.backends.dist.shared_token`)

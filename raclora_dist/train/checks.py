@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raclora_dist.config import ConfigError, RunConfig
-from raclora_dist.train.tokenizer import tokenizer_source
+from raclora_dist.data.tokenizer import tokenizer_source
 
 # Fields that may differ between a run and its resumption (they do not change the chain).
 RESUMABLE_CHANGES = ("raclora.links", "checkpoint.", "run.", "train.eval_batches", "train.sample_", "distributed.",
@@ -22,7 +22,7 @@ PATH_FIELDS = ("data.path", "data.eval_path", "data.tokenizer", "model.name_or_p
 
 def check_paths(cfg: RunConfig) -> None:
     """Checks that the files a config names exist (the config itself is already valid)."""
-    from raclora_dist.train.sources import kind
+    from raclora_dist.data.sources import kind
 
     for field, paths in (("data.path", cfg.data.paths), ("data.eval_path", cfg.data.eval_paths)):
         for path in paths:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
-from raclora_dist.train.formats import IGNORE, ChatEncoder, Example, chat_messages, instruction_messages, row_where
+from raclora_dist.data.formats import IGNORE, ChatEncoder, Example, chat_messages, instruction_messages, row_where
 
 CHUNK_ROWS = 256  # rows read, rendered and tokenized at a time (a fast tokenizer holds ~100 bytes a token)
 READ_ITEMS = 4096  # items read back at a time

@@ -3,7 +3,7 @@
 Layout: ``RUN/checkpoints/link-<next link>-step-<global step>/`` (e.g. ``link-00003-step-0000120``) holds
 
 * ``links/link-<t>.safetensors`` -- each merged link's trained factors (by module name), written
-  once per run and hard-linked into every later checkpoint (:mod:`raclora_dist.train.link_files`):
+  once per run and hard-linked into every later checkpoint (:mod:`raclora_dist.checkpoint.link_files`):
   a checkpoint writes one link's worth of new bytes per link; ``current.safetensors`` -- for a
   mid-link checkpoint, the current link's factors so far. Sketches are regenerated from the
   seed; their fingerprints are in ``meta.json``;
@@ -22,7 +22,7 @@ the previous checkpoint valid. The base model is not stored; resuming replays th
 
 On a cluster whose nodes have disks of their own, the files of ranks on other nodes are
 *parts* (``part-rank<R>.json`` lists each one's files) that reach the checkpoint only in Ray
-storage; resuming installs the whole of it on every disk (:mod:`raclora_dist.train.parts`).
+storage; resuming installs the whole of it on every disk (:mod:`raclora_dist.checkpoint.parts`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from raclora_dist.backends.tensor_files import load_tensors
+from raclora_dist.checkpoint.link_files import Digest, StoredLink, fsync_file, link_name, link_or_copy, sha256
+from raclora_dist.checkpoint.parts import is_first, mark, part_problems, seal_part
 from raclora_dist.config import ConfigError
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
-from raclora_dist.train.link_files import Digest, StoredLink, fsync_file, link_name, link_or_copy, sha256
-from raclora_dist.train.parts import is_first, mark, part_problems, seal_part
 
 FORMAT_VERSION = 2  # 2: one file per link under links/; 1: every link in chain.safetensors (still read)
 READABLE_FORMATS = (1, 2)
@@ -103,8 +103,8 @@ def save_checkpoint(run_dir: Path, chain: ChainState, meta: dict, keep: int,
     rank writes its own state into it (``write_state``: optimizer state, engine shards),
     then rank 0 adds the chain, fsyncs and renames the folder into place. Ranks on a disk of
     their own (another node) write into a folder of the same name there, which the first of
-    them seals as a part of this checkpoint (:mod:`raclora_dist.train.parts`,
-    :func:`raclora_dist.train.parts.own_part`).
+    them seals as a part of this checkpoint (:mod:`raclora_dist.checkpoint.parts`,
+    :func:`raclora_dist.checkpoint.parts.own_part`).
 
     Args:
         run_dir: the run folder.
@@ -244,7 +244,7 @@ def verify_checkpoint(path: Path) -> list[str]:
     Checks that ``meta.json`` parses and is of this format, and that every file it lists has
     the size and SHA-256 it was written with (checkpoints from before the file list: that the
     chain and RNG files exist); the same for the list of each part from another node
-    (``part-rank<R>.json``, :mod:`raclora_dist.train.parts`).
+    (``part-rank<R>.json``, :mod:`raclora_dist.checkpoint.parts`).
     """
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -350,7 +350,7 @@ def install_on_every_disk(src: Path, run_dir: Path, rank: int, token: str,
     holds a rank. Collective: every rank calls it.
 
     Rank 0 installs it into its run folder; then on each disk where that did not land (a node
-    of its own), the first of its ranks (:func:`raclora_dist.train.parts.is_first`) installs
+    of its own), the first of its ranks (:func:`raclora_dist.checkpoint.parts.is_first`) installs
     the same checkpoint there: every rank then resumes from its own disk, DeepSpeed's per-rank
     partitions included (storage holds every node's part).
 

@@ -1,7 +1,7 @@
 """Exports a trained chain: a standard PEFT LoRA adapter, or a merged HF model folder.
 
 T merged links of rank r form one LoRA of rank T*r over the *original* base (see
-``core.export``), so the adapter loads with plain ``peft`` onto the untouched base, in
+``core.lowrank``), so the adapter loads with plain ``peft`` onto the untouched base, in
 either merge mode; for a 4-bit run, onto the base loaded in 4 bits with the
 ``BitsAndBytesConfig`` the export report gives (exact for ``factored``, the mode that never
 touches the 4-bit codes). The merged export of a 4-bit run rebuilds the trained model and
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from raclora_dist.checkpoint.folder import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.core import chain_of_links, compress_lora, concat_links, link_factors
 from raclora_dist.core.layer import auto_merge_mode
-from raclora_dist.train.checkpoint import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
-from raclora_dist.train.session import base_folder
+from raclora_dist.model.session import base_folder
 
 
 def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
@@ -140,8 +140,8 @@ def export_merged(run_dir: Path, out: Path | None = None, dtype: str = "auto") -
 def _dequantized_trained_model(cfg: RunConfig, base: Path, ckpt: Checkpoint):
     """The trained 4-bit model rebuilt (base quantized as in the run, chain replayed) with
     every 4-bit layer turned into a dense fp32 ``nn.Linear`` of its effective weight."""
+    from raclora_dist.model.session import build_session
     from raclora_dist.quant.bnb import dequantize_model
-    from raclora_dist.train.session import build_session
 
     session = build_session(cfg, source=base)
     session.chain.replay(ckpt.chain)

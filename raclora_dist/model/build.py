@@ -3,7 +3,7 @@
 No rank ever builds the whole model in memory: :func:`build_meta_model` gives the
 architecture with every tensor on the meta device, and :func:`weight_source` says where the
 real tensors come from (a local safetensors folder, or a from-config initialisation). The
-session then makes the model real one part at a time (``train/session.py``).
+session then makes the model real one part at a time (``model/session.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from raclora_dist.config import ConfigError, ModelSection
-from raclora_dist.train.sources import local_folder
-from raclora_dist.train.weights import InitFromConfig, SafetensorsFolder, WeightSource, state_shapes, write_safetensors
+from raclora_dist.data.sources import local_folder
+from raclora_dist.model.weights import InitFromConfig, SafetensorsFolder, WeightSource, state_shapes, write_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -46,7 +46,7 @@ def tokenizer_source(cfg) -> str:
     Resolved here rather than in the config: a config is validated on machines that may not
     hold the model (a laptop rendering manifests for a cluster), and validation reads no disk.
     """
-    from raclora_dist.train.sources import kind, local_folder
+    from raclora_dist.data.sources import kind, local_folder
 
     named = cfg.data.tokenizer
     if named is not None:

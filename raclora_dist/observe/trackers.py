@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from raclora_dist.train.callbacks import Callback
-
 STEP_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens_per_s")
 LINK_KEYS = ("eval_loss", "train_loss", "update_norm", "landed_fraction", "merge_time_s")
 
@@ -212,8 +210,9 @@ class WandB:
         self.run.finish()
 
 
-class Trackers(Callback):
-    """Rank 0's trackers, fed from ``metrics.jsonl`` at each complete checkpoint."""
+class Trackers:
+    """Rank 0's trackers, fed from ``metrics.jsonl`` at each complete checkpoint: a callback of the
+    run (``on_checkpoint``, the one hook it needs; see ``raclora_dist.train.callbacks``)."""
 
     def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], mlflow_uri: str | None = None,
                  wandb_project: str = "raclora", wandb_mode: str = "offline") -> None:

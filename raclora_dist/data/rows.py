@@ -56,7 +56,7 @@ def load_rows(dcfg: DataSection, source: str, field: str = "data.path"):
     """
     import datasets
 
-    from raclora_dist.train.sources import hub_data_files, kind
+    from raclora_dist.data.sources import hub_data_files, kind
 
     _quiet_datasets()
     path = Path(source)

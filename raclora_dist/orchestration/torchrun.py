@@ -27,13 +27,13 @@ def launch_torchrun(argv: list[str], workers: int) -> int:
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(worker_threads(workers)))
-    cmd = [sys.executable, "-m", "raclora_dist.train.launch", "--standalone", f"--nproc_per_node={workers}",
+    cmd = [sys.executable, "-m", "raclora_dist.orchestration.torchrun", "--standalone", f"--nproc_per_node={workers}",
            "-m", "raclora_dist", *argv]
     return subprocess.call(cmd, env=env)
 
 
 def _quiet_torchrun(args: list[str]) -> int:
-    """torchrun with its failure report silenced (``python -m raclora_dist.train.launch ARGS``)."""
+    """torchrun with its failure report silenced (``python -m raclora_dist.orchestration.torchrun ARGS``)."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

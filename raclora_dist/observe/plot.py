@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raclora_dist.train.metrics import read_metrics
+from raclora_dist.observe.metrics import read_metrics
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raclora_dist.config import RunConfig
-from raclora_dist.train.metrics import interactive, landed_warning, link_line
+from raclora_dist.observe.metrics import interactive, landed_warning, link_line
 
 
 class Follower(threading.Thread):

@@ -2,7 +2,7 @@
 
 The base is never built whole. Its architecture is built on the meta device, and it is made
 real one part at a time (each decoder block, then the embedding, final norm and head; see
-:func:`raclora_dist.train.weights.load_units`). Each part goes through the same steps
+:func:`raclora_dist.model.weights.load_units`). Each part goes through the same steps
 before the next one arrives:
 
 1. **materialize**: its tensors stream in from the weight source, on the device;
@@ -27,21 +27,21 @@ from torch import nn
 from raclora_dist.backends import backend_class
 from raclora_dist.backends.base import Backend, decoder_layers
 from raclora_dist.backends.vocab_parallel import VocabParallelEmbedding, VocabParallelHead, split, splittable
+from raclora_dist.checkpoint.folder import Checkpoint
 from raclora_dist.config import ConfigError, RunConfig, with_values
 from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetError, match_targets, replay_layer, wrap_targets
-from raclora_dist.train.checkpoint import Checkpoint
-from raclora_dist.train.estimate import Estimate, estimate_memory
-from raclora_dist.train.heap import mapped_large_allocations, release_between_blocks, worth_releasing
-from raclora_dist.train.metrics import interactive
-from raclora_dist.train.model import build_meta_model, save_base, weight_source
-from raclora_dist.train.tokenizer import load_tokenizer, tokenizer_source
-from raclora_dist.train.weights import (
+from raclora_dist.data.tokenizer import load_tokenizer, tokenizer_source
+from raclora_dist.model.build import build_meta_model, save_base, weight_source
+from raclora_dist.model.estimate import Estimate, estimate_memory
+from raclora_dist.model.heap import mapped_large_allocations, release_between_blocks, worth_releasing
+from raclora_dist.model.weights import (
     WeightSource,
     load_units,
     materialize,
     meta_tensors,
     tensor_owners,
 )
+from raclora_dist.observe.metrics import interactive
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def base_folder(cfg: RunConfig, run_dir: Path) -> Path:
     """Where the untouched base lives: the run's ``base/`` (built from config) or the source."""
     if cfg.model.config is not None:
         return Path(run_dir) / "base"
-    from raclora_dist.train.sources import local_folder
+    from raclora_dist.data.sources import local_folder
 
     return local_folder(cfg.model.name_or_path)
 
@@ -107,7 +107,7 @@ def validate_model(cfg: RunConfig) -> int:
 
 
 def plan_run(cfg: RunConfig) -> tuple[int, Estimate]:
-    """:func:`validate_model`, and the run's per-rank memory (:mod:`raclora_dist.train.estimate`).
+    """:func:`validate_model`, and the run's per-rank memory (:mod:`raclora_dist.model.estimate`).
 
     Returns:
         The number of layers that would be wrapped, and the estimate.

@@ -1,7 +1,7 @@
 """Tokenize once: packed blocks cached on disk and memory-mapped by every rank.
 
 The first process that needs a data set (the launching process's preflight, or rank 0)
-reads, renders, tokenizes and packs it in a stream (:func:`raclora_dist.train.data.write_blocks`:
+reads, renders, tokenizes and packs it in a stream (:func:`raclora_dist.data.batches.write_blocks`:
 memory bounded by a chunk of rows) straight into raw int32 files in ``data.cache_dir/<key>/``; every process then
 maps those files (``torch.from_file``, copy-on-write), so the pages are shared through the
 page cache and a corpus larger than a process's memory is read only where batches touch it.
@@ -42,7 +42,7 @@ def cache_root(dcfg: DataSection) -> Path:
 
 
 def _files(source: str, split: str) -> list[list]:
-    from raclora_dist.train.sources import hub_data_files, kind
+    from raclora_dist.data.sources import hub_data_files, kind
 
     path = Path(source)
     if kind(source) == "hub":

@@ -1,7 +1,7 @@
 """Training data: rows -> token blocks of ``seq_len`` -> batches that are a pure function of the step.
 
 ``text`` documents are packed across document boundaries (each followed by eos) with the
-loss on every token. ``instruction``/``chat`` examples (:mod:`raclora_dist.train.formats`)
+loss on every token. ``instruction``/``chat`` examples (:mod:`raclora_dist.data.formats`)
 are packed whole, first fit in order, with position ids restarting at each example, so that
 transformers' attention (its packed-sequence mask, found from the position ids) never lets
 one example see another; the rest of a block is padding without loss.
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from raclora_dist.config import ConfigError, DataSection
-from raclora_dist.train.formats import IGNORE, Example, detect_format
-from raclora_dist.train.packing import (
+from raclora_dist.data.formats import IGNORE, Example, detect_format
+from raclora_dist.data.packing import (
     ExamplePacker,
     ItemStore,
     iter_documents,
@@ -26,12 +26,12 @@ from raclora_dist.train.packing import (
     store_examples,
     write_part,
 )
-from raclora_dist.train.records import first_bad_utf8, load_rows
+from raclora_dist.data.rows import first_bad_utf8, load_rows
 
 
 def read_documents(dcfg: DataSection, rows=None, source: str | None = None) -> list[str]:
     """The text documents of one source, in memory (see
-    :func:`raclora_dist.train.packing.store_documents` for what counts as one); ``rows``: the
+    :func:`raclora_dist.data.packing.store_documents` for what counts as one); ``rows``: the
     source's rows if read already; ``source``: its path (default: the first of ``data.path``)."""
     source = source or dcfg.paths[0]
     rows = load_rows(dcfg, source) if rows is None else rows
@@ -70,7 +70,7 @@ def describe_data(dcfg: DataSection, data: "PackedData") -> list[str]:
 
 def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Whole examples into (N, seq_len) blocks, first fit in order (each example <= seq_len),
-    in memory (:class:`raclora_dist.train.packing.ExamplePacker`).
+    in memory (:class:`raclora_dist.data.packing.ExamplePacker`).
 
     Returns:
         ``input_ids``, ``labels`` (-100 on prompt and padding) and ``position_ids`` (0 at each
@@ -83,13 +83,13 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[st
 
 
 def mix(items: list[list], weights: list[float] | None) -> list:
-    """Several sources' items as one list, in :func:`raclora_dist.train.packing.mix_order`."""
+    """Several sources' items as one list, in :func:`raclora_dist.data.packing.mix_order`."""
     return [items[s][i] for s, i in mix_order([len(src) for src in items], weights)]
 
 
 def write_blocks(dcfg: DataSection, tokenizer, folder: Path) -> dict[str, list[int]]:
     """``data.path`` (and ``data.eval_path``) read, rendered for its format, tokenized, mixed
-    and packed into ``folder/<part>.<field>.bin`` in a stream (:mod:`raclora_dist.train.packing`):
+    and packed into ``folder/<part>.<field>.bin`` in a stream (:mod:`raclora_dist.data.packing`):
     memory is bounded by a chunk of rows, not by the corpus.
 
     Returns:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from raclora_dist.train.checkpoint import find_latest
-from raclora_dist.train.metrics import read_metrics
+from raclora_dist.checkpoint.folder import find_latest
+from raclora_dist.observe.metrics import read_metrics
 
 
 def running_marker(run_dir: Path) -> Path:
