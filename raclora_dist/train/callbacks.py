@@ -47,6 +47,9 @@ class Callback:
     def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
         """A complete checkpoint ``folder`` was written (before it is reported to Ray)."""
 
+    def on_train_end(self, trainer) -> None:
+        """The loop ended, by finishing or by an exception (called from a ``finally``)."""
+
 
 def load_callbacks(specs: list[str | dict[str, Any]]) -> list[Callback]:
     """Imports and builds the callbacks a config names (``module:Class`` or
@@ -106,3 +109,6 @@ class CallbackList(Callback):
 
     def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
         self._each("on_checkpoint", trainer, folder, record)
+
+    def on_train_end(self, trainer) -> None:
+        self._each("on_train_end", trainer)

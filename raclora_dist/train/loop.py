@@ -13,24 +13,42 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from raclora_dist.backends import Backend
 from raclora_dist.backends.dist import TRAFFIC, shared_token
-from raclora_dist.checkpoint.folder import ckpt_root, save_checkpoint
+from raclora_dist.checkpoint.folder import Checkpoint, ckpt_root, save_checkpoint
 from raclora_dist.checkpoint.link_files import LinkStore
 from raclora_dist.checkpoint.parts import own_part
 from raclora_dist.config import RunConfig
 from raclora_dist.data.batches import PackedData
 from raclora_dist.data.formats import IGNORE
 from raclora_dist.model.session import Session
-from raclora_dist.observe.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, progress_bar, rss_mb
+from raclora_dist.observe.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, rss_mb
 from raclora_dist.train.callbacks import Callback, CallbackList
+from raclora_dist.train.reporting import ProgressBar, StartupReport
 from raclora_dist.train.schedule import link_lr
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured (the same on every rank).
+
+    Attributes:
+        loss: the mean training loss over the step's micro-batches and ranks.
+        grad_norm: the factors' gradient norm before clipping (NaN where the engine has none).
+        trained_tokens: the tokens the loss covered, over all ranks (instruction/chat data:
+            the labelled ones; else every token after the first of each row).
+    """
+
+    loss: float
+    grad_norm: float
+    trained_tokens: int
 
 
 def _labelled(labels: torch.Tensor) -> int:
@@ -65,10 +83,10 @@ class Trainer:
         self.global_step = 0
         self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
         self.history: list[dict] = []
-        self._grad_norm = float("nan")
         self.on_checkpoint = on_checkpoint
-        self.startup = startup  # load time and memory so far; reported after the first step
-        self.callbacks = CallbackList(callbacks or [])
+        # The built-in reports first, then the user's callbacks.
+        builtin = [ProgressBar()] + ([StartupReport(startup)] if startup is not None else [])
+        self.callbacks = CallbackList([*builtin, *(callbacks or [])])
         self.tokens_per_link = (cfg.train.batch_size * cfg.train.grad_accum * data.train.shape[1]
                                 * cfg.raclora.steps_per_link)
         # The record of merged links: written once per link by rank 0 and let go of after each
@@ -82,9 +100,21 @@ class Trainer:
             self.sampler = Sampler(cfg.train.sample_prompts, session.tokenizer, cfg.data, data.masked,
                                    cfg.train.sample_tokens)
 
-    def _write(self, record: dict) -> None:
+    def write(self, record: dict) -> None:
+        """Appends ``record`` to ``metrics.jsonl`` (rank 0; a no-op on the other ranks)."""
         if self.metrics is not None:
             self.metrics.write(record)
+
+    def restore(self, ckpt: Checkpoint) -> tuple[int, int]:
+        """Continues from ``ckpt`` (its chain was replayed when the session was built): the
+        engine's optimizer state, the step count and the RNG; records the resume. Returns
+        ``(link, step in that link)`` to start :meth:`fit` from."""
+        self.backend.load_state(ckpt.path)
+        self.global_step = ckpt.global_step
+        torch.set_rng_state(ckpt.rng)
+        logger.info(f"resumed {self.run_dir} at link {ckpt.next_link + 1} (step {ckpt.global_step})")
+        self.write({"type": "resume", "link": ckpt.next_link, "step": ckpt.global_step})
+        return ckpt.next_link, ckpt.step_in_link
 
     def fit(self, start_link: int = 0, start_step: int = 0) -> list[dict]:
         """Trains links ``start_link .. links-1``; returns the link records written.
@@ -92,13 +122,11 @@ class Trainer:
         ``start_step`` > 0 resumes ``start_link`` mid-link (its factors already restored).
         """
         rc = self.cfg.raclora
-        total = rc.links * rc.steps_per_link
-        self._bar = progress_bar(total, self.global_step) if self.is_main else None
         self.backend.model.train()
         if start_link == 0 and self.global_step == 0:
             t0 = time.perf_counter()
             loss = self.evaluate()
-            self._write({"type": "eval", "step": 0, "eval_loss": loss, "eval_s": time.perf_counter() - t0})
+            self.write({"type": "eval", "step": 0, "eval_loss": loss, "eval_s": time.perf_counter() - t0})
             self._sample(-1)
         self.callbacks.on_train_start(self)
         try:
@@ -112,8 +140,7 @@ class Trainer:
                 loss = self._train_link(link, start_step if link == start_link else 0)
                 self._boundary(link, loss, time.perf_counter() - t0)
         finally:
-            if self._bar is not None:
-                self._bar.close()
+            self.callbacks.on_train_end(self)
             if self.metrics is not None:
                 self.metrics.close()
         return self.history
@@ -128,27 +155,23 @@ class Trainer:
             self.backend.set_lr(lr)
             t0 = time.perf_counter()
             sent = TRAFFIC.total
-            loss = self._step()
+            step = self._step()
+            loss = step.loss
             sent = TRAFFIC.total - sent
             self._link_bytes += sent
             self.global_step += 1
             dt = time.perf_counter() - t0
             tokens = tc.batch_size * tc.grad_accum * self.data.train.shape[1]
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
-                   "grad_norm": self._grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb(), "comm_bytes": sent}
+                   "grad_norm": step.grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb(), "comm_bytes": sent}
             if self.data.masked:  # instruction/chat: the tokens the loss covers, apart from all tokens
-                rec["trained_tokens"] = self._trained_tokens
-                rec["trained_tokens_per_s"] = self._trained_tokens / dt
+                rec["trained_tokens"] = step.trained_tokens
+                rec["trained_tokens_per_s"] = step.trained_tokens / dt
             gpu = device_peak_mb(self.backend.info.device)
             if gpu is not None:
                 rec["gpu_peak_mb"] = gpu
-            self._write(rec)
-            if self.startup is not None:
-                self._report_startup()
+            self.write(rec)
             losses.append(loss)
-            if self._bar is not None:
-                self._bar.update(1)
-                self._bar.set_postfix(link=link, loss=f"{loss:.3f}")
             if every and self.global_step % every == 0 and k + 1 < rc.steps_per_link:
                 self._checkpointed(self.checkpoint(link, step_in_link=k + 1),
                                    {"link": link, "step": self.global_step, "train_loss": loss,
@@ -156,55 +179,32 @@ class Trainer:
             self.callbacks.on_step_end(self, rec)
         return sum(losses) / len(losses)
 
-    def _report_startup(self) -> None:
-        """Writes how long loading and the first step took and each rank's memory (RSS in MiB:
-        at the start of the run, just before loading the base, peak once loaded, peak after
-        the first step; on GPUs also the allocator's peak once loaded and after the first step)."""
-        st, self.startup = self.startup, None
-        keys = ["rss_mb_start", "rss_mb_before_load", "peak_rss_mb_loaded"]
-        columns = {k: self._per_rank(st[k]) for k in keys + (["gpu_peak_mb_loaded"] if "gpu_peak_mb_loaded" in st else [])}
-        columns["peak_rss_mb_first_step"] = self._per_rank(rss_mb())
-        gpu = device_peak_mb(self.backend.info.device)
-        if gpu is not None:
-            columns["gpu_peak_mb_first_step"] = self._per_rank(gpu)
-        first = time.perf_counter() - st["t_start"]
-        self._write({"type": "startup", "load_s": st["load_s"], "first_step_s": first, **columns})
-        above = [p - s for p, s in zip(columns["peak_rss_mb_first_step"], columns["rss_mb_start"])]
-        logger.info(f"first step {first:.1f} s after start (loading {st['load_s']:.1f} s); peak RSS above the start "
-                 f"per rank: {', '.join(f'{a:,.0f}' for a in above)} MiB")
-
-    def _per_rank(self, value: float) -> list[float]:
-        """Every rank's ``value``, in rank order (one small all-reduce of a one-hot vector)."""
-        info = self.backend.info
-        t = torch.zeros(info.world_size, dtype=torch.float64)
-        t[info.rank] = value
-        return self.comm.all_reduce_sum(t).tolist()
-
-    def _step(self) -> float:
-        """One optimizer step over ``grad_accum`` global micro-batches; returns the mean loss.
+    def _step(self) -> StepResult:
+        """One optimizer step over ``grad_accum`` global micro-batches; returns what it measured.
 
         Each rank takes its equal slice of every global micro-batch, so the averaged
         gradient equals the one-process gradient of the same global batch.
         """
         tc, b = self.cfg.train, self.backend
         total = 0.0
-        self._trained_tokens = 0
+        trained = 0
         for micro in range(tc.grad_accum):
             batch = self.data.train_inputs(self.global_step * tc.grad_accum + micro)  # fields (B, T)
             local = {k: b.local_batch(v) for k, v in batch.items()}  # (B / world, T) on this rank
             if "labels" in batch:
                 per_rank = [_labelled(part) for part in batch["labels"].chunk(b.info.world_size)]
-                self._trained_tokens += sum(per_rank)
+                trained += sum(per_rank)
                 local["num_items"] = b.loss_scale_items(per_rank)
             with b.micro_batch(last=micro == tc.grad_accum - 1):
                 loss = b.forward(**local)
                 b.backward(loss, tc.grad_accum)
             total += loss.item()
-        self._grad_norm = b.step(tc.grad_clip)
+        grad_norm = b.step(tc.grad_clip)
         # Logged loss: the mean over ranks (one scalar all-reduce; identity in one process), or
         # over rank 0's group in link-sync mode (nothing crosses groups between boundaries).
         comm = b.step_comm or self.comm
-        return float(comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
+        loss = float(comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
+        return StepResult(loss, float(grad_norm), trained)
 
     def _boundary(self, link: int, train_loss: float, link_time: float) -> None:
         """Guard + merge (in the chain), optimizer reset, eval, record, checkpoint."""
@@ -225,7 +225,7 @@ class Trainer:
         rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": eval_loss, "eval_s": time.perf_counter() - t0,
                "link_time_s": link_time, "step": self.global_step, "comm_bytes_boundary": sent,
                "comm_bytes_link": link_bytes}
-        self._write(rec)
+        self.write(rec)
         self.history.append(rec)
         logger.info(link_line(rec, rc.links, self.tokens_per_link))
         warning = landed_warning(rec)
@@ -254,7 +254,7 @@ class Trainer:
         model.eval()
         answers = self.sampler.answers(model, self.backend.info.device)
         model.train()
-        self._write({"type": "samples", "link": link, "step": self.global_step,
+        self.write({"type": "samples", "link": link, "step": self.global_step,
                      "prompts": self.sampler.prompts, "answers": answers})
         if self.is_main:
             from raclora_dist.train.samples import write_samples_md

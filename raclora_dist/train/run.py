@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from raclora_dist.backends import make_backend
@@ -213,14 +212,7 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
         logger.info(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
         trainer = Trainer(cfg, session, data, run_dir, backend, on_checkpoint=on_checkpoint, startup=startup,
                           callbacks=callbacks)
-        start_link = start_step = 0
-        if ckpt is not None:
-            backend.load_state(ckpt.path)
-            trainer.global_step = ckpt.global_step
-            torch.set_rng_state(ckpt.rng)
-            start_link, start_step = ckpt.next_link, ckpt.step_in_link
-            logger.info(f"resumed {run_dir} at link {start_link + 1} (step {ckpt.global_step})")
-            trainer._write({"type": "resume", "link": start_link, "step": ckpt.global_step})
+        start_link, start_step = trainer.restore(ckpt) if ckpt is not None else (0, 0)
         logger.info(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
             f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
             f"{cfg.distributed.strategy} x {info.world_size}")
