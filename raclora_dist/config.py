@@ -259,10 +259,18 @@ class DistributedSection(_Section):
                                  "every group has the same number of workers")
         return self
 
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage (2 or 3, validated) under ``strategy: deepspeed``, else None:
+        the one place the stage is read from the DeepSpeed section."""
+        if self.strategy != "deepspeed":
+            return None
+        return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
     @model_validator(mode="after")
     def _zero_stage_2_or_3(self) -> "DistributedSection":
-        stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
-        if self.strategy == "deepspeed" and stage not in (2, 3):
+        stage = self.zero_stage
+        if stage is not None and stage not in (2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")
         managed = sorted(set(self.deepspeed) & DEEPSPEED_MANAGED_KEYS)
         if managed:

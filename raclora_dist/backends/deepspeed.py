@@ -84,7 +84,7 @@ class DeepSpeedBackend(Backend):
         super().__init__(cfg, info)
         self.comm = DistComm(info.device)
         self.ds_config = self._ds_config()
-        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.stage = cfg.distributed.zero_stage
         self.access = DeepSpeedAccess(info.rank, self.stage, self.comm)
 
     def _ds_config(self) -> dict:

@@ -97,8 +97,7 @@ def _sharded(cfg: RunConfig) -> tuple[bool, bool]:
     if d.strategy == "fsdp2":
         return True, True
     if d.strategy == "deepspeed":
-        stage = d.deepspeed.get("zero_optimization", {}).get("stage", 2)
-        return stage == 3, True
+        return d.zero_stage == 3, True
     return False, False
 
 
@@ -137,7 +136,7 @@ def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_
             units.append((whole - sum(inner), "one block's norms"))
         else:
             units.append((whole, "one block"))
-    splits = d.vocab_parallel and (d.strategy == "fsdp2" or d.deepspeed.get("zero_optimization", {}).get("stage") == 3)
+    splits = d.vocab_parallel and (d.strategy == "fsdp2" or d.zero_stage == 3)
     get_head = getattr(model, "get_output_embeddings", None)
     embedding, head = model.get_input_embeddings(), get_head() if callable(get_head) else None
     tied = embedding is not None and head is not None and head.weight is embedding.weight  # never split
