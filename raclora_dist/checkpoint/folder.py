@@ -40,11 +40,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from raclora_dist.backends.tensor_files import load_tensors
-from raclora_dist.checkpoint.link_files import Digest, StoredLink, fsync_file, link_name, link_or_copy, sha256
+from raclora_dist.checkpoint.link_files import Digest, StoredLink, link_name, link_or_copy, sha256
 from raclora_dist.checkpoint.parts import is_first, mark, part_problems, seal_part
 from raclora_dist.config import ConfigError
 from raclora_dist.core.chain import ChainState
 from raclora_dist.core.layer import LayerSpec
+from raclora_dist.files import fsync_dir, fsync_file, write_atomic
 
 FORMAT_VERSION = 2  # 2: one file per link under links/; 1: every link in chain.safetensors (still read)
 READABLE_FORMATS = (1, 2)
@@ -77,14 +78,6 @@ class Checkpoint:
 
     def layer_specs(self) -> list[LayerSpec]:
         return [LayerSpec(**d) for d in self.meta["layers"]]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -180,8 +173,8 @@ def _commit(tmp: Path, final: Path, chain: ChainState, meta: dict, keep: int,
     full_meta["files"] = _manifest(tmp, known)
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
     fsync_file(tmp / "meta.json")
-    _fsync_dir(tmp / LINKS)
-    _fsync_dir(tmp)
+    fsync_dir(tmp / LINKS)
+    fsync_dir(tmp)
     _move_into_place(tmp, final)  # the same step saved again (a resumed run) is swapped out whole
     _point_latest(root, final.name)
     _prune(root, keep, protect=final)
@@ -214,16 +207,12 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _point_latest(root: Path, name: str) -> None:
     """Replaces ``root/latest`` atomically (written beside, fsynced, renamed)."""
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    fsync_file(latest_tmp)
-    os.replace(latest_tmp, root / "latest")
-    _fsync_dir(root)
+    write_atomic(root / "latest", name + "\n", durable=True)
 
 
 def _manifest(folder: Path, known: dict[str, Digest] | None = None) -> dict[str, list]:
@@ -403,7 +392,7 @@ def install_checkpoint(src: Path, run_dir: Path, records: bool = True) -> Path:
         for f in tmp.rglob("*"):  # durable before it becomes visible, as _commit does
             if f.is_file():
                 fsync_file(f)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _move_into_place(tmp, final)  # a damaged copy is swapped out whole
     if records:
         _restore_records(final, Path(run_dir))
@@ -429,9 +418,7 @@ def _restore_records(ckpt: Path, run_dir: Path) -> None:
         saved = (ckpt / "metrics.jsonl").read_bytes()
         # A copy that goes on past the checkpoint is kept (resume truncates it there).
         if not metrics.is_file() or not metrics.read_bytes().startswith(saved):
-            tmp = run_dir / ".metrics.jsonl.tmp"
-            tmp.write_bytes(saved)
-            os.replace(tmp, metrics)
+            write_atomic(metrics, saved)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raclora_dist.files import fsync_file
+
 Digest = list  # [size in bytes, sha256 hex], as a checkpoint's meta.json lists its files
 
 
@@ -39,11 +41,6 @@ def sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Digest:

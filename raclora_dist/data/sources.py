@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from raclora_dist.config import ConfigError
+from raclora_dist.files import write_atomic
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
@@ -201,8 +202,7 @@ def _from_uri(uri: str, field: str, weights: bool) -> Path:
                 tmp.unlink(missing_ok=True)
             have[rel] = size
             marker = folder / MARKER
-            marker.with_suffix(".tmp").write_text(json.dumps(have))
-            os.replace(marker.with_suffix(".tmp"), marker)
+            write_atomic(marker, json.dumps(have))
     return folder
 
 

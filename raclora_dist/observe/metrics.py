@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from pathlib import Path
+
+from raclora_dist.files import write_atomic
 
 
 def rss_mb() -> float:
@@ -69,9 +70,7 @@ def truncate_after(run_dir: Path, global_step: int, next_link: int) -> None:
         if rec.get("type") == "step" and rec["step"] > global_step:
             continue
         kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(k + "\n" for k in kept))
 
 
 def link_line(rec: dict, links: int, tokens_per_link: int) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from raclora_dist.checkpoint.folder import find_latest
+from raclora_dist.files import write_atomic
 from raclora_dist.observe.metrics import read_metrics
 
 
@@ -34,9 +35,7 @@ def running_marker(run_dir: Path) -> Path:
 
 def mark_running(run_dir: Path) -> None:
     """Rank 0: this process is training ``run_dir`` (removed by :func:`clear_running`)."""
-    tmp = Path(run_dir) / ".running.json.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    os.replace(tmp, running_marker(run_dir))
+    write_atomic(running_marker(run_dir), json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
 def clear_running(run_dir: Path) -> None:

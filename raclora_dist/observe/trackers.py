@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from raclora_dist.files import write_atomic
+
 STEP_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens_per_s")
 LINK_KEYS = ("eval_loss", "train_loss", "update_norm", "landed_fraction", "merge_time_s")
 
@@ -231,9 +233,7 @@ class Trackers:
         self._save()
 
     def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, json.dumps(self.state))
 
     def send(self) -> None:
         """Sends the lines of ``metrics.jsonl`` not sent yet (they are final: checkpointed)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.data.batches import PackedData, write_blocks
 from raclora_dist.data.token_cache import cached_blocks
 from raclora_dist.data.tokenizer import load_tokenizer, tokenizer_source
+from raclora_dist.files import write_atomic
 from raclora_dist.logs import console_on, rank_only
 from raclora_dist.model.session import base_folder, build_session, import_libraries, validate_model
 from raclora_dist.observe.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
@@ -78,9 +78,7 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
 
 
 def _write_config(cfg: RunConfig, run_dir: Path) -> None:
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(cfg.to_yaml())
-    os.replace(tmp, run_dir / "config.yaml")
+    write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
 
 def preflight(cfg: RunConfig, resume: bool) -> None:
