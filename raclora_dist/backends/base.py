@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora_dist.backends.dist import DistInfo, barrier
+from raclora_dist.backends.dist import DistInfo, barrier, whole
 from raclora_dist.backends.tensor_files import load_tensors
 from raclora_dist.config import RunConfig
 from raclora_dist.core import Comm, DenseAccess, FactorAccess, LocalComm, RacLoraLinear
@@ -127,7 +127,7 @@ class Backend:
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(whole(norm))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -180,15 +180,19 @@ def shard_masters(model: nn.Module, rank: int, world: int) -> None:
             module.shard_master(rank, world)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module, required: bool = True) -> list[nn.Module]:
     """The repeated transformer blocks (HF ``_no_split_modules`` classes), in order.
 
+    Args:
+        required: raise when there are none; False: return [] (the callers that then treat
+            every module with tensors as a part of its own, or take the engine's defaults).
+
     Raises:
-        ValueError: the model declares no such blocks.
+        ValueError: ``required`` and the model declares no such blocks.
     """
     names = set(getattr(model, "_no_split_modules", None) or [])
     # By any class in the MRO: FSDP2 swaps a sharded block's class for an FSDP<Block> subclass.
     blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
-    if not blocks:
+    if not blocks and required:
         raise ValueError(f"cannot find decoder layers in {type(model).__name__} to shard")
     return blocks

@@ -145,10 +145,7 @@ class DeepSpeedBackend(Backend):
 
         if self.stage == 3:  # parts that did not pass through shard_unit (e.g. tests building whole)
             shard_masters(model, self.info.rank, self.info.world_size)
-            try:
-                blocks = decoder_layers(model)
-            except ValueError:  # no repeated blocks: DeepSpeed's defaults
-                blocks = []
+            blocks = decoder_layers(model, required=False)  # none: DeepSpeed's defaults
             fill_stage3_limits(self.ds_config, max((_numel(b) for b in blocks), default=0))
         else:
             model = model.to(self.info.device)

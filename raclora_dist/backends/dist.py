@@ -139,6 +139,13 @@ def shared_token() -> str:
     return token[0]
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (an all-gather: collective), or ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

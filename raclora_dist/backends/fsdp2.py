@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
-from raclora_dist.backends.dist import DistComm
+from raclora_dist.backends.dist import DistComm, whole
 from raclora_dist.backends.fsdp2_compat import fully_shard_4bit
 from raclora_dist.backends.fsdp2_gloo import gather_for_gloo
 from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
@@ -90,7 +90,7 @@ class FSDP2Access:
 
     def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
         f = layer.factor.detach()
-        return f.full_tensor() if hasattr(f, "full_tensor") else f  # all-gather: (m, r) or (r, n)
+        return whole(f)  # all-gather: (m, r) or (r, n)
 
     @contextlib.contextmanager
     def merge_view(self, layer: RacLoraLinear) -> Iterator[MergeView]:
@@ -112,8 +112,8 @@ class FSDP2Access:
             yield MergeView(chain_B=full[0], chain_A=full[1])
         else:
             yield MergeView(weight=full[0], gather=self.comm.all_gather_flat, owner=self.rank == 0)
-        for p, whole in zip(params, full):
-            _write_shard(p, whole, self.rank, self.world)
+        for p, gathered in zip(params, full):
+            _write_shard(p, gathered, self.rank, self.world)
 
     @torch.no_grad()
     def zero_factor(self, layer: RacLoraLinear) -> None:

@@ -113,11 +113,7 @@ def plan_run(cfg: RunConfig) -> tuple[int, Estimate]:
         The number of layers that would be wrapped, and the estimate.
     """
     model, layers = _meta_injected(cfg)
-    try:
-        blocks = decoder_layers(model)
-    except ValueError:
-        blocks = []
-    return len(layers), estimate_memory(cfg, model, blocks)
+    return len(layers), estimate_memory(cfg, model, decoder_layers(model, required=False))
 
 
 def import_libraries(cfg: RunConfig) -> None:
@@ -152,7 +148,9 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     for p in model.parameters():
         p.requires_grad_(False)
     targets = _targets(model, cfg)
-    blocks = _blocks(model)  # the same modules once loaded (parts are made real in place)
+    # the same modules once loaded (parts are made real in place); none: every module with
+    # tensors is a part of its own
+    blocks = decoder_layers(model, required=False)
     block_bytes = max((sum(t.nbytes for t in b.parameters()) for b in blocks), default=0)  # on meta
     if ckpt is not None:
         names = [d["name"] for d in ckpt.meta.get("layers", [])]
@@ -185,13 +183,6 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     return Session(model, tokenizer, layers, chain)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    try:
-        return decoder_layers(model)
-    except ValueError:  # no repeated blocks: every module with tensors is a part of its own
-        return []
-
-
 def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list[str],
           backend: Backend | None, ckpt: Checkpoint | None) -> dict[str, RacLoraLinear]:
     """Makes ``model`` real part by part (steps 1-5 of the module docstring); returns the
@@ -199,7 +190,7 @@ def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list
     device = backend.info.device if backend is not None else torch.device("cpu")
     owners = tensor_owners(model)  # taken while all on meta: tied tensors are made real once
     q = cfg.model.quantization
-    blocks = _blocks(model)
+    blocks = decoder_layers(model, required=False)
     layers: dict[str, RacLoraLinear] = {}
     for unit in load_units(model, blocks):
         names = set(unit.module_names(model))
