@@ -12,20 +12,21 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
-from raclora_dist.backends import make_backend
+from raclora_dist.backends import Backend, make_backend
 from raclora_dist.backends.dist import DistInfo, barrier, init_distributed, shutdown
-from raclora_dist.checkpoint.folder import damaged_checkpoints, find_latest, load_checkpoint
+from raclora_dist.checkpoint.folder import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.data.batches import PackedData, write_blocks
 from raclora_dist.data.token_cache import cached_blocks
 from raclora_dist.data.tokenizer import load_tokenizer, tokenizer_source
 from raclora_dist.files import write_atomic
 from raclora_dist.logs import console_on, rank_only
-from raclora_dist.model.session import base_folder, build_session, import_libraries, validate_model
+from raclora_dist.model.session import Session, base_folder, build_session, import_libraries, validate_model
 from raclora_dist.observe.metrics import current_rss_mb, device_peak_mb, peak_rss_mb, truncate_after
 from raclora_dist.observe.runs import running
 from raclora_dist.train.callbacks import Callback, load_callbacks
@@ -154,8 +155,60 @@ def run_training(cfg: RunConfig, resume: bool = False,
             shutdown()
 
 
+@dataclass
+class _Prepared:
+    """What the checks established before anything is written."""
+
+    t_start: float  # time.perf_counter() at the run's start
+    rss_start: float  # MiB, once the libraries are imported: the baseline the model is measured from
+    ckpt_path: Path | None  # the checkpoint to resume from
+    data: PackedData
+    callbacks: list[Callback]
+
+
+@dataclass
+class _Built:
+    """The loaded run: the session on its engine, and what loading it cost."""
+
+    session: Session
+    backend: Backend
+    ckpt: Checkpoint | None
+    startup: dict  # Trainer's start-up report: load time and memory
+
+
 def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
          on_checkpoint: Callable[[Path, dict], None] | None) -> list[dict]:
+    """One run on this rank: prepare (checks; nothing written), build (the run folder, the base
+    on its engine), restore (a checkpoint's state), fit, finish (plot, trackers)."""
+    prep = _prepare(cfg, run_dir, info, resume)
+    built = _build(cfg, run_dir, info, prep)
+    # `raclora runs` shows the run as running until this block ends, however it ends
+    with running(run_dir) if info.is_main else contextlib.nullcontext():
+        ckpt = built.ckpt
+        if info.is_main and ckpt is not None:
+            truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
+        trackers = _trackers(cfg, run_dir) if info.is_main and cfg.run.trackers else None
+        # (after the truncation: the trackers continue from the checkpoint)
+        trainer = Trainer(cfg, built.session, prep.data, run_dir, built.backend, on_checkpoint=on_checkpoint,
+                          startup=built.startup, callbacks=[*prep.callbacks, *([trackers] if trackers else [])])
+        start_link, start_step = trainer.restore(ckpt) if ckpt is not None else (0, 0)
+        logger.info(f"training {len(built.session.layers)} layers, {built.session.chain.num_trainable():,} trainable "
+                    f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
+                    f"{cfg.distributed.strategy} x {info.world_size}")
+        history = trainer.fit(start_link, start_step)
+        if info.is_main:
+            from raclora_dist.observe.plot import plot_run
+
+            plot_run(run_dir)
+            if trackers is not None:
+                trackers.finish()
+        barrier()
+        return history
+
+
+def _prepare(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> _Prepared:
+    """Every check a rank makes before the run folder is touched; the data, tokenized by rank 0
+    (when the launching process has not) and mapped by the others."""
     t_start = time.perf_counter()
     check_paths(cfg)
     callbacks = build_callbacks(cfg)
@@ -164,18 +217,21 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
     rss_start = current_rss_mb()  # after the libraries: the baseline the model is measured from
     ckpt_path = _check_resume(cfg, run_dir, resume)
     _check_world(cfg, info, ckpt_path)
-    # Rank 0 tokenizes (when the launching process has not), the others map its cache.
     data = load_data(cfg) if info.is_main else None
     barrier()  # every rank passed the checks before anything is written
-    data = data or load_data(cfg)
-    # Inputs are good: from here on the run folder may be written (by rank 0).
+    return _Prepared(t_start, rss_start, ckpt_path, data or load_data(cfg), callbacks)
+
+
+def _build(cfg: RunConfig, run_dir: Path, info: DistInfo, prep: _Prepared) -> _Built:
+    """The run folder (rank 0), the base streamed onto the engine with the checkpoint's chain
+    replayed, and the start-up figures so far."""
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     base = base_folder(cfg, run_dir)
     # A config-built base is a pure function of (config, init_seed): rebuild it when the
     # run folder lacks it (a fresh node resuming from remote storage) and save it again.
-    fresh_base = cfg.model.config is not None and (ckpt_path is None or not (base / "config.json").is_file())
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    fresh_base = cfg.model.config is not None and (prep.ckpt_path is None or not (base / "config.json").is_file())
+    ckpt = load_checkpoint(prep.ckpt_path) if prep.ckpt_path is not None else None
     backend = make_backend(cfg, info)
     t_load, rss_before_load = time.perf_counter(), current_rss_mb()
     # Streamed part by part; a checkpoint's merges are replayed on each part before the
@@ -189,37 +245,19 @@ def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
     load_s, peak_loaded = time.perf_counter() - t_load, peak_rss_mb()
     if info.is_main:
         _write_config(cfg, run_dir)
-    # `raclora runs` shows the run as running until this block ends, however it ends
-    with running(run_dir) if info.is_main else contextlib.nullcontext():
-        if info.is_main and ckpt is not None:
-            truncate_after(run_dir, ckpt.global_step, ckpt.next_link)
-        trackers = None
-        if info.is_main and cfg.run.trackers:  # after the truncation: they continue from the checkpoint
-            from raclora_dist.observe.trackers import Trackers
+    backend.setup(session.model)
+    session.chain.access = backend.access
+    startup = {"t_start": prep.t_start, "load_s": load_s, "rss_mb_start": prep.rss_start,
+               "rss_mb_before_load": rss_before_load, "peak_rss_mb_loaded": peak_loaded}
+    if device_peak_mb(info.device) is not None:
+        startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
+    logger.info(f"loaded the base in {load_s:.1f} s (peak RSS {peak_loaded:,.0f} MiB on rank 0)")
+    return _Built(session, backend, ckpt, startup)
 
-            r = cfg.run
-            trackers = Trackers(r.trackers, run_dir, cfg.model_dump(mode="json"), r.mlflow_tracking_uri, r.wandb_project,
-                                r.wandb_mode)
-            callbacks.append(trackers)
-        backend.setup(session.model)
-        session.chain.access = backend.access
-        startup = {"t_start": t_start, "load_s": load_s, "rss_mb_start": rss_start, "rss_mb_before_load": rss_before_load,
-                   "peak_rss_mb_loaded": peak_loaded}
-        if device_peak_mb(info.device) is not None:
-            startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
-        logger.info(f"loaded the base in {load_s:.1f} s (peak RSS {startup['peak_rss_mb_loaded']:,.0f} MiB on rank 0)")
-        trainer = Trainer(cfg, session, data, run_dir, backend, on_checkpoint=on_checkpoint, startup=startup,
-                          callbacks=callbacks)
-        start_link, start_step = trainer.restore(ckpt) if ckpt is not None else (0, 0)
-        logger.info(f"training {len(session.layers)} layers, {session.chain.num_trainable():,} trainable "
-            f"parameters per link, {cfg.raclora.links} links x {cfg.raclora.steps_per_link} steps, "
-            f"{cfg.distributed.strategy} x {info.world_size}")
-        history = trainer.fit(start_link, start_step)
-        if info.is_main:
-            from raclora_dist.observe.plot import plot_run
 
-            plot_run(run_dir)
-            if trackers is not None:
-                trackers.finish()
-        barrier()
-        return history
+def _trackers(cfg: RunConfig, run_dir: Path):
+    from raclora_dist.observe.trackers import Trackers
+
+    r = cfg.run
+    return Trackers(r.trackers, run_dir, cfg.model_dump(mode="json"), r.mlflow_tracking_uri, r.wandb_project,
+                    r.wandb_mode)
