@@ -230,9 +230,9 @@ class DistributedSection(_Section):
         On CPU workers the gathered weights live in the same memory as the shards, and a
         unit's gather output and its unsharded parameters coexist during the copy-out: a
         block's sublayers in turn (attention, MLP) cut that peak by a third of a block at no
-        cost in tokens/s (0.79 B model). Below :data:`AUTO_SUBLAYER_BYTES` a block is a toy
-        whose collectives' fixed cost dominates (the quickstart lost 27 % of its tokens/s to
-        sublayers), and GPUs keep FSDP2's usual per-block unit (docs/benchmarks.md).
+        cost in tokens/s on a large model. Below :data:`AUTO_SUBLAYER_BYTES` a block is a toy
+        whose collectives' fixed cost dominates, and GPUs keep FSDP2's usual per-block unit
+        (measured: docs/benchmarks.md, "Large models").
         """
         if self.fsdp_unit != "auto":
             return self.fsdp_unit
@@ -357,8 +357,8 @@ class RunConfig(_Section):
                 and not rc.allow_lossy_merge):
             raise ValueError(
                 "raclora.merge_mode=into_base on a 4-bit base requantizes each merged link in place, and most of a "
-                "link's update rounds back to the old codes (measured: 26 % of it kept after 20 links with nf4, "
-                "0.41 nats worse; 0.07 % per link on a pretrained model). Use merge_mode auto or factored (exact), "
+                "link's update rounds back to the old codes, and the loss compounds (measured in docs/benchmarks.md, "
+                "merge fidelity). Use merge_mode auto or factored (exact), "
                 "or into_base with master_weights: cpu or stochastic_rounding: true; or set "
                 "raclora.allow_lossy_merge: true to accept the loss")
         return self

@@ -230,10 +230,9 @@ def fill_stage3_limits(ds_config: dict, block_params: int) -> None:
 
     DeepSpeed's defaults (1e9 live parameters, reuse distance 1e9, a 5e7 prefetch bucket)
     suit models far larger than 1e9 parameters; below that, from the second step on (once
-    it has traced the model) ZeRO-3 keeps nearly every parameter gathered. Measured on a
-    0.79 B fp32 model with 2 CPU workers, peak RSS per rank through step 4: 5.3 GiB with the
-    defaults (more than the whole 3.0 GiB checkpoint, 5.0-7.3 tokens/s), 2.9 GiB with one
-    block (8.5-10.1 tokens/s).
+    it has traced the model) ZeRO-3 keeps nearly every parameter gathered: a rank then holds
+    more than the whole checkpoint, and runs slower than with one block live (measured:
+    docs/benchmarks.md, "Large models").
 
     Args:
         block_params: elements of the largest decoder block (0: no blocks, nothing set).

@@ -1,11 +1,11 @@
 """FSDP2's all-gather over gloo (CPU workers) without gloo's staging copy.
 
 gloo's ``all_gather_into_tensor`` gathers into a temporary flat tensor as large as its
-output and then copies it into the output (measured: 258 MiB above the buffers to gather
-256 MiB between 2 processes). FSDP2 all-gathers a whole unit (a decoder block) at once and
+output and then copies it into the output (as much again as the gathered bytes above the
+buffers). FSDP2 all-gathers a whole unit (a decoder block) at once and
 copies it out into its parameters, so on CPU workers a block is held three times while it
 is gathered. :class:`BroadcastAllGather` fills the same output with one broadcast per rank
-into that rank's slice, which gloo does in place (36 MiB above the buffers); the bytes each
+into that rank's slice, which gloo does in place (measured: docs/benchmarks.md); the bytes each
 rank receives are the same. It also lets FSDP2 free the gathered output right after its
 copy-out (see the class). NCCL gathers in place already and keeps FSDP2's default, whose
 deferred free overlaps a GPU's copy-out with the next gather.

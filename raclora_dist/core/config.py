@@ -49,7 +49,7 @@ class RacLoraConfig(BaseModel):
     )
     allow_lossy_merge: bool = Field(
         False, description="Allow into_base on a 4-bit base with neither master_weights nor stochastic_rounding "
-        "(requantizing in place keeps 26 % of the update after 20 links, docs/benchmarks.md).",
+        "(requantizing in place drops most of a small update: docs/benchmarks.md, merge fidelity).",
     )
     chain_budget: float | None = Field(
         0.1, gt=0, le=1, description="factored mode: the most each layer's merged chain may cost, as a fraction of the "

@@ -70,15 +70,15 @@ def mapped_large_allocations():
     Loading frees large temporaries (a part's full-precision weights, the 4-bit quantizer's
     scratch, about 4x a weight) between small allocations that stay (the shards). After the
     first large free, glibc raises its mmap threshold and serves later large allocations from
-    the heap, which fragments and is not returned: a 105 M-parameter NF4 load kept 6.6 MiB per
-    block where its shard is 2.4 MiB (0.38x of the model instead of 0.23x). On the way out
+    the heap, which fragments and is not returned: a rank then keeps several times its shards
+    per block (measured: docs/benchmarks.md, "Large models"). On the way out
     the heap is trimmed (:func:`release_freed`), so what loading freed below 1 MiB leaves too.
 
     Afterwards the threshold stays at 8 MiB rather than rising to glibc's 32 MiB: a sharding
-    engine gathers each block's weights for its forward and backward (16-45 MiB tensors for a
-    0.8 B model), and from the heap they fragmented it by about 1 GiB per rank in the first
-    step (measured, docs/benchmarks.md). Activations of small models stay below 8 MiB and
-    keep the heap's speed (quickstart tokens/s unchanged); larger ones cost a page fault per
+    engine gathers each block's weights for its forward and backward (tens of MiB a tensor on
+    a large model), and from the heap they fragment it by a large share of a rank's memory in
+    the first step (measured, docs/benchmarks.md). Activations of small models stay below 8 MiB
+    and keep the heap's speed; larger ones cost a page fault per
     4 KiB, small beside the matmul that fills them. glibc's ``MALLOC_MMAP_THRESHOLD_``, when
     set, is the threshold after loading instead.
     """
@@ -96,10 +96,9 @@ def worth_releasing(device_type: str, gathers_blocks: bool, block_bytes: int) ->
 
     Where a rank's memory is the point (each block sharded and gathered for its compute) and
     each block's gather already comes in fresh pages (a map of its own above the steady mmap
-    threshold), the trim's cost is small beside the block's: 0.79 B, FSDP2 on 2 CPU workers,
-    tokens/s unchanged. Elsewhere it is not: the page faults of reusing trimmed memory cost a
-    replicated model of 4 blocks of width 1,024 10 % of its tokens/s, and a toy one 28 %
-    (measured, docs/benchmarks.md).
+    threshold), the trim's cost is small beside the block's. Elsewhere it is not: the page
+    faults of reusing trimmed memory cost a replicated or a toy model a noticeable share of
+    its tokens/s (measured: docs/benchmarks.md, "Large models").
 
     Args:
         device_type: where the activations live ("cpu"; GPU memory is not the C heap's).
@@ -115,8 +114,8 @@ def release_between_blocks(blocks: list[nn.Module]) -> list:
 
     A block's forward frees its temporaries (the MLP's intermediates, the gathered weights'
     staging) between the activations it saves for the backward; without a trim the heap keeps
-    those holes, and a 0.79 B model's RSS grew by 30 MiB per block at 128 tokens where 17 MiB
-    were saved (docs/benchmarks.md). Each trim costs a few milliseconds, and reusing the
+    those holes, and RSS grows by more than the saved activations (measured:
+    docs/benchmarks.md, "Large models"). Each trim costs a few milliseconds, and reusing the
     trimmed pages a page fault per 4 KiB: see :func:`worth_releasing` for where that pays.
     Hooks on ``__call__``, so an engine's own hooks and activation checkpointing's recompute
     are unaffected.
