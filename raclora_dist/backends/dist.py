@@ -120,13 +120,7 @@ class DistComm:
 def contiguous_groups(groups: int) -> dist.ProcessGroup:
     """Splits the ranks into ``groups`` groups of consecutive ranks (0..g-1, g..2g-1, ...: one
     per node when workers are packed) and returns this rank's. Collective: every rank calls it."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    size = world // groups
-    mine = None
-    for g in range(groups):  # new_group must be called by every rank for every group
-        pg = dist.new_group(list(range(g * size, (g + 1) * size)))
-        if g == rank // size:
-            mine = pg
+    mine, _ = dist.new_subgroups(group_size=dist.get_world_size() // groups)
     return mine
 
 

@@ -163,20 +163,26 @@ def stage_upload(working_dir: Path, config: str, overrides: list[str], stage: Pa
     return stage, [str(f.relative_to(root)) for f in missing]
 
 
-def follow(address: str, job_id: str, poll_s: float = 1.0) -> str:
-    """Streams a job's logs to stdout until it ends; returns its final status."""
+def follow(address: str, job_id: str) -> str:
+    """Streams a job's logs to stdout as the job writes them, until it ends; returns its final
+    status. Ray's log tail (a websocket, with the client's authentication headers) sends each
+    new chunk once and closes when the job reaches a terminal state."""
+    import asyncio
+
     c = client(address)
-    seen = 0
-    while True:
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    while True:  # the tail closes as the job ends; its status may be written a moment later
         s = c.get_job_status(job_id)
         status = str(getattr(s, "value", s))
-        logs = c.get_job_logs(job_id)
-        sys.stdout.write(logs[seen:])
-        sys.stdout.flush()
-        seen = len(logs)
         if status in TERMINAL:
             return status
-        time.sleep(poll_s)
+        time.sleep(0.5)
 
 
 def status(address: str, job_id: str) -> str:
