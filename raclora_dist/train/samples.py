@@ -17,6 +17,7 @@ from torch import nn
 
 from raclora_dist.config import DataSection
 from raclora_dist.data.formats import chat_template
+from raclora_dist.files import write_atomic
 from raclora_dist.observe.metrics import read_metrics
 
 MARK = "\u00a7\u00a7"  # stands in for an answer, to find what the template writes after one
@@ -72,6 +73,4 @@ def write_samples_md(run_dir: Path) -> None:
             when = "before training" if r["link"] < 0 else f"after link {r['link'] + 1}"
             lines.append(f"- {when}: `{r['answers'][i]}`")
         lines.append("")
-    tmp = Path(run_dir) / "samples.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(Path(run_dir) / "samples.md")
+    write_atomic(Path(run_dir) / "samples.md", "\n".join(lines))
