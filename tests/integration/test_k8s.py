@@ -72,6 +72,7 @@ def pod_specs(doc: dict) -> list[dict]:
     return pods
 
 
+@pytest.mark.slow  # kubeconform over every rendered combination: ~35 s
 def test_every_manifest_validates(sets):
     for name, docs in sets.items():
         kinds = [d["kind"] for d in docs]
