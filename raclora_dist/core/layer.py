@@ -275,10 +275,8 @@ class RacLoraLinear(nn.Module):
 
     def _init_master(self, master_weights: str, stochastic_rounding: bool | str) -> None:
         """Sets up the precise merge of ``into_base`` on a low-precision base (core/master.py)."""
-        if stochastic_rounding == "auto":
-            stochastic_rounding = (self.merge_mode == "into_base" and master_weights == "none" and not self.packed_base
-                                   and self.rounds_merges())
-        if master_weights != "none" or stochastic_rounding:
+        self._rounding = stochastic_rounding  # "auto" is judged at each merge: see stochastic_rounding
+        if master_weights != "none" or stochastic_rounding is True:
             if self.merge_mode != "into_base":
                 raise ValueError(f"module {self.name!r}: raclora.master_weights and raclora.stochastic_rounding "
                                  f"need raclora.merge_mode=into_base, not {self.merge_mode!r}")
@@ -286,7 +284,7 @@ class RacLoraLinear(nn.Module):
                 raise ValueError(f"module {self.name!r}: raclora.master_weights and raclora.stochastic_rounding "
                                  f"apply to bf16, fp16 and 4-bit bases; this base is {self.base_layer.weight.dtype}, "
                                  "which merges exactly")
-        self.master_weights, self.stochastic_rounding = master_weights, stochastic_rounding
+        self.master_weights = master_weights
         self.master_rows = (0, self.out_features)  # this rank's rows of the master (all of them unsharded)
         self.master_world = 1  # the ranks the master's rows are split over
         self._cpu_master: torch.Tensor | None = None
@@ -310,6 +308,16 @@ class RacLoraLinear(nn.Module):
         if self.merge_mode == "factored":
             return "chain"
         return "packed" if self.packed_base else "rows"
+
+    @property
+    def stochastic_rounding(self) -> bool:
+        """Whether a merge rounds stochastically: as configured, or for ``auto`` when a merge
+        into this base rounds and no master copy is kept. ``auto`` is judged at each merge, on
+        the weight as it is then: an engine may cast the base after wrapping (DeepSpeed's
+        bf16 casts the whole module), and a fp32 base's exact merge then becomes a rounding one."""
+        if self._rounding != "auto":
+            return bool(self._rounding)
+        return self.merge_mode == "into_base" and self.master is None and not self.packed_base and self.rounds_merges()
 
     def rounds_merges(self) -> bool:
         """Whether merging into this base rounds (a bf16/fp16 or 4-bit weight): where a master

@@ -158,3 +158,19 @@ def test_master_and_rounding_options_name_the_base_they_need(small_data, tmp_pat
     model.add_module("lin", nn.Linear(16, 12))
     with pytest.raises(ValueError, match="torch.float32, which merges exactly"):
         inject(model, RacLoraConfig(rank=2, target_modules=["lin"], merge_mode="into_base", master_weights="cpu"))
+
+
+def test_auto_rounding_follows_a_base_an_engine_casts_after_wrapping():
+    """DeepSpeed's bf16 casts the whole module after the layers are wrapped: a fp32 base (merged
+    into_base, exactly) becomes a bf16 one, and auto then rounds its merges stochastically."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lin", nn.Linear(N, M))
+    layer = inject(model, RacLoraConfig(rank=4, alpha=8, target_modules=["lin"]))["lin"]
+    assert layer.merge_mode == "into_base" and not layer.stochastic_rounding  # fp32: exact
+    model.bfloat16()  # what the engine does
+    assert layer.stochastic_rounding
+    W0 = layer.base_layer.weight.float().clone()
+    total = merge_all(layer, small_links(layer))
+    d = layer.base_layer.weight.float() - W0
+    assert float((d * total).sum() / (total * total).sum()) == pytest.approx(1.0, abs=0.1)
