@@ -198,6 +198,11 @@ class DistributedSection(_Section):
         default_factory=lambda: {"zero_optimization": {"stage": 2}},
         description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.",
     )
+    replicas: int = Field(
+        1, ge=1, description="fsdp2: HSDP. The workers form this many replica groups of contiguous ranks (one per "
+        "node); each group holds the model sharded over its own ranks, and gradients are reduced across groups "
+        "(a 2-D device mesh). The per-step gathers then stay inside a node (docs/distributed.md). 1: shard "
+        "over every worker.")
     sync: Literal["step", "link"] = Field(
         "step", description="step: gradients are averaged at every optimizer step. link: RAC-LoRA's federated "
         "form (docs/link-sync.md): each group of workers trains a whole link on its own data with no "
@@ -258,6 +263,25 @@ class DistributedSection(_Section):
                 raise ValueError(f"sync_groups ({self.sync_groups}) must divide workers ({self.workers}): "
                                  "every group has the same number of workers")
         return self
+
+    @model_validator(mode="after")
+    def _replicas_are_fsdp2s(self) -> "DistributedSection":
+        if self.replicas == 1:
+            return self
+        if self.strategy != "fsdp2":
+            hint = (" (DeepSpeed's hpZ and MiCS are not supported: shard ZeRO-3 over every worker, or use fsdp2)"
+                    if self.strategy == "deepspeed" else "")
+            raise ValueError(f"replicas: {self.replicas} applies to strategy fsdp2, not {self.strategy!r}{hint}")
+        if self.workers % self.replicas or self.workers == self.replicas:
+            raise ValueError(f"replicas ({self.replicas}) must divide workers ({self.workers}) into groups of 2 "
+                             "or more ranks: every replica group shards the model over the same number of ranks")
+        return self
+
+    @property
+    def shard_size(self) -> int:
+        """The ranks one copy of the model is sharded over: ``workers / replicas`` (fsdp2 HSDP),
+        else every worker."""
+        return self.workers // self.replicas
 
     @property
     def zero_stage(self) -> int | None:

@@ -175,3 +175,21 @@ class CountEvalRows(Callback):
     def on_boundary(self, trainer, record: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{self.rank}.json").write_text(json.dumps({"rows": self.rows, "evals": self.evals}))
+
+
+class MeshProbe(Callback):
+    """When training starts, rank 0 writes to ``out`` (JSON) the device mesh and placements of
+    the first trainable factor: how FSDP2 really sharded it (``[]`` when it is not a DTensor)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer) -> None:
+        import json
+
+        p = next(p for p in trainer.s.model.parameters() if p.requires_grad)
+        mesh = getattr(p, "device_mesh", None)
+        info = {"mesh": list(mesh.shape) if mesh is not None else [],
+                "placements": [type(x).__name__ for x in getattr(p, "placements", ())]}
+        if trainer.backend.info.is_main:
+            self.out.write_text(json.dumps(info))

@@ -80,10 +80,18 @@ def _write_shard(param: torch.Tensor, full: torch.Tensor, rank: int, world: int)
 
 
 class FSDP2Access:
-    """Reaches factors and weights through FSDP2's DTensor shards (collectives in gathers)."""
+    """Reaches factors and weights through FSDP2's DTensor shards (collectives in gathers).
 
-    def __init__(self, rank: int, world: int, comm: DistComm | None = None) -> None:
-        self.rank, self.world, self.comm = rank, world, comm
+    Args:
+        rank, world: this rank's place among the ranks a copy of the model is sharded over
+            (all of them; under HSDP its replica group's) and their number.
+        comm: collectives over those ranks (the gathers of a master copy's row chunks).
+        replica: this rank's replica group (HSDP; 0 otherwise): every group merges the same
+            rows, and group 0's landed statistics are the ones counted.
+    """
+
+    def __init__(self, rank: int, world: int, comm: DistComm | None = None, replica: int = 0) -> None:
+        self.rank, self.world, self.comm, self.replica = rank, world, comm, replica
 
     def local_finite(self, layer: RacLoraLinear) -> bool:
         return bool(torch.isfinite(_local(layer.factor)).all())
@@ -100,7 +108,7 @@ class FSDP2Access:
             # statistics of the ranks' rows add up to the layer's.
             weight = layer.base_layer.weight
             yield MergeView(weight=_local(weight), row_start=_row_offset(layer.out_features, self.rank, self.world),
-                            rows_only=True)
+                            rows_only=True, owner=self.replica == 0)
             return
         # The packed codes' chunks follow neither W's rows nor its quantization blocks, and a
         # chain recompression mixes all rows: gather the whole tensor, let every rank compute
@@ -111,7 +119,7 @@ class FSDP2Access:
             full = [t.clone() for t in full]
             yield MergeView(chain_B=full[0], chain_A=full[1])
         else:
-            yield MergeView(weight=full[0], gather=self.comm.all_gather_flat, owner=self.rank == 0)
+            yield MergeView(weight=full[0], gather=self.comm.all_gather_flat, owner=self.rank == 0 and self.replica == 0)
         for p, gathered in zip(params, full):
             _write_shard(p, gathered, self.rank, self.world)
 
@@ -130,12 +138,18 @@ class FSDP2Backend(Backend):
             # fails deep inside the first all-gather when there is no accelerator.
             raise ConfigError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU}")
         self.comm = DistComm(info.device)
-        self.access = FSDP2Access(info.rank, info.world_size, self.comm)
+        # HSDP (distributed.replicas): replica groups of contiguous ranks, each sharding the
+        # model over its own ranks; mesh[i] = ranks i*s .. i*s+s-1. Built in setup (collective).
+        self.replicas = cfg.distributed.replicas
+        self.shards = info.world_size // self.replicas
+        self.shard_rank, self.replica = info.rank % self.shards, info.rank // self.shards
+        self.mesh = None
+        self.access = FSDP2Access(self.shard_rank, self.shards, self.comm, self.replica)
 
     def _shard_kwargs(self) -> dict:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-        kwargs: dict = {"mp_policy": MixedPrecisionPolicy()}
+        kwargs: dict = {"mp_policy": MixedPrecisionPolicy(), "mesh": self.device_mesh()}
         if self.cfg.distributed.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.cfg.distributed.cpu_offload:
@@ -143,6 +157,20 @@ class FSDP2Backend(Backend):
             # parameters are copied to the device for its forward and backward only.
             kwargs["offload_policy"] = CPUOffloadPolicy()
         return kwargs
+
+    def device_mesh(self):
+        """None (FSDP2's default: shard over every rank), or HSDP's 2-D mesh (replicate, shard),
+        built on first use; every rank builds it at the same point (collective)."""
+        if self.replicas == 1:
+            return None
+        if self.mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.info.device.type, (self.replicas, self.shards),
+                                         mesh_dim_names=("replicate", "shard"))
+            # A master copy's row chunks are gathered over the ranks that shard the layer.
+            self.access.comm = DistComm(self.info.device, self.mesh.get_group("shard"))
+        return self.mesh
 
     @property
     def splits_vocab(self) -> bool:
@@ -153,7 +181,7 @@ class FSDP2Backend(Backend):
         return self.info.world_size > 1
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
-        shard_masters(module, self.info.rank, self.info.world_size)
+        shard_masters(module, self.shard_rank, self.shards)
         if own_unit:
             self._shard_block(module)
 
@@ -176,7 +204,7 @@ class FSDP2Backend(Backend):
         # shard_unit are sharded already.
         for block in decoder_layers(model):
             if not isinstance(block, FSDPModule):
-                shard_masters(block, self.info.rank, self.info.world_size)
+                shard_masters(block, self.shard_rank, self.shards)
                 self._shard_block(block)
         _fully_shard(model, **kwargs)
         self.model = model

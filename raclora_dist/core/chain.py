@@ -189,6 +189,11 @@ class RacLoraChain:
         self.link = link
         self.verify_sketches(comm or LocalComm())
 
+    def keeps_master(self) -> bool:
+        """Whether the layers keep a master copy of their weights (``raclora.master_weights``):
+        a merge then rounds from the master, and one link's landed fraction is not the run's."""
+        return any(layer.master is not None for layer in self.layers.values())
+
     def fingerprints(self) -> torch.Tensor:
         """Per-layer sketch hashes, int64, shape (num_layers,)."""
         return torch.tensor([layer.fingerprint() for layer in self.layers.values()], dtype=torch.int64)

@@ -54,8 +54,9 @@ class MergeView:
         chain_B: (m, cap), chain_A: (cap, n): the whole factored chain (``chain`` target).
         gather: collects a sharded master copy's slices from all ranks (collective,
             ``gather(local_flat, total) -> whole flat``); None: this process holds it all.
-        owner: whether this rank computes whole-layer landed statistics that only rank 0's
-            count of (a 4-bit merge may skip the extra dequantize elsewhere).
+        owner: whether this rank's landed statistics count: of a whole layer, only rank 0's
+            (a 4-bit merge may skip the extra dequantize elsewhere); of ``rows_only`` rows, one
+            replica's (HSDP's other replica groups merge the same rows).
     """
 
     weight: torch.Tensor | None = None
@@ -517,6 +518,8 @@ class RacLoraLinear(nn.Module):
             landed = self._round_rows_into(W, view.row_start, rows, A, None)
         elif W.shape[0]:  # a rank may own no rows of a small layer
             landed = merge_rows_into_weight(W, rows, A, self.scale)
+        if not view.owner:
+            landed = torch.zeros(3, dtype=torch.float64)  # another replica counts these rows
         return MergeResult(self.scale * lowrank_fro_norm(B, A), landed, rows_only=view.rows_only)
 
     @torch.no_grad()

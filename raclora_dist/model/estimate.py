@@ -9,7 +9,8 @@ keep (attention counted as a fused kernel keeps it: q, k, v, output and log-sum-
 What is estimated, per rank:
 
 * **base weights**: full-precision tensors at ``model.dtype``; 4-bit layers as packed codes
-  plus their absmax constants; divided by the world size under FSDP2 and ZeRO-3, plus the
+  plus their absmax constants; divided by the ranks they are sharded over under FSDP2 (one
+  replica group's with ``distributed.replicas``) and ZeRO-3, plus the
   largest unit gathered whole while it computes (a decoder block; a sublayer or linear layer with
   FSDP2's ``fsdp_unit``; the embedding or head when they are not split by vocabulary);
 * **chain**: each layer's trainable factor, its sketch, and (factored merges) the merged
@@ -154,7 +155,7 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
             not moved; a forward runs on it under ``torch.no_grad`` off).
         blocks: its decoder blocks (empty if it has none).
     """
-    world = cfg.distributed.workers
+    world = cfg.distributed.shard_size  # the ranks the shards are split over (HSDP: one replica's)
     shard_w, shard_opt = _sharded(cfg)
     chain_ids: set[int] = set()
     chain = master = factor_bytes = factor_numel = 0
@@ -210,7 +211,7 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
         for row in ("gradients", "optimizer state"):
             est.notes[row] = est.notes.get(row, "") + ("; " if row in est.notes else "") + "in CPU memory"
     est.rows["activations"] = activation_bytes(cfg, model, blocks)
-    micro = cfg.train.batch_size // world
+    micro = cfg.train.batch_size // cfg.distributed.workers
     est.notes["activations"] = (f"{micro} x {cfg.data.seq_len} tokens, "
                                 f"checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
     return est

@@ -86,8 +86,13 @@ LANDED_WARNING = 0.9
 
 
 def landed_warning(rec: dict, threshold: float = LANDED_WARNING) -> str | None:
-    """The warning for a merge that kept less than ``threshold`` of its update, else None."""
-    if not rec["merged"] or rec["landed_fraction"] >= threshold:
+    """The warning for a merge that kept less than ``threshold`` of its update, else None.
+
+    None also when the layers keep a master copy (``rec["master_weights"]``): a merge then rounds
+    the working weight afresh from the master, so what one link's rounding left out is carried
+    to the next (the first link's fraction can read low while the run keeps every link), and
+    the advice below would be the setting already in use."""
+    if not rec["merged"] or rec["landed_fraction"] >= threshold or rec.get("master_weights"):
         return None
     return (f"warning: link {rec['link']}: only {rec['landed_fraction']:.1%} of the intended update landed in the "
             f"weights (cosine {rec['landed_cosine']:.2f}); rounding the merged weight to the base's precision (4-bit, "

@@ -224,7 +224,7 @@ class Trainer:
         eval_loss = self.evaluate()
         rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": eval_loss, "eval_s": time.perf_counter() - t0,
                "link_time_s": link_time, "step": self.global_step, "comm_bytes_boundary": sent,
-               "comm_bytes_link": link_bytes}
+               "comm_bytes_link": link_bytes, "master_weights": chain.keeps_master()}
         self.write(rec)
         self.history.append(rec)
         logger.info(link_line(rec, rc.links, self.tokens_per_link))
@@ -314,6 +314,7 @@ class Trainer:
             current = {n: chain.access.full_factor(layer) for n, layer in self.s.layers.items()}
         meta = {"next_link": next_link, "step_in_link": step_in_link, "global_step": self.global_step,
                 "strategy": self.cfg.distributed.strategy, "world_size": self.backend.info.world_size,
+                "replicas": self.cfg.distributed.replicas,
                 "sync": self.cfg.distributed.sync, "sync_groups": self.cfg.distributed.sync_groups,
                 "layers": [layer.spec.to_dict() for layer in self.s.layers.values()],
                 "fingerprint_link": chain.link,

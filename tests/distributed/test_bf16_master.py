@@ -39,6 +39,11 @@ def test_the_master_lands_links_that_plain_bf16_rounds_away(bsetup):
     # yet crossed a bf16 step (and the rounding's noise): about 1, not exactly.
     assert all(f == pytest.approx(1, abs=0.1) for f in landed(runs["master"]))
     assert all(f < 0.7 for f in landed(runs["plain"]))
+    # The records say which run keeps a master, so the low-landing warning (whose advice is the
+    # master) is given for the plain run only (tests/unit/test_progress.py).
+    kept = {name: {r["master_weights"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"}
+            for name, run in runs.items()}
+    assert kept == {"master": {True}, "plain": {False}}
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])

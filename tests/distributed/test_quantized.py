@@ -45,14 +45,20 @@ def qsetup(tmp_path_factory, small_data):
     return d, cfg, singles
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+HSDP = ["distributed.strategy=fsdp2", "distributed.workers=4", "distributed.replicas=2"]
+ENGINE_ARGS = {**ENGINES, "hsdp": HSDP}
+
+
+@pytest.mark.parametrize("engine,mode", [(e, m) for e in ("fsdp2", "zero3") for m in MODES]
+                         # HSDP, 2 replicas x 2 shards: a master's row chunks gathered over a
+                         # replica's ranks (not all 4), the chain's recompression on each replica
+                         + [("hsdp", "master"), ("hsdp", "capped")])
 def test_sharded_4bit_run_equals_the_one_process_run(engine, mode, qsetup):
     d, cfg, singles = qsetup
     single, run = singles[mode], d / f"{engine}-{mode}"
-    proc = train(cfg, run, *ENGINES[engine], *MODES[mode])
+    proc = train(cfg, run, *ENGINE_ARGS[engine], *MODES[mode])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == 2
+    assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == (4 if engine == "hsdp" else 2)
     # the sharded 4-bit forward equals the unsharded one before any training
     assert records(run, "eval")[0]["eval_loss"] == pytest.approx(records(single, "eval")[0]["eval_loss"], abs=1e-6)
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)

@@ -72,6 +72,11 @@ def test_sharding_checkpointing_and_4bit_shrink_the_estimate_as_they_should(smal
     # 4-bit: the projections of both blocks at about half a byte per weight instead of 4
     assert w - 2 * proj * 4 + 2 * proj * 0.5 < nf4.rows["base weights"] < w - 2 * proj * 4 + 2 * proj * 0.6
     assert "master weights" not in nf4.rows
+    # HSDP, 2 replicas x 2: each rank holds what a 2-worker full shard holds, at a quarter batch
+    _, hsdp = plan_run(_config(small_data, tmp_path, distributed={"strategy": "fsdp2", "workers": 4, "replicas": 2,
+                                                                  "fsdp_unit": "block"}, train={"batch_size": 4}))
+    assert hsdp.rows["base weights"] == fsdp.rows["base weights"] and hsdp.rows["chain"] == fsdp.rows["chain"]
+    assert hsdp.rows["activations"] < 0.6 * fsdp.rows["activations"]
 
 
 def test_the_unit_in_flight_follows_fsdp_unit_and_the_vocabulary_split(small_data, tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 
 from raclora_dist.config import build_config
+from raclora_dist.observe.metrics import landed_warning
 from raclora_dist.observe.progress import Follower
 from tests.helpers import TINY_MODEL
 
@@ -44,3 +45,11 @@ def test_follower_prints_each_link_once_and_the_warnings(tmp_path):
     assert sum(line.startswith("resumed at link 2 (step 3)") for line in out) == 1
     assert "tokens/s 384" in out[1]  # 4 x 32 tokens x 3 steps in 1 s
     assert f.summary(75).startswith("done: 3/3 links in 1m15s, eval_loss 6.0000 -> 1.0000")
+
+
+def test_no_landed_warning_when_the_layers_keep_a_master_copy():
+    """A master carries what one link's rounding left out to the next merge: one link's low
+    fraction is not a loss, and the warning's advice (keep a master) is already followed."""
+    assert "raclora.master_weights=cpu" in landed_warning(link(0, landed=0.64))
+    assert landed_warning({**link(0, landed=0.64), "master_weights": True}) is None
+    assert landed_warning({**link(0, landed=0.64), "master_weights": False}) is not None
