@@ -206,13 +206,15 @@ class DistributedSection(_Section):
     sync: Literal["step", "link"] = Field(
         "step", description="step: gradients are averaged at every optimizer step. link: RAC-LoRA's federated "
         "form (docs/link-sync.md): each group of workers trains a whole link on its own data with no "
-        "communication, and one all-reduce averages the trained factors at the boundary (ddp only).")
+        "communication, and one all-reduce averages the trained factors at the boundary (ddp, or fsdp2 sharded "
+        "within each group).")
     link_outer_lr: float = Field(
         1.0, gt=0, description="sync: link only: the averaged factor is scaled by this before it is merged (1: the "
         "paper's plain average; >1 makes up for the noise the average cancels, docs/link-sync.md).")
     sync_groups: int | None = Field(
         None, ge=1, description="sync: link only: how many groups average per link (contiguous ranks, e.g. one "
-        "per node); inside a group, gradients are averaged every step (DDP). Default: every worker is a group.")
+        "per node); inside a group, gradients are averaged every step (ddp), or the model is sharded over the "
+        "group's ranks (fsdp2). Default: every worker is a group.")
 
     @model_validator(mode="after")
     def _single_runs_one_worker(self) -> "DistributedSection":
@@ -250,10 +252,12 @@ class DistributedSection(_Section):
         return self
 
     @model_validator(mode="after")
-    def _link_sync_runs_on_ddp(self) -> "DistributedSection":
-        if self.sync == "link" and self.strategy not in ("ddp", "single"):
-            raise ValueError(f"sync: link needs strategy ddp (or single), not {self.strategy!r}: each worker keeps "
-                             "whole factors and trains them alone during a link; fsdp2 and deepspeed shard them")
+    def _link_sync_runs_on_ddp_or_fsdp2(self) -> "DistributedSection":
+        if self.sync == "link" and self.strategy not in ("ddp", "fsdp2", "single"):
+            raise ValueError(f"sync: link needs strategy ddp or fsdp2 (or single), not {self.strategy!r}: each "
+                             "group trains its own factors during a link, and DeepSpeed's engine keeps one set")
+        if self.sync == "link" and self.replicas != 1:
+            raise ValueError("replicas applies to sync: step (HSDP); with sync: link the groups are sync_groups")
         if self.link_outer_lr != 1.0 and self.sync != "link":
             raise ValueError("link_outer_lr applies to sync: link; set sync: link or leave link_outer_lr unset")
         if self.sync_groups is not None:

@@ -64,7 +64,8 @@ class DumpFactors(Callback):
     @torch.no_grad()
     def before_boundary(self, trainer, link: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        factors = {n: layer.factor.detach().cpu().clone() for n, layer in trainer.s.layers.items()}
+        # Whole factors: a sharding engine's are gathered (a collective over the group's ranks).
+        factors = {n: trainer.s.chain.access.full_factor(layer).cpu().clone() for n, layer in trainer.s.layers.items()}
         save_file(factors, self.out / f"rank{trainer.backend.info.rank}-link{link}.safetensors")
 
 

@@ -57,6 +57,9 @@ class Backend:
         self.cfg, self.info = cfg, info
         self.comm: Comm = LocalComm()
         self.step_comm: Comm | None = None  # per-step statistics; None: ``comm`` (all ranks)
+        # The ranks whose gradients are averaged at each step: all of them, or under link-sync
+        # (distributed.sync: link) a group of contiguous ranks that trains its own link.
+        self.sync_group_size = info.world_size
         self.access: FactorAccess = DenseAccess()
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -68,6 +71,12 @@ class Backend:
         rows (:mod:`raclora_dist.backends.vocab_parallel`) instead of handing them to
         :meth:`shard_unit`: sharding engines with several ranks, unless the config says no."""
         return False
+
+    def vocab_split(self) -> tuple[int, int, "torch.distributed.ProcessGroup | None"]:
+        """``(rank, world, group)`` of a vocabulary split (:attr:`splits_vocab`): this rank's
+        place among the ranks that split the rows, their number, and their process group
+        (None: every rank)."""
+        return self.info.rank, self.info.world_size, None
 
     @property
     def gathers_blocks(self) -> bool:
@@ -117,9 +126,20 @@ class Backend:
 
     def loss_scale_items(self, labelled: list[int]) -> float:
         """``num_items`` for this rank's loss (:func:`lm_inputs`), given the labelled tokens of
-        every rank's slice of a global micro-batch (rank order): the global count / world
-        size, so that the ranks' averaged gradient is the one-process gradient."""
-        return max(sum(labelled), 1) / self.info.world_size
+        every rank's slice of a global micro-batch (rank order): the count over the ranks
+        whose gradients are averaged (all; under link-sync this rank's group, which trains on
+        its own) / their number, so that their averaged gradient is the one-process gradient
+        of their tokens."""
+        size = self.sync_group_size
+        g = self.info.rank // size
+        return max(sum(labelled[g * size : (g + 1) * size]), 1) / size
+
+    def link_average(self) -> "bool | Comm":
+        """What the chain averages the factors over at a boundary
+        (:meth:`~raclora_dist.core.chain.RacLoraChain.end_link`'s ``average``): False (sync:
+        step: the factors are equal everywhere), True (every rank), or a :class:`Comm` over
+        the ranks that hold the same part of the factors in the other groups."""
+        return self.cfg.distributed.sync == "link"
 
     def step(self, clip: float | None) -> float:
         """Clips (global norm), steps, zeroes grads; returns the pre-clip grad norm."""

@@ -27,7 +27,7 @@ def _counting_allreduce(group, bucket):
     """DDP's default gradient all-reduce, with its payload added to :data:`TRAFFIC`."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    TRAFFIC.add(bucket.buffer())
+    TRAFFIC.add(bucket.buffer(), group)
     return allreduce_hook(group, bucket)
 
 
@@ -41,7 +41,7 @@ class DDPBackend(Backend):
         d = cfg.distributed
         self.link_sync = d.sync == "link"
         self.groups = (d.sync_groups or info.world_size) if self.link_sync else 1
-        self.group_size = info.world_size // self.groups
+        self.group_size = self.sync_group_size = info.world_size // self.groups
 
     def setup(self, model: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -70,14 +70,6 @@ class DDPBackend(Backend):
         if last or not hasattr(self.model, "no_sync"):
             return contextlib.nullcontext()
         return self.model.no_sync()
-
-    def loss_scale_items(self, labelled: list[int]) -> float:
-        """In link mode, the loss is normalised over the group's labelled tokens (each group
-        trains on its own); see :meth:`Backend.loss_scale_items`."""
-        if not self.link_sync:
-            return super().loss_scale_items(labelled)
-        g = self.info.rank // self.group_size
-        return max(sum(labelled[g * self.group_size : (g + 1) * self.group_size]), 1) / self.group_size
 
     # -- state: per rank in link mode ---------------------------------------------------------
     def save_state(self, folder: Path) -> None:

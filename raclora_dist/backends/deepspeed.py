@@ -33,6 +33,9 @@ class DeepSpeedAccess:
     def __init__(self, rank: int, stage: int, comm: DistComm) -> None:
         self.rank, self.stage, self.comm = rank, stage, comm
 
+    def local_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        raise NotImplementedError("distributed.sync: link does not run under deepspeed (refused by the config)")
+
     def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
 

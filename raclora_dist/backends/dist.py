@@ -57,13 +57,36 @@ def init_distributed(backend: str = "auto") -> DistInfo:
 class Traffic:
     """Bytes this process put into collectives: the payload of each call (a tensor of N bytes
     all-reduced counts N, whatever the algorithm moves on the wire). Every collective the
-    trainer issues goes through :class:`DistComm` or the DDP gradient hook, which add here."""
+    trainer issues goes through :class:`DistComm`, the DDP gradient hook, the vocabulary split
+    or FSDP2's counted collectives (:mod:`.fsdp2_comms`), which add here.
+
+    ``across`` counts the part whose process group spans more than one node. Nodes are blocks
+    of ``LOCAL_WORLD_SIZE`` consecutive ranks, as torchrun and Ray Train number them (one node
+    when the variable is unset).
+    """
 
     def __init__(self) -> None:
         self.total = 0
+        self.across = 0
+        self._spans: dict = {}
 
-    def add(self, t: torch.Tensor) -> None:
-        self.total += t.numel() * t.element_size()
+    def add(self, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+        """Counts ``t``'s bytes, sent over ``group`` (None: every rank)."""
+        n = t.numel() * t.element_size()
+        self.total += n
+        if self.crosses_nodes(group):
+            self.across += n
+
+    def crosses_nodes(self, group: dist.ProcessGroup | None = None) -> bool:
+        """Whether ``group`` (None: every rank) holds ranks of more than one node."""
+        if not dist.is_initialized():
+            return False
+        key = group if group is not None else dist.group.WORLD
+        if key not in self._spans:
+            node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+            ranks = dist.get_process_group_ranks(key)
+            self._spans[key] = len({r // node for r in ranks}) > 1
+        return self._spans[key]
 
 
 TRAFFIC = Traffic()
@@ -85,7 +108,7 @@ class DistComm:
 
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         buf = t.to(self.device)
-        TRAFFIC.add(buf)
+        TRAFFIC.add(buf, self.group)
         dist.all_reduce(buf, op=op, group=self.group)
         return buf.to(t.device)
 
@@ -112,7 +135,7 @@ class DistComm:
         buf = torch.zeros(chunk, dtype=local.dtype, device=self.device)
         buf[: local.numel()] = local.flatten().to(self.device)
         parts = [torch.empty_like(buf) for _ in range(world)]
-        TRAFFIC.add(buf)
+        TRAFFIC.add(buf, self.group)
         dist.all_gather(parts, buf, group=self.group)
         return torch.cat(parts)[:total].to(local.device)
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
 from raclora_dist.backends.dist import DistComm, whole
+from raclora_dist.backends.fsdp2_comms import count_collectives
 from raclora_dist.backends.fsdp2_compat import fully_shard_4bit
 from raclora_dist.backends.fsdp2_gloo import gather_for_gloo
+from raclora_dist.backends.tensor_files import load_tensors
 from raclora_dist.config import CPU_OFFLOAD_NEEDS_GPU, ConfigError
 from raclora_dist.core import RacLoraLinear
 from raclora_dist.core.layer import MergeView
@@ -56,10 +59,13 @@ def _local_bytes(module: nn.Module) -> int:
     return sum(_local(p).nbytes for p in module.parameters())
 
 
-def _fully_shard(module: nn.Module, **kwargs) -> None:
-    """``fully_shard`` (4-bit safe), with the gather of :mod:`.fsdp2_gloo` on gloo."""
+def _fully_shard(module: nn.Module, replicate_group=None, **kwargs) -> None:
+    """``fully_shard`` (4-bit safe), with the gather of :mod:`.fsdp2_gloo` on gloo, its
+    collectives counted (:mod:`.fsdp2_comms`; ``replicate_group``: HSDP's, whose all-reduce
+    is counted)."""
     fully_shard_4bit(module, **kwargs)
-    gather_for_gloo(module)
+    own_gather = gather_for_gloo(module)
+    count_collectives(module, replicate_group, all_gather=not own_gather)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -100,6 +106,9 @@ class FSDP2Access:
         f = layer.factor.detach()
         return whole(f)  # all-gather: (m, r) or (r, n)
 
+    def local_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        return _local(layer.factor.detach())  # this rank's Shard(0) rows
+
     @contextlib.contextmanager
     def merge_view(self, layer: RacLoraLinear) -> Iterator[MergeView]:
         target = layer.merge_target
@@ -138,10 +147,17 @@ class FSDP2Backend(Backend):
             # fails deep inside the first all-gather when there is no accelerator.
             raise ConfigError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU}")
         self.comm = DistComm(info.device)
-        # HSDP (distributed.replicas): replica groups of contiguous ranks, each sharding the
-        # model over its own ranks; mesh[i] = ranks i*s .. i*s+s-1. Built in setup (collective).
-        self.replicas = cfg.distributed.replicas
+        # Groups of contiguous ranks, each sharding the model over its own ranks; mesh[i] =
+        # ranks i*s .. i*s+s-1, built on first use (collective). HSDP (distributed.replicas)
+        # reduces the gradients across groups at every step; link-sync (sync: link,
+        # sync_groups) lets each group train its own link and averages the factors at the
+        # boundary, over the ranks that hold the same shard.
+        d = cfg.distributed
+        self.link_sync = d.sync == "link"
+        self.replicas = (d.sync_groups or info.world_size) if self.link_sync else d.replicas
         self.shards = info.world_size // self.replicas
+        if self.link_sync:
+            self.sync_group_size = self.shards
         self.shard_rank, self.replica = info.rank % self.shards, info.rank // self.shards
         self.mesh = None
         self.access = FSDP2Access(self.shard_rank, self.shards, self.comm, self.replica)
@@ -149,7 +165,14 @@ class FSDP2Backend(Backend):
     def _shard_kwargs(self) -> dict:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-        kwargs: dict = {"mp_policy": MixedPrecisionPolicy(), "mesh": self.device_mesh()}
+        mesh = self.device_mesh()
+        kwargs: dict = {"mp_policy": MixedPrecisionPolicy()}
+        if mesh is not None:
+            # HSDP shards over the 2-D mesh (FSDP2 reduces across its replicate dimension);
+            # link-sync over the group's ranks only (nothing crosses groups during a link).
+            kwargs["mesh"] = mesh["shard"] if self.link_sync else mesh
+            if not self.link_sync:
+                kwargs["replicate_group"] = mesh.get_group("replicate")
         if self.cfg.distributed.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.cfg.distributed.cpu_offload:
@@ -159,26 +182,43 @@ class FSDP2Backend(Backend):
         return kwargs
 
     def device_mesh(self):
-        """None (FSDP2's default: shard over every rank), or HSDP's 2-D mesh (replicate, shard),
-        built on first use; every rank builds it at the same point (collective)."""
-        if self.replicas == 1:
+        """None (FSDP2's default: shard over every rank), or the 2-D mesh (replicate, shard)
+        of the groups, built on first use; every rank builds it at the same point (collective)."""
+        if self.replicas == 1 and not self.link_sync:
             return None
         if self.mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
             self.mesh = init_device_mesh(self.info.device.type, (self.replicas, self.shards),
                                          mesh_dim_names=("replicate", "shard"))
+            shard = DistComm(self.info.device, self.mesh.get_group("shard"))
             # A master copy's row chunks are gathered over the ranks that shard the layer.
-            self.access.comm = DistComm(self.info.device, self.mesh.get_group("shard"))
+            self.access.comm = shard
+            if self.link_sync:  # the logged loss: the group's own (nothing crosses groups in a link)
+                self.step_comm = shard
         return self.mesh
+
+    def link_average(self):
+        """Link-sync: each rank averages its shards with the ranks that hold the same rows in
+        the other groups (one all-reduce over the replicate dimension)."""
+        if not self.link_sync:
+            return False
+        return DistComm(self.info.device, self.device_mesh().get_group("replicate"))
 
     @property
     def splits_vocab(self) -> bool:
         return self.gathers_blocks and self.cfg.distributed.vocab_parallel
 
+    def vocab_split(self):
+        """Under HSDP, within the replica group: its activations never cross groups."""
+        mesh = self.device_mesh()
+        if mesh is None:
+            return super().vocab_split()
+        return self.shard_rank, self.shards, mesh.get_group("shard")
+
     @property
     def gathers_blocks(self) -> bool:
-        return self.info.world_size > 1
+        return self.shards > 1
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         shard_masters(module, self.shard_rank, self.shards)
@@ -209,3 +249,33 @@ class FSDP2Backend(Backend):
         _fully_shard(model, **kwargs)
         self.model = model
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
+
+    # -- state: per group mid-link under link-sync ----------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        """Under link-sync mid-link the groups hold different factors and moments: the first
+        rank of each group writes its group's, whole (``group<G>.pt``); at a boundary (factors
+        zero, state reset) the shared state as in sync: step."""
+        if not (self.link_sync and self.optimizer.state):
+            return super().save_state(folder)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        # Both gather over the group's mesh (collective for its ranks); no cpu_offload, which
+        # would keep the result on global rank 0 only.
+        factors = {n: whole(p.detach()).cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        state = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
+        if self.shard_rank == 0:
+            torch.save({"factors": factors, "optimizer": state}, folder / f"group{self.replica}.pt")
+
+    def load_state(self, folder: Path) -> None:
+        path = folder / f"group{self.replica}.pt"
+        if not (self.link_sync and path.is_file()):
+            return super().load_state(folder)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = load_tensors(path)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["factors"].items():
+                _write_shard(params[name], value.to(_local(params[name]).device), self.shard_rank, self.shards)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))

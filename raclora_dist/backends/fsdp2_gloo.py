@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raclora_dist.backends.dist import TRAFFIC
+
 
 def _all_gather_base() -> type:
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather  # torch >= 2.8
@@ -58,6 +60,7 @@ def broadcast_all_gather():
                 input_tensor: flat (n,), this rank's shard.
             """
             n = input_tensor.numel()
+            TRAFFIC.add(input_tensor, group)  # this rank's shard, as a gather counts it
             chunks = output_tensor.view(-1).split(n)
             rank = dist.get_rank(group)
             if chunks[rank].data_ptr() != input_tensor.data_ptr():
@@ -70,9 +73,13 @@ def broadcast_all_gather():
     return BroadcastAllGather()
 
 
-def gather_for_gloo(module: nn.Module) -> None:
+def gather_for_gloo(module: nn.Module) -> bool:
     """On gloo (CPU workers), makes the FSDP2 unit ``module`` all-gather by broadcasts
-    (:func:`broadcast_all_gather`); otherwise, or on a torch without the hook, changes nothing."""
+    (:func:`broadcast_all_gather`); otherwise, or on a torch without the hook, changes nothing.
+
+    Returns:
+        Whether it did."""
     if dist.get_backend() != "gloo" or not supported():
-        return
+        return False
     module.set_custom_all_gather(broadcast_all_gather())
+    return True

@@ -42,29 +42,29 @@ def _slice(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return out
 
 
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """(N, ...) on each rank -> (world * N, ...), rank-major."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    TRAFFIC.add(x)
-    dist.all_gather(parts, x.contiguous())
+def _all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """(N, ...) on each rank of ``group`` -> (world * N, ...), rank-major."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    TRAFFIC.add(x, group)
+    dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts)
 
 
-def _sum_own_rows(x: torch.Tensor) -> torch.Tensor:
+def _sum_own_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """(world * N, ...) partial sums on each rank -> this rank's N rows of their sum."""
-    TRAFFIC.add(x)
-    dist.all_reduce(x)
-    n = x.shape[0] // dist.get_world_size()
-    rank = dist.get_rank()
+    TRAFFIC.add(x, group)
+    dist.all_reduce(x, group=group)
+    n = x.shape[0] // dist.get_world_size(group)
+    rank = dist.get_rank(group)
     return x[rank * n:(rank + 1) * n]
 
 
-def _all_to_all(x: torch.Tensor) -> torch.Tensor:
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Block q of ``x``'s rows (world equal blocks) goes to rank q; returns the blocks every
     rank sent here, in rank order."""
     out = torch.empty_like(x)
-    TRAFFIC.add(x)
-    dist.all_to_all_single(out, x.contiguous())
+    TRAFFIC.add(x, group)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -74,11 +74,14 @@ class _VocabRows(nn.Module):
 
     Args:
         full: the (V, H) weight; this rank's rows are copied out of it.
-        rank, world: this rank and the number of ranks (the default process group).
+        rank, world: this rank's place in ``group`` and the group's size.
+        group: the ranks that split the rows and compute together (None: every rank; HSDP:
+            a replica group, so that the activations never leave it).
     """
 
-    def __init__(self, full: torch.Tensor, rank: int, world: int) -> None:
+    def __init__(self, full: torch.Tensor, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
+        self.group = group
         self.rows, self.cols = full.shape
         self.start, self.stop, self.per_rank = vocab_rows(full.shape[0], rank, world)
         self.register_buffer("weight", _slice(full.detach(), rank, world), persistent=False)
@@ -96,37 +99,37 @@ class VocabParallelEmbedding(_VocabRows):
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, H); a collective (every rank, same shape)."""
-        every = _all_gather_rows(ids.reshape(-1)) - self.start
+        every = _all_gather_rows(ids.reshape(-1), self.group) - self.start
         mine = (every >= 0) & (every < self.stop - self.start)
         rows = F.embedding(every.clamp(0, self.per_rank - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        return _sum_own_rows(rows).reshape(*ids.shape, self.cols)
+        return _sum_own_rows(rows, self.group).reshape(*ids.shape, self.cols)
 
 
 class _Head(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
-        world = dist.get_world_size()
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, vocab: int, group) -> torch.Tensor:
+        world = dist.get_world_size(group)
         x = hidden.reshape(-1, hidden.shape[-1])
         n = x.shape[0]
-        every = _all_gather_rows(x)  # (world * n, H): every rank's tokens
+        every = _all_gather_rows(x, group)  # (world * n, H): every rank's tokens
         w = weight.to(x.dtype)
         # my vocabulary slice of everyone's logits, block q for rank q -> the blocks of my tokens
-        mine = _all_to_all(every @ w.t())  # (world * n, per): rank r's slice of my n tokens
+        mine = _all_to_all(every @ w.t(), group)  # (world * n, per): rank r's slice of my n tokens
         logits = mine.view(world, n, -1).transpose(0, 1).reshape(n, -1)[:, :vocab]
         ctx.save_for_backward(every, w)
-        ctx.vocab, ctx.shape = vocab, hidden.shape
+        ctx.vocab, ctx.shape, ctx.group = vocab, hidden.shape, group
         return logits.reshape(*hidden.shape[:-1], vocab)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         every, w = ctx.saved_tensors
-        world, per = dist.get_world_size(), w.shape[0]
+        world, per = dist.get_world_size(ctx.group), w.shape[0]
         g = grad.reshape(-1, ctx.vocab).to(w.dtype)
         n = g.shape[0]
         g = F.pad(g, (0, world * per - ctx.vocab))  # the padded rows' logits were dropped
         # rank r gets the gradient of its slice for every rank's tokens
-        g = _all_to_all(g.view(n, world, per).transpose(0, 1).reshape(world * n, per))
-        return _sum_own_rows(g @ w).reshape(ctx.shape), None, None
+        g = _all_to_all(g.view(n, world, per).transpose(0, 1).reshape(world * n, per), ctx.group)
+        return _sum_own_rows(g @ w, ctx.group).reshape(ctx.shape), None, None, None
 
 
 class VocabParallelHead(_VocabRows):
@@ -137,7 +140,7 @@ class VocabParallelHead(_VocabRows):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) logits of this rank's tokens; a collective (every rank, same shape)."""
-        return _Head.apply(hidden, self.weight, self.rows)
+        return _Head.apply(hidden, self.weight, self.rows, self.group)
 
 
 def splittable(module: nn.Module, model: nn.Module) -> bool:
@@ -151,12 +154,13 @@ def splittable(module: nn.Module, model: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None and callable(get_head) and module is get_head()
 
 
-def split(model: nn.Module, name: str, rank: int, world: int) -> nn.Module:
+def split(model: nn.Module, name: str, rank: int, world: int, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Replaces the loaded module ``name`` (:func:`splittable`) by its vocabulary-parallel
-    form holding this rank's rows (in place; the full weight is dropped). Returns the new module."""
+    form holding this rank's rows of ``world`` (its place ``rank`` in ``group``; None: every
+    rank), in place; the full weight is dropped. Returns the new module."""
     module = model.get_submodule(name)
     cls = VocabParallelEmbedding if isinstance(module, nn.Embedding) else VocabParallelHead
-    new = cls(module.weight, rank, world)
+    new = cls(module.weight, rank, world, group)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
     return new

@@ -75,6 +75,11 @@ class FactorAccess(Protocol):
         """The whole trainable factor (B (m, r) or A (r, n)), identical on every rank."""
         ...
 
+    def local_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        """This rank's part of the trainable factor, a tensor that may be written in place
+        (the whole factor where it is not sharded). Link-sync averages these."""
+        ...
+
     def merge_view(self, layer: RacLoraLinear) -> contextlib.AbstractContextManager[MergeView]:
         """Hands the layer the tensors its merge edits (``layer.merge_target``: the chain, the
         whole packed base, or this rank's dense rows) and, on a clean exit, writes them back
@@ -94,6 +99,9 @@ class DenseAccess:
         return layer.is_finite()
 
     def full_factor(self, layer: RacLoraLinear) -> torch.Tensor:
+        return layer.factor.detach()
+
+    def local_factor(self, layer: RacLoraLinear) -> torch.Tensor:
         return layer.factor.detach()
 
     @contextlib.contextmanager
@@ -217,16 +225,20 @@ class RacLoraChain:
         ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
-    def end_link(self, comm: Comm | None = None, average: bool = False, outer_lr: float = 1.0) -> LinkRecord:
+    def end_link(self, comm: Comm | None = None, average: bool | Comm = False, outer_lr: float = 1.0) -> LinkRecord:
         """Ends the current link on this rank: guard, (average), merge, record.
 
         Args:
             comm: collectives; every rank must call this at the same step.
-            average: link-sync (federated) mode: the ranks trained their factors apart; one
-                all-reduce of all layers' factors averages them first (after the guard, so a
-                non-finite factor on one rank never reaches the others), and every rank
-                merges the same mean. Within a link the sketch is shared, so the mean of the
-                factors is exactly the mean of the ranks' updates, ``s (mean B_i) A``.
+            average: link-sync (federated) mode: the groups trained their factors apart; one
+                all-reduce of all layers' local factors (:meth:`FactorAccess.local_factor`:
+                the whole factors, or under a sharding engine this rank's shards, averaged
+                with the ranks of the other groups that hold the same shard) averages them
+                in place first (after the guard, so a non-finite factor on one rank never
+                reaches the others), and every rank merges the same mean. Within a link the
+                sketch is shared, so the mean of the factors is exactly the mean of the
+                groups' updates, ``s (mean B_i) A``. True: over ``comm``; a :class:`Comm`:
+                over its ranks.
             outer_lr: with ``average``, the mean factor is scaled by this before the merge
                 (the record keeps the scaled factor, so replay needs nothing else).
 
@@ -246,11 +258,15 @@ class RacLoraChain:
         sq, discarded = 0.0, 0.0
         landed = torch.zeros(3, dtype=torch.float64)
         factors: dict[str, torch.Tensor] = {}
+        if average is not False:
+            local = {name: self.access.local_factor(layer) for name, layer in self.layers.items()}
+            mean = _mean_over_ranks(local, comm if average is True else average)
+            with torch.no_grad():
+                for name, t in local.items():
+                    t.copy_(mean[name])
         fulls = {name: self.access.full_factor(layer) for name, layer in self.layers.items()}
-        if average:
-            fulls = _mean_over_ranks(fulls, comm)
-            if outer_lr != 1.0:
-                fulls = {name: f * outer_lr for name, f in fulls.items()}
+        if average is not False and outer_lr != 1.0:
+            fulls = {name: f * outer_lr for name, f in fulls.items()}
         for name, layer in self.layers.items():
             full = fulls[name]
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)

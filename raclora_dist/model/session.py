@@ -168,7 +168,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         weights.close()
     split_names = [n for n, m in model.named_modules() if isinstance(m, (VocabParallelEmbedding, VocabParallelHead))]
     if split_names:
-        logger.info(f"split {' and '.join(split_names)} by vocabulary rows across {backend.info.world_size} ranks")
+        logger.info(f"split {' and '.join(split_names)} by vocabulary rows across {backend.vocab_split()[1]} ranks")
     if unused:
         logger.info(f"note: {len(unused)} tensor(s) in the checkpoint are not part of the model (e.g. {unused[0]}); ignored")
     chain = RacLoraChain(layers, cfg.raclora.on_nonfinite)
@@ -206,7 +206,7 @@ def _load(model: nn.Module, weights: WeightSource, cfg: RunConfig, targets: list
         if ckpt is not None:
             _restore_layers(wrapped, ckpt)
         if backend is not None and backend.splits_vocab and unit.own_unit and splittable(module, model):
-            split(model, unit.name, backend.info.rank, backend.info.world_size)  # rows kept, never gathered
+            split(model, unit.name, *backend.vocab_split())  # rows kept, never gathered
         elif backend is not None:
             backend.shard_unit(module, unit.own_unit)
         layers.update(wrapped)

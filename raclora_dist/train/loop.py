@@ -76,8 +76,8 @@ class Trainer:
                  callbacks: list[Callback] | None = None) -> None:
         self.cfg, self.s, self.data, self.run_dir = cfg, session, data, Path(run_dir)
         self.backend, self.comm = backend, backend.comm
-        self.link_sync = cfg.distributed.sync == "link"
-        self._link_bytes = 0  # collective payload this rank sent since the last boundary
+        # Collective payload this rank sent since the last boundary: all of it, across nodes.
+        self._link_bytes = self._link_across = 0
         self.is_main = backend.info.is_main
         self.attempt = shared_token()  # names checkpoint staging folders (collective)
         self.global_step = 0
@@ -133,9 +133,10 @@ class Trainer:
             for link in range(start_link, rc.links):
                 if self.s.chain.link != link:
                     self.callbacks.before_link(self, link)
-                    sent = TRAFFIC.total
+                    sent, across = TRAFFIC.total, TRAFFIC.across
                     self.s.chain.start_link(link, self.comm)
                     self._link_bytes += TRAFFIC.total - sent  # the fingerprint check
+                    self._link_across += TRAFFIC.across - across
                 t0 = time.perf_counter()
                 loss = self._train_link(link, start_step if link == start_link else 0)
                 self._boundary(link, loss, time.perf_counter() - t0)
@@ -154,16 +155,18 @@ class Trainer:
             lr = link_lr(tc, k, rc.steps_per_link)
             self.backend.set_lr(lr)
             t0 = time.perf_counter()
-            sent = TRAFFIC.total
+            sent, across = TRAFFIC.total, TRAFFIC.across
             step = self._step()
             loss = step.loss
-            sent = TRAFFIC.total - sent
+            sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
             self._link_bytes += sent
+            self._link_across += across
             self.global_step += 1
             dt = time.perf_counter() - t0
             tokens = tc.batch_size * tc.grad_accum * self.data.train.shape[1]
             rec = {"type": "step", "step": self.global_step, "link": link, "loss": loss, "lr": lr,
-                   "grad_norm": step.grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb(), "comm_bytes": sent}
+                   "grad_norm": step.grad_norm, "tokens_per_s": tokens / dt, "rss_mb": rss_mb(), "comm_bytes": sent,
+                   "comm_bytes_across": across}
             if self.data.masked:  # instruction/chat: the tokens the loss covers, apart from all tokens
                 rec["trained_tokens"] = step.trained_tokens
                 rec["trained_tokens_per_s"] = step.trained_tokens / dt
@@ -210,9 +213,10 @@ class Trainer:
         """Guard + merge (in the chain), optimizer reset, eval, record, checkpoint."""
         chain, rc = self.s.chain, self.cfg.raclora
         self.callbacks.before_boundary(self, link)
-        sent = TRAFFIC.total
-        record = chain.end_link(self.comm, average=self.link_sync, outer_lr=self.cfg.distributed.link_outer_lr)
-        sent = TRAFFIC.total - sent
+        sent, across = TRAFFIC.total, TRAFFIC.across
+        record = chain.end_link(self.comm, average=self.backend.link_average(),
+                                outer_lr=self.cfg.distributed.link_outer_lr)
+        sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the
             # next link's subspace.
@@ -220,11 +224,13 @@ class Trainer:
         # What this rank sent in collectives over the link: its fingerprint check, its steps
         # and the boundary.
         link_bytes, self._link_bytes = self._link_bytes + sent, 0
+        link_across, self._link_across = self._link_across + across, 0
         t0 = time.perf_counter()
         eval_loss = self.evaluate()
         rec = {**record.to_dict(), "train_loss": train_loss, "eval_loss": eval_loss, "eval_s": time.perf_counter() - t0,
                "link_time_s": link_time, "step": self.global_step, "comm_bytes_boundary": sent,
-               "comm_bytes_link": link_bytes, "master_weights": chain.keeps_master()}
+               "comm_bytes_link": link_bytes, "comm_bytes_boundary_across": across,
+               "comm_bytes_link_across": link_across, "master_weights": chain.keeps_master()}
         self.write(rec)
         self.history.append(rec)
         logger.info(link_line(rec, rc.links, self.tokens_per_link))

@@ -113,11 +113,13 @@ def _check_checkpoint_world(cfg: RunConfig, world_size: int, ckpt_path: Path | N
         meta = json.loads((ckpt_path / "meta.json").read_text())
         d = cfg.distributed
         if meta.get("sync") == "link" and meta.get("step_in_link") and (
-            meta.get("world_size"), meta.get("sync_groups"), "link") != (world_size, d.sync_groups, d.sync):
+            meta.get("world_size"), meta.get("sync_groups"), "link", meta.get("strategy")
+        ) != (world_size, d.sync_groups, d.sync, d.strategy):
             raise ConfigError(
-                f"--resume: {ckpt_path.name} is mid-link under distributed.sync: link with {meta.get('world_size')} "
-                f"workers and sync_groups {meta.get('sync_groups')}: each group's factors so far resume only with "
-                "the same distributed.sync, workers and sync_groups (or resume from a boundary checkpoint)")
+                f"--resume: {ckpt_path.name} is mid-link under distributed.sync: link with {meta.get('strategy')}, "
+                f"{meta.get('world_size')} workers and sync_groups {meta.get('sync_groups')}: each group's factors so "
+                "far resume only with the same distributed.sync, strategy, workers and sync_groups (or resume from "
+                "a boundary checkpoint)")
         was_ds, is_ds = meta.get("strategy") == "deepspeed", cfg.distributed.strategy == "deepspeed"
         if (was_ds or is_ds) and (meta.get("strategy"), meta.get("world_size")) != (
             cfg.distributed.strategy, world_size

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from raclora_dist.checkpoint.folder import chain_tensors, find_latest
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import read_jsonl, run_cli, subprocess_env
 
 ENGINES = {
     "ddp": ["distributed.strategy=ddp"],
@@ -46,6 +48,36 @@ def train(cfg: Path, run: Path, *overrides: str, env: dict | None = None, resume
     assert not processes_mentioning(str(run)), "worker processes outlived the run"
     assert shm_files() <= before, "shared-memory files left behind"
     return proc
+
+
+def two_nodes(cfg: Path, run_for, *overrides: str, per_node: int = 1) -> tuple[Path, list]:
+    """`raclora train` under two torchrun agents of ``per_node`` workers each, meeting through
+    a c10d rendezvous on 127.0.0.1 as two nodes would (--nnodes 2; node ranks assigned by the
+    rendezvous): launch/README.md's torchrun line for a cluster without Ray.
+
+    Args:
+        run_for: attempt number -> the run folder (a port found free may be taken before the
+            rendezvous binds it: up to 3 attempts, each in a fresh folder).
+
+    Returns:
+        The run folder and the two agents' ``(returncode, stdout, stderr)``.
+    """
+    from tests.ray_head import free_port
+
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    for attempt in range(3):
+        run = run_for(attempt)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={per_node}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=raclora-two-nodes",
+               "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}",
+               f"distributed.workers={2 * per_node}", *overrides]
+        nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+        outs = [(n.returncode, *o) for n, o in ((n, n.communicate(timeout=600)) for n in nodes)]
+        if not any("Address already in use" in err for _, _, err in outs):
+            break
+    assert not processes_mentioning(str(run)), "worker processes outlived the run"
+    return run, outs
 
 
 def chain(run: Path) -> dict[str, torch.Tensor]:

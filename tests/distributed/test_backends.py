@@ -27,6 +27,7 @@ from tests.distributed.engines import (
     processes_mentioning,
     shm_files,
     train,
+    two_nodes,
 )
 from tests.helpers import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
@@ -300,21 +301,9 @@ def test_torchrun_across_two_nodes_equals_one_process(setup):
     """Two torchrun agents, one worker each, meeting through a c10d rendezvous on 127.0.0.1 as two
     "nodes" would (--nnodes 2; node ranks assigned by the rendezvous): launch/README.md's torchrun
     line for a cluster without Ray."""
-    from tests.ray_head import free_port
-
     d, cfg, single = setup
-    env = subprocess_env(OMP_NUM_THREADS="1")
-    for attempt in range(3):  # a port found free may be taken before the rendezvous binds it: new port
-        run = d / f"two-nodes-{attempt}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=raclora-two-nodes",
-               "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", *ENGINES["fsdp2"]]
-        nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-                 for _ in range(2)]
-        outs = [n.communicate(timeout=600) for n in nodes]
-        if not any("Address already in use" in err for _, err in outs):
-            break
-    assert all(n.returncode == 0 for n in nodes), [err[-2000:] for _, err in outs]
+    run, outs = two_nodes(cfg, lambda attempt: d / f"two-nodes-{attempt}", *ENGINES["fsdp2"])
+    assert all(rc == 0 for rc, _, _ in outs), [err[-2000:] for _, _, err in outs]
     assert meta(run)["world_size"] == 2 and meta(run)["merged"] == [0, 1, 2]
     assert_chains_close(single, run)
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)

@@ -11,12 +11,13 @@ import json
 import pytest
 
 from raclora_dist.checkpoint.folder import find_latest
-from tests.distributed.engines import assert_chains_close, eval_losses, losses, meta, train
+from tests.distributed.engines import assert_chains_close, eval_losses, losses, meta, train, two_nodes
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 
-HSDP = ["distributed.strategy=fsdp2", "distributed.workers=4", "distributed.replicas=2"]
+MESH = ["distributed.strategy=fsdp2", "distributed.replicas=2"]  # two_nodes sets the workers
+HSDP = [*MESH, "distributed.workers=4"]
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,20 @@ def landed(run) -> list[float]:
     return [r["landed_fraction"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"]
 
 
-def test_hsdp_equals_one_process(hsetup):
+def steps(run) -> list[dict]:
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "step"]
+
+
+def test_hsdp_across_two_nodes_equals_one_process_and_keeps_the_gathers_inside_a_node(hsetup):
+    """Two torchrun "nodes" of 2 workers (each node a replica group), against one process and
+    against FSDP2 sharded over all 4 (full shard): the same chain, and per step only the
+    gradients' all-reduce (a quarter of the factors' bytes per rank here) and the logged loss
+    cross nodes, where full shard sends every gather and reduction across."""
     d, cfg, single = hsetup
-    run, probe = d / "hsdp", d / "mesh.json"
-    proc = train(cfg, run, *HSDP, f"run.callbacks=[{{class: 'tests.probes:MeshProbe', args: {{out: '{probe}'}}}}]")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = d / "mesh.json"
+    spy = f"run.callbacks=[{{class: 'tests.probes:MeshProbe', args: {{out: '{probe}'}}}}]"
+    run, outs = two_nodes(cfg, lambda a: d / f"hsdp-{a}", *MESH, spy, per_node=2)
+    assert all(rc == 0 for rc, _, _ in outs), [err[-2000:] for _, _, err in outs]
     # The factors really are HSDP's DTensors: replicated over 2 groups, sharded over 2 ranks each.
     assert json.loads(probe.read_text()) == {"mesh": [2, 2], "placements": ["Replicate", "Shard"]}
     assert meta(run)["merged"] == [0, 1, 2] and (meta(run)["world_size"], meta(run)["replicas"]) == (4, 2)
@@ -47,6 +57,17 @@ def test_hsdp_equals_one_process(hsetup):
     assert eval_losses(run) == pytest.approx(eval_losses(single), rel=1e-6)
     # Each replica merges the same rows; one replica's count: a fraction, not twice one.
     assert landed(run) == pytest.approx(landed(single), abs=1e-6)
+    # The vocabulary split stays inside a replica group too.
+    assert "by vocabulary rows across 2 ranks" in outs[0][1] + outs[1][1]
+
+    full, outs = two_nodes(cfg, lambda a: d / f"full-{a}", MESH[0], per_node=2)
+    assert all(rc == 0 for rc, _, _ in outs), [err[-2000:] for _, _, err in outs]
+    assert_chains_close(single, full)
+    factor_bytes = 768 * 4  # the tiny model's 8 layers, rank 2
+    for h, f in zip(steps(run), steps(full)):
+        assert h["comm_bytes_across"] == factor_bytes // 2 + 8  # this rank's gradient shard, the loss
+        assert f["comm_bytes_across"] == f["comm_bytes"] > 40 * h["comm_bytes_across"]
+        assert h["comm_bytes"] > f["comm_bytes"]  # a group of 2 gathers larger shards than 4 do
 
 
 @pytest.mark.parametrize("resume_as", [

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from raclora_dist.checkpoint.folder import find_latest
-from tests.distributed.engines import assert_chains_close, chain, losses, meta, train
+from tests.distributed.engines import assert_chains_close, chain, losses, meta, train, two_nodes
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -102,6 +102,63 @@ def test_a_crash_mid_link_resumes_bitwise(small_data, tmp_path):
     proc = train(cfg, crashed, *LINK, "distributed.workers=1", "distributed.strategy=single", resume=True)
     assert proc.returncode == 2 and "distributed.sync: link" in proc.stderr, proc.stderr[-3000:]
     proc = train(cfg, crashed, *LINK, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = chain(whole), chain(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(crashed) == losses(whole)
+
+
+FSDP2_LINK = ["distributed.strategy=fsdp2", "distributed.sync=link", "distributed.sync_groups=2"]
+
+
+def test_link_sync_over_fsdp2_groups_on_two_nodes_averages_shard_by_shard(small_data, tmp_path):
+    """Two torchrun "nodes" of 2 workers, each node a group that shards the model over its own
+    ranks (FSDP2) and trains its own link: the merged link is the mean of the groups' factors,
+    the run equals DDP link-sync with the same groups, and nothing crosses nodes during a link;
+    at the boundary each rank all-reduces only its shard with the rank that holds the same
+    rows in the other group."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused"))
+    dump = tmp_path / "dump"
+    spec = f"run.callbacks=[{{class: 'tests.probes:DumpFactors', args: {{out: '{dump}'}}}}]"
+    run, outs = two_nodes(cfg, lambda a: tmp_path / f"fsdp2-{a}", *FSDP2_LINK, spec, per_node=2)
+    assert all(rc == 0 for rc, _, _ in outs), [err[-2000:] for _, _, err in outs]
+    stored = chain(run)
+    for link in range(3):
+        per_rank = [load_file(dump / f"rank{r}-link{link}.safetensors") for r in range(4)]
+        for name in per_rank[0]:
+            parts = [f[name] for f in per_rank]
+            assert torch.equal(parts[0], parts[1]) and torch.equal(parts[2], parts[3])  # one factor per group
+            assert not torch.allclose(parts[0], parts[2], atol=1e-6)  # the groups trained apart
+            torch.testing.assert_close(stored[f"link.{link}.{name}"], (parts[0] + parts[2]) / 2, rtol=0, atol=1e-7)
+    ddp = tmp_path / "ddp"
+    assert train(cfg, ddp, *LINK, "distributed.workers=4", "distributed.sync_groups=2").returncode == 0
+    assert_chains_close(ddp, run)
+    assert losses(run) == pytest.approx(losses(ddp), abs=1e-5)
+    assert {r["comm_bytes_across"] for r in records(run, "step")} == {0}
+    assert all(r["comm_bytes"] > 10 * FACTOR_BYTES for r in records(run, "step"))  # the group's gathers
+    for r in records(run, "link"):
+        # this rank's half of the factors, plus the guard's flag and the landed statistics
+        assert FACTOR_BYTES // 2 <= r["comm_bytes_boundary_across"] < FACTOR_BYTES // 2 + 100
+        assert r["comm_bytes_link_across"] - r["comm_bytes_boundary_across"] < 200  # the fingerprint check
+
+
+def test_link_sync_over_fsdp2_groups_resumes_mid_link_bitwise(small_data, tmp_path):
+    """Mid-link, each group's first rank keeps its group's whole factors and optimizer state
+    (``group<G>.pt``); the resumed run ends bitwise where the uninterrupted one ends."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", checkpoint={"every_steps": 2}))
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    args = [*FSDP2_LINK, "distributed.workers=4"]
+    assert train(cfg, whole, *args).returncode == 0
+    assert train(cfg, crashed, *args, faults(crash_at_step=5)).returncode != 0
+    latest = find_latest(crashed)
+    assert latest.name == "link-00001-step-0000004"
+    saved = [torch.load(latest / f"group{g}.pt", weights_only=True) for g in range(2)]
+    name = next(iter(saved[0]["factors"]))
+    assert not torch.equal(saved[0]["factors"][name], saved[1]["factors"][name])
+    assert saved[0]["optimizer"]["state"]
+    proc = train(cfg, crashed, *LINK, "distributed.workers=4", "distributed.sync_groups=2", resume=True)
+    assert proc.returncode == 2 and "with fsdp2, 4 workers" in proc.stderr, proc.stderr[-3000:]
+    proc = train(cfg, crashed, *args, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = chain(whole), chain(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -113,8 +113,12 @@ def test_the_readme_4bit_quickstart_line_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["distributed.strategy=fsdp2", "distributed.workers=2", "distributed.sync=link"],
-     "sync: link needs strategy ddp"),
+    (["distributed.strategy=deepspeed", "distributed.workers=2", "distributed.sync=link"],
+     "sync: link needs strategy ddp or fsdp2"),
+    (["distributed.strategy=fsdp2", "distributed.workers=4", "distributed.sync=link", "distributed.replicas=2"],
+     "with sync: link the groups are sync_groups"),
+    (["distributed.strategy=ddp", "distributed.workers=4", "distributed.replicas=2"],
+     "replicas: 2 applies to strategy fsdp2, not 'ddp'"),
     (["distributed.strategy=ddp", "distributed.workers=4", "distributed.sync=link", "distributed.sync_groups=3"],
      r"sync_groups \(3\) must divide workers \(4\)"),
     (["distributed.strategy=ddp", "distributed.workers=2", "distributed.sync_groups=2"],
