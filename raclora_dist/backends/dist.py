@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 
@@ -51,7 +52,19 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         pg = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend=pg)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        TRAFFIC.learn_nodes()
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+#: Set by the Ray Train worker to its Ray node id (:func:`node_key`).
+NODE_ENV = "RACLORA_NODE_ID"
+
+
+def node_key() -> str:
+    """What names this process's node: the Ray node id under Ray Train (several raylets may
+    share a host), else the host name and torchrun's node rank (``GROUP_RANK``)."""
+    return os.environ.get(NODE_ENV) or f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '0')}"
 
 
 class Traffic:
@@ -60,15 +73,23 @@ class Traffic:
     trainer issues goes through :class:`DistComm`, the DDP gradient hook, the vocabulary split
     or FSDP2's counted collectives (:mod:`.fsdp2_comms`), which add here.
 
-    ``across`` counts the part whose process group spans more than one node. Nodes are blocks
-    of ``LOCAL_WORLD_SIZE`` consecutive ranks, as torchrun and Ray Train number them (one node
-    when the variable is unset).
+    ``across`` counts the part whose process group spans more than one node (:func:`node_key`,
+    exchanged once when the process group is joined: :meth:`learn_nodes`).
     """
 
     def __init__(self) -> None:
         self.total = 0
         self.across = 0
+        self.node_of: list[int] = []  # rank -> node index; empty: one node
         self._spans: dict = {}
+
+    def learn_nodes(self) -> None:
+        """Every rank's node (one all-gather of the keys). Collective: every rank calls it."""
+        keys: list = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, node_key())
+        index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        self.node_of = [index[k] for k in keys]
+        self._spans.clear()
 
     def add(self, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
         """Counts ``t``'s bytes, sent over ``group`` (None: every rank)."""
@@ -79,13 +100,11 @@ class Traffic:
 
     def crosses_nodes(self, group: dist.ProcessGroup | None = None) -> bool:
         """Whether ``group`` (None: every rank) holds ranks of more than one node."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or len(set(self.node_of)) < 2:
             return False
         key = group if group is not None else dist.group.WORLD
         if key not in self._spans:
-            node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
-            ranks = dist.get_process_group_ranks(key)
-            self._spans[key] = len({r // node for r in ranks}) > 1
+            self._spans[key] = len({self.node_of[r] for r in dist.get_process_group_ranks(key)}) > 1
         return self._spans[key]
 
 

@@ -28,12 +28,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from raclora_dist.backends.dist import shared_token
+    from raclora_dist.backends.dist import NODE_ENV, shared_token
     from raclora_dist.checkpoint.folder import find_latest, install_on_every_disk
     from raclora_dist.train.run import run_training
 
     cfg = RunConfig.model_validate(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
+    # The node, for telling traffic across nodes from traffic inside one: Ray's node id (its
+    # LOCAL_WORLD_SIZE counts the workers per IP address, which several raylets may share).
+    os.environ[NODE_ENV] = ray.get_runtime_context().get_node_id()
     resume = bool(config.get("resume"))
     ckpt = ray.train.get_checkpoint()
     stored = config.get("resume_from")
