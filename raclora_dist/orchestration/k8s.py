@@ -71,11 +71,23 @@ def cluster_config(cfg: RunConfig, name: str, storage_uri: str | None, workers: 
         # Pods are workers: a one-process config becomes the engine that keeps its meaning
         # (link sync needs whole replicas; otherwise shard).
         changes["distributed.strategy"] = "ddp" if cfg.distributed.sync == "link" else "fsdp2"
+    if node_groups(cfg):
+        # A pod per group: PACK puts a pod's workers on it together, contiguous ranks.
+        changes["ray.placement_strategy"] = "PACK"
     if gpu:
         changes.update({"distributed.backend": "nccl", "distributed.mixed_precision": "bf16"})
         if cfg.model.quantization.enabled:
             changes["model.quantization.compute_dtype"] = "bfloat16"  # QLoRA's GPU setting (CPU configs say float32)
     return with_values(cfg, changes, source=f"raclora k8s render {name}")
+
+
+def node_groups(cfg: RunConfig) -> int | None:
+    """The groups a config shards within and not across (HSDP's ``replicas``, or link-sync's
+    ``sync_groups`` under fsdp2), rendered one pod (one node) each; None: one pod per worker."""
+    d = cfg.distributed
+    if d.strategy == "fsdp2" and d.sync == "link" and d.sync_groups:
+        return d.sync_groups
+    return d.replicas if d.replicas > 1 else None
 
 
 def _check_model_path(cfg: RunConfig, storage_uri: str | None, model_volume: str | None) -> None:
@@ -114,7 +126,9 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     Args:
         cfg: the run config. name: the RayJob's (and Ray run's) name.
         image: container image with raclora-dist installed. gpu: one GPU per worker.
-        workers: worker pods (default ``distributed.workers``).
+        workers: workers (default ``distributed.workers``): a pod each, or with HSDP
+            (``replicas``) or link-sync groups under fsdp2 a pod per group holding its workers
+            (:func:`node_groups`).
         storage_uri: an object-store URI for checkpoints (credentials from
             ``credentials_secret`` by reference); default a ReadWriteMany PVC ``pvc``.
         model_volume: a PVC holding pretrained weights, mounted read-only at
@@ -125,6 +139,9 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     """
     c = cluster_config(cfg, name, storage_uri, workers, gpu, model_volume)
     n = c.distributed.workers
+    # One pod per worker, or per group of workers (a node holding a group's GPUs).
+    groups = node_groups(c)
+    pods, per_pod = (groups, n // groups) if groups else (n, 1)
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
                   "data": {CONFIG_KEY: c.to_yaml()}}
     env = [{"name": "OMP_NUM_THREADS", "value": "1"}]
@@ -156,8 +173,8 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     head = _container("ray-head", image, "1", "4Gi", 0, env, ray_mounts)
     head["ports"] = [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}]
-    worker = _container("ray-worker", image, "8" if gpu else "2", "64Gi" if gpu else "6Gi", 1 if gpu else 0, env,
-                        ray_mounts)
+    worker = _container("ray-worker", image, str((8 if gpu else 2) * per_pod), f"{(64 if gpu else 6) * per_pod}Gi",
+                        per_pod if gpu else 0, env, ray_mounts)
     worker_extra = {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]} if gpu else None
     submitter = _container("ray-job-submitter", image, "500m", "512Mi", 0, [], [])
     rayjob = {
@@ -175,9 +192,9 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
                 "authOptions": {"mode": "token", "secretName": f"{name}-ray-token"},
                 "headGroupSpec": {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                                   "template": pod(head, shm=SHM["head"])},
-                "workerGroupSpecs": [{"groupName": "gpu-workers" if gpu else "workers", "replicas": n,
-                                      "minReplicas": n, "maxReplicas": n,
-                                      "rayStartParams": {"num-gpus": "1"} if gpu else {"num-cpus": "1"},
+                "workerGroupSpecs": [{"groupName": "gpu-workers" if gpu else "workers", "replicas": pods,
+                                      "minReplicas": pods, "maxReplicas": pods,
+                                      "rayStartParams": {"num-gpus": str(per_pod)} if gpu else {"num-cpus": str(per_pod)},
                                       "template": pod(worker, worker_extra,
                                                       shm=SHM["gpu-worker" if gpu else "cpu-worker"])}],
             },

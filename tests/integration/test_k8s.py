@@ -287,6 +287,33 @@ def test_a_one_process_link_sync_config_renders_to_replicas_not_shards():
     assert yaml.safe_load(text)["distributed"]["strategy"] == "ddp"
 
 
+@pytest.mark.parametrize("overrides", [["distributed.replicas=2"],
+                                       ["distributed.sync=link", "distributed.sync_groups=2"]])
+def test_groups_render_as_one_pod_per_node_holding_the_groups_gpus(overrides):
+    """HSDP and link-sync over fsdp2, 8 workers in 2 groups: 2 worker pods of 4 GPUs (a node
+    each), Ray told each pod has 4, and PACK placement so a pod's workers are a group."""
+    from raclora_dist.config import load_config
+    from raclora_dist.orchestration import k8s
+
+    cfg = load_config(ROOT / "configs/quickstart.yaml", ["distributed.strategy=fsdp2", "distributed.workers=8",
+                                                          "train.batch_size=16", *overrides])
+    docs = k8s.render(cfg, gpu=True)
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 2)
+    assert group["rayStartParams"] == {"num-gpus": "4"}
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    text = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["train.yaml"]
+    ran = yaml.safe_load(text)
+    assert ran["distributed"]["workers"] == 8 and ran["ray"]["placement_strategy"] == "PACK"
+    assert ran["ray"]["resources_per_worker"] == {"GPU": 1.0}
+    # without groups: a pod per worker, as before
+    plain = k8s.render(load_config(ROOT / "configs/quickstart.yaml", ["distributed.workers=8",
+                                                                       "train.batch_size=16"]), gpu=True)
+    (group,) = next(d for d in plain if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 8 and group["rayStartParams"] == {"num-gpus": "1"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["pvc", "object-store"])
 def test_a_retried_rayjob_resumes_from_its_storage(storage, tmp_path, small_data):
