@@ -327,6 +327,14 @@ class RaySection(_Section):
         "PACK", description="How Ray places the workers on nodes: PACK fills a node first (fast intra-node "
         "collectives), SPREAD spreads them, STRICT_* insist.")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0}, description="Ray resources per worker.")
+    min_workers: int | None = Field(
+        None, ge=1, description="Elastic: Ray Train may run the group with as few as this many workers (distributed."
+        "workers is the most). A lost node's workers are not waited for: the group restarts at once from the latest "
+        "checkpoint on what is left, and grows back from the latest checkpoint when capacity returns (looked for every "
+        "resize_check_s). The global batch stays the same; each change is a 'resize' record (docs/ray.md).")
+    resize_check_s: float = Field(
+        60.0, gt=0, description="Elastic (min_workers): how often Ray Train looks for returned capacity to grow the "
+        "group (ScalingConfig.elastic_resize_monitor_interval_s).")
     dashboard: bool = Field(False, description="Embedded Ray only: start the dashboard (bound to 127.0.0.1).")
 
 
@@ -349,6 +357,48 @@ class RunConfig(_Section):
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
                 f"({self.distributed.workers}): each worker takes an equal slice of every batch"
             )
+        return self
+
+    def group_size(self) -> int:
+        """The workers that must come and go together under elastic sizes: one HSDP replica or
+        one link-sync group of fsdp2/ddp (``sync_groups``), else 1."""
+        d = self.distributed
+        if d.replicas > 1:
+            return d.workers // d.replicas
+        if d.sync == "link" and d.sync_groups:
+            return d.workers // d.sync_groups
+        return 1
+
+    def elastic_sizes(self) -> list[int]:
+        """The world sizes an elastic run may take (``ray.min_workers`` .. ``distributed.workers``,
+        whole groups only); ``[workers]`` when not elastic."""
+        low = self.ray.min_workers or self.distributed.workers
+        step = self.group_size()
+        return [n for n in range(low, self.distributed.workers + 1) if n % step == 0]
+
+    @model_validator(mode="after")
+    def _elastic_sizes_keep_the_batch(self) -> "RunConfig":
+        low = self.ray.min_workers
+        if low is None:
+            return self
+        d = self.distributed
+        if not self.ray.enabled:
+            raise ValueError("ray.min_workers: elastic sizes come from Ray Train; set ray.enabled: true")
+        if low > d.workers:
+            raise ValueError(f"ray.min_workers ({low}) must be at most distributed.workers ({d.workers}), the most")
+        if d.strategy == "deepspeed":
+            raise ValueError("ray.min_workers: DeepSpeed's checkpoints resume only with the same number of workers; "
+                             "use ddp or fsdp2 for an elastic run")
+        if d.sync == "link" and self.checkpoint.every_steps:
+            raise ValueError("ray.min_workers with distributed.sync: link: a mid-link checkpoint (checkpoint."
+                             "every_steps) resumes only with the same workers; leave every_steps unset")
+        if low % self.group_size():
+            raise ValueError(f"ray.min_workers ({low}) must be a whole number of groups of {self.group_size()} "
+                             "workers (distributed.replicas / sync_groups): a node's group comes and goes whole")
+        bad = [n for n in self.elastic_sizes() if self.train.batch_size % n]
+        if bad:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must split evenly over every size an "
+                             f"elastic run may take ({', '.join(map(str, self.elastic_sizes()))} workers; not {bad[0]})")
         return self
 
     @model_validator(mode="after")

@@ -85,6 +85,12 @@ def link_line(rec: dict, links: int, tokens_per_link: int) -> str:
 LANDED_WARNING = 0.9
 
 
+def resize_line(was: int, now: int, link: int) -> str:
+    """The console line of a worker group that changed size (resumed at ``link``, 0-based)."""
+    return (f"workers: {was} -> {now}, resumed at link {link + 1} from the latest checkpoint "
+            "(the same global batch, split over the new group)")
+
+
 def landed_warning(rec: dict, threshold: float = LANDED_WARNING) -> str | None:
     """The warning for a merge that kept less than ``threshold`` of its update, else None.
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from raclora_dist.config import RunConfig
-from raclora_dist.observe.metrics import interactive, landed_warning, link_line
+from raclora_dist.observe.metrics import interactive, landed_warning, link_line, resize_line
 
 
 class Follower(threading.Thread):
@@ -83,6 +83,9 @@ class Follower(threading.Thread):
             warning = landed_warning(rec)
             if warning is not None:
                 self._print(warning)
+        elif kind == "resize" and ("resize", rec["link"], rec["step"]) not in self._seen_resumes:
+            self._seen_resumes.add(("resize", rec["link"], rec["step"]))
+            self._print(resize_line(rec["from_workers"], rec["to_workers"], rec["link"]))
         elif kind == "resume" and (rec["link"], rec["step"]) not in self._seen_resumes:
             self._seen_resumes.add((rec["link"], rec["step"]))
             self._print(f"resumed at link {rec['link'] + 1} (step {rec['step']}): the worker group was (re)started "

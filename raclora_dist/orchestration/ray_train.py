@@ -32,7 +32,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raclora_dist.checkpoint.folder import find_latest, install_on_every_disk
     from raclora_dist.train.run import run_training
 
-    cfg = RunConfig.model_validate(config["cfg"])
+    cfg = at_size(RunConfig.model_validate(config["cfg"]), ray.train.get_context().get_world_size())
     rank = ray.train.get_context().get_world_rank()
     # The node, for telling traffic across nodes from traffic inside one: Ray's node id (its
     # LOCAL_WORLD_SIZE counts the workers per IP address, which several raylets may share).
@@ -74,6 +74,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     console()  # this worker's progress lines on its stdout, which Ray streams to the driver
     run_training(cfg, resume=resume, on_checkpoint=report)
+
+
+def at_size(cfg: RunConfig, workers: int) -> RunConfig:
+    """``cfg`` for a worker group of ``workers`` (an elastic run, ``ray.min_workers``, started
+    it with fewer than ``distributed.workers``, or grew it back): the number of HSDP replicas
+    or link-sync groups follows, each group keeping its size; everything else, the global batch
+    included, stays. ``cfg`` itself when the size is the configured one.
+
+    Raises:
+        ConfigError: ``workers`` is not a size the config allows (not whole groups).
+    """
+    from raclora_dist.config import ConfigError, with_values
+
+    d = cfg.distributed
+    if workers == d.workers:
+        return cfg
+    if workers not in cfg.elastic_sizes():
+        raise ConfigError(f"Ray Train started {workers} workers; this run takes "
+                          f"{', '.join(map(str, cfg.elastic_sizes()))} (distributed.workers, ray.min_workers, groups)")
+    size = cfg.group_size()
+    changes: dict[str, Any] = {"distributed.workers": workers}
+    if d.replicas > 1:
+        changes["distributed.replicas"] = workers // size
+    if d.sync == "link" and d.sync_groups:
+        changes["distributed.sync_groups"] = workers // size
+    return with_values(cfg, changes, source=f"an elastic group of {workers} workers")
 
 
 def latest_in_storage(cfg: RunConfig) -> str | None:
@@ -171,14 +197,18 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
 
     _check_storage_reaches_every_node(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     stored = latest_in_storage(cfg)
+    workers, elastic = cfg.distributed.workers, {}
+    if cfg.ray.min_workers is not None:  # Ray Train's elastic group: (min, max)
+        workers = (cfg.ray.min_workers, cfg.distributed.workers)
+        elastic = {"elastic_resize_monitor_interval_s": cfg.ray.resize_check_s}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume,
                            "resume_from": str(stored) if stored else None,
                            "started_fresh": find_latest(Path(cfg.run.dir)) is None},
-        scaling_config=ScalingConfig(num_workers=cfg.distributed.workers, use_gpu=cfg.ray.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker),
-                                     placement_strategy=cfg.ray.placement_strategy),
+                                     placement_strategy=cfg.ray.placement_strategy, **elastic),
         run_config=RayRunConfig(
             name=cfg.ray.name, storage_path=cfg.ray.storage_path,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),

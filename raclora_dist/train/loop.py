@@ -27,7 +27,14 @@ from raclora_dist.config import RunConfig
 from raclora_dist.data.batches import PackedData
 from raclora_dist.data.formats import IGNORE
 from raclora_dist.model.session import Session
-from raclora_dist.observe.metrics import MetricsWriter, device_peak_mb, landed_warning, link_line, rss_mb
+from raclora_dist.observe.metrics import (
+    MetricsWriter,
+    device_peak_mb,
+    landed_warning,
+    link_line,
+    resize_line,
+    rss_mb,
+)
 from raclora_dist.train.callbacks import Callback, CallbackList
 from raclora_dist.train.reporting import ProgressBar, StartupReport
 from raclora_dist.train.schedule import link_lr
@@ -114,6 +121,13 @@ class Trainer:
         torch.set_rng_state(ckpt.rng)
         logger.info(f"resumed {self.run_dir} at link {ckpt.next_link + 1} (step {ckpt.global_step})")
         self.write({"type": "resume", "link": ckpt.next_link, "step": ckpt.global_step})
+        was, now = ckpt.meta.get("world_size"), self.backend.info.world_size
+        if was is not None and was != now:
+            # An elastic group that shrank or grew (or a resume on another size): the global
+            # batch is the same, each rank's slice of it is not.
+            logger.info(resize_line(was, now, ckpt.next_link))
+            self.write({"type": "resize", "link": ckpt.next_link, "step": ckpt.global_step, "from_workers": was,
+                        "to_workers": now})
         return ckpt.next_link, ckpt.step_in_link
 
     def fit(self, start_link: int = 0, start_step: int = 0) -> list[dict]:

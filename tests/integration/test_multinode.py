@@ -111,6 +111,61 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
     assert find_latest(run) is not None and os.path.isdir(storage)
 
 
+def wait_for_record(path: Path, kind: str, process, count: int = 1) -> None:
+    """Waits until ``path`` (metrics.jsonl) holds ``count`` records of ``kind``, failing at once
+    if ``process`` ends first (a 10-minute bound against a hang, not a speed check)."""
+    deadline = time.monotonic() + 600
+    while len([r for r in (read_jsonl(path) if path.is_file() else []) if r["type"] == kind]) < count:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {count} {kind} record(s): {process.stdout.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {kind} record"
+        time.sleep(0.2)
+
+
+def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_returns(cluster, small_data, tmp_path):
+    """``ray.min_workers: 1`` of 2 (DDP): the node of rank 1 is lost for good one step into
+    link 1; Ray Train restarts the group at once on the one node left, which resumes from the
+    link-0 checkpoint with the same global batch (each rank's slice doubles). A node then
+    joins, and at its next resize check Ray grows the group back to 2 from the latest
+    checkpoint. Each change is a record and a console line; the chain is the one-process chain."""
+    c, pids = cluster
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True},
+                                                        raclora={"links": 6}))
+    single = tmp_path / "single"
+    proc = run_cli("train", str(cfg), f"run.dir={single}", "ray.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run, storage, pid_dir = tmp_path / "run", tmp_path / "storage", tmp_path / "pids"
+    cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.strategy=ddp",
+           "distributed.workers=2", "ray.min_workers=1", "ray.resize_check_s=2", f"ray.address={c.address}",
+           "ray.max_failures=3", f"ray.storage_path={storage}", "ray.resources_per_worker={CPU: 1, slot: 1}",
+           faults(hold_at_step=4, hold_rank=1, pid_dir=str(pid_dir), sleep_per_step=1.0)]
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_marker(pid_dir / "held-at-step4", driver, "rank 1 reached step 4")
+        rank1 = int((pid_dir / "rank1.pid").read_text())
+        (victim,) = [n for n in c.worker_nodes if set(raylet_pids(n)) & set(ancestors(rank1))]
+        c.remove_node(victim, allow_graceful=False)  # for good: no replacement yet
+        wait_for_record(run / "metrics.jsonl", "resize", driver)  # the group went on with one worker
+        pids += raylet_pids(c.add_node(num_cpus=1, resources={"slot": 1}))  # the capacity returns
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, out[-3000:]
+    resizes = [(r["from_workers"], r["to_workers"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "resize"]
+    assert resizes == [(2, 1), (1, 2)], resizes
+    assert "workers: 2 -> 1, resumed at link 2" in out and "workers: 1 -> 2" in out, out[-3000:]
+    assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"] == list(range(6))
+    # the same global batches at every size: the one-process chain (fp32, up to summation order)
+    a, b = chain(single), chain(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (k, (a[k] - b[k]).abs().max())
+
+
 def mount_ns(pid: int) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/mnt")

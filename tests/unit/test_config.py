@@ -119,6 +119,16 @@ def test_the_readme_4bit_quickstart_line_is_exact(tmp_path):
      "with sync: link the groups are sync_groups"),
     (["distributed.strategy=ddp", "distributed.workers=4", "distributed.replicas=2"],
      "replicas: 2 applies to strategy fsdp2, not 'ddp'"),
+    (["distributed.strategy=ddp", "distributed.workers=2", "ray.min_workers=1", "ray.enabled=false"],
+     "ray.min_workers: elastic sizes come from Ray Train"),
+    (["distributed.strategy=ddp", "distributed.workers=2", "ray.min_workers=3", "ray.enabled=true"],
+     r"ray.min_workers \(3\) must be at most distributed.workers \(2\)"),
+    (["distributed.strategy=ddp", "distributed.workers=4", "ray.min_workers=3", "ray.enabled=true"],
+     r"train.batch_size \(4\) must split evenly over every size an elastic run may take \(3, 4 workers; not 3\)"),
+    (["distributed.strategy=fsdp2", "distributed.workers=4", "distributed.replicas=2", "ray.min_workers=1",
+      "ray.enabled=true"], r"ray.min_workers \(1\) must be a whole number of groups of 2 workers"),
+    (["distributed.strategy=deepspeed", "distributed.workers=2", "ray.min_workers=1", "ray.enabled=true"],
+     "DeepSpeed's checkpoints resume only with the same number of workers"),
     (["distributed.strategy=ddp", "distributed.workers=4", "distributed.sync=link", "distributed.sync_groups=3"],
      r"sync_groups \(3\) must divide workers \(4\)"),
     (["distributed.strategy=ddp", "distributed.workers=2", "distributed.sync_groups=2"],
@@ -238,3 +248,21 @@ def test_redaction_leaves_every_config_field_name_alone(cfg_file):
 
     full = load_config(cfg_file, ["run.mlflow_tracking_uri=http://mlflow:5000"]).model_dump(mode="json")
     assert flatten(redact(full)) == flatten(full)
+
+
+def test_an_elastic_group_keeps_its_groups_whole_and_the_global_batch(cfg_file):
+    """``at_size``: the config a Ray worker runs when the elastic group has other than
+    ``distributed.workers`` workers: fewer (or more) groups of the same size, the same batch."""
+    from raclora_dist.orchestration.ray_train import at_size
+
+    hsdp = load_config(cfg_file, ["distributed.strategy=fsdp2", "distributed.workers=8", "distributed.replicas=4",
+                                  "ray.enabled=true", "ray.min_workers=4", "train.batch_size=24"])
+    assert hsdp.elastic_sizes() == [4, 6, 8]
+    small = at_size(hsdp, 4)
+    assert (small.distributed.workers, small.distributed.replicas, small.train.batch_size) == (4, 2, 24)
+    assert at_size(hsdp, 8) is hsdp
+    with pytest.raises(ConfigError, match="Ray Train started 5 workers; this run takes 4, 6, 8"):
+        at_size(hsdp, 5)
+    link = load_config(cfg_file, ["distributed.strategy=fsdp2", "distributed.workers=4", "distributed.sync=link",
+                                  "distributed.sync_groups=2", "ray.enabled=true", "ray.min_workers=2"])
+    assert at_size(link, 2).distributed.sync_groups == 1

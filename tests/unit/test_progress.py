@@ -53,3 +53,18 @@ def test_no_landed_warning_when_the_layers_keep_a_master_copy():
     assert "raclora.master_weights=cpu" in landed_warning(link(0, landed=0.64))
     assert landed_warning({**link(0, landed=0.64), "master_weights": True}) is None
     assert landed_warning({**link(0, landed=0.64), "master_weights": False}) is not None
+
+
+def test_follower_prints_a_resized_group_once(tmp_path):
+    cfg = build_config({"run": {"dir": str(tmp_path)}, "model": {"config": dict(TINY_MODEL)},
+                        "data": {"path": "x.jsonl", "seq_len": 32},
+                        "raclora": {"links": 3, "steps_per_link": 3}, "train": {"batch_size": 4}})
+    out: list[str] = []
+    f = Follower(cfg, emit=out.append, bar=False)
+    rec = {"type": "resize", "link": 1, "step": 3, "from_workers": 2, "to_workers": 1}
+    for _ in range(2):
+        with (tmp_path / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        f.poll()
+    assert out == ["workers: 2 -> 1, resumed at link 2 from the latest checkpoint (the same global batch, split over "
+                   "the new group)"]
