@@ -211,6 +211,9 @@ class DistributedSection(_Section):
     link_outer_lr: float = Field(
         1.0, gt=0, description="sync: link only: the averaged factor is scaled by this before it is merged (1: the "
         "paper's plain average; >1 makes up for the noise the average cancels, docs/link-sync.md).")
+    link_sync_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="sync: link only: the dtype the factors travel in at the boundary's all-reduce "
+        "(bfloat16: half the bytes; the sum is taken in bf16, the mean and the merge in fp32).")
     sync_groups: int | None = Field(
         None, ge=1, description="sync: link only: how many groups average per link (contiguous ranks, e.g. one "
         "per node); inside a group, gradients are averaged every step (ddp), or the model is sharded over the "
@@ -260,6 +263,8 @@ class DistributedSection(_Section):
             raise ValueError("replicas applies to sync: step (HSDP); with sync: link the groups are sync_groups")
         if self.link_outer_lr != 1.0 and self.sync != "link":
             raise ValueError("link_outer_lr applies to sync: link; set sync: link or leave link_outer_lr unset")
+        if self.link_sync_dtype != "float32" and self.sync != "link":
+            raise ValueError("link_sync_dtype applies to sync: link; set sync: link or leave link_sync_dtype unset")
         if self.sync_groups is not None:
             if self.sync != "link":
                 raise ValueError("sync_groups applies to sync: link; set sync: link or leave sync_groups unset")

@@ -225,7 +225,8 @@ class RacLoraChain:
         ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
-    def end_link(self, comm: Comm | None = None, average: bool | Comm = False, outer_lr: float = 1.0) -> LinkRecord:
+    def end_link(self, comm: Comm | None = None, average: bool | Comm = False, outer_lr: float = 1.0,
+                 payload: torch.dtype = torch.float32) -> LinkRecord:
         """Ends the current link on this rank: guard, (average), merge, record.
 
         Args:
@@ -239,6 +240,8 @@ class RacLoraChain:
                 sketch is shared, so the mean of the factors is exactly the mean of the
                 groups' updates, ``s (mean B_i) A``. True: over ``comm``; a :class:`Comm`:
                 over its ranks.
+            payload: with ``average``, the dtype the factors travel in (bf16: half the bytes;
+                the sum is taken in it, the mean and the merge in fp32).
             outer_lr: with ``average``, the mean factor is scaled by this before the merge
                 (the record keeps the scaled factor, so replay needs nothing else).
 
@@ -260,7 +263,7 @@ class RacLoraChain:
         factors: dict[str, torch.Tensor] = {}
         if average is not False:
             local = {name: self.access.local_factor(layer) for name, layer in self.layers.items()}
-            mean = _mean_over_ranks(local, comm if average is True else average)
+            mean = _mean_over_ranks(local, comm if average is True else average, payload)
             with torch.no_grad():
                 for name, t in local.items():
                     t.copy_(mean[name])
@@ -315,10 +318,12 @@ class RacLoraChain:
 
 
 @torch.no_grad()
-def _mean_over_ranks(tensors: dict[str, torch.Tensor], comm: Comm) -> dict[str, torch.Tensor]:
-    """Every rank's tensors averaged, in one all-reduce of their flat concatenation (fp32)."""
-    flat = torch.cat([t.detach().float().flatten() for t in tensors.values()])
-    flat = comm.all_reduce_mean(flat)
+def _mean_over_ranks(tensors: dict[str, torch.Tensor], comm: Comm,
+                     payload: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every rank's tensors averaged, in one all-reduce of their flat concatenation (in
+    ``payload``; the mean is returned in the tensors' dtypes)."""
+    flat = torch.cat([t.detach().float().flatten() for t in tensors.values()]).to(payload)
+    flat = comm.all_reduce_mean(flat).float()
     out, i = {}, 0
     for name, t in tensors.items():
         out[name] = flat[i : i + t.numel()].view_as(t).to(t.dtype)

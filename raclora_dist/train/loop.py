@@ -228,8 +228,9 @@ class Trainer:
         chain, rc = self.s.chain, self.cfg.raclora
         self.callbacks.before_boundary(self, link)
         sent, across = TRAFFIC.total, TRAFFIC.across
-        record = chain.end_link(self.comm, average=self.backend.link_average(),
-                                outer_lr=self.cfg.distributed.link_outer_lr)
+        d = self.cfg.distributed
+        record = chain.end_link(self.comm, average=self.backend.link_average(), outer_lr=d.link_outer_lr,
+                                payload=getattr(torch, d.link_sync_dtype))
         sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the

@@ -167,3 +167,21 @@ def test_link_sync_merges_the_averaged_factor_times_the_outer_lr():
     ref_chain.end_link()
     assert torch.allclose(layer.base_layer.weight, ref.base_layer.weight, atol=1e-6)
     assert torch.equal(chain.state.factors[0]["lin"], ref_chain.state.factors[0]["lin"])
+
+
+def test_a_bf16_link_sync_payload_averages_the_bf16_factor_and_merges_it_in_fp32():
+    """``end_link(average=..., payload=bfloat16)`` (``distributed.link_sync_dtype``): the factor
+    travels rounded to bf16 (one process: the mean is itself), the record and the merge hold
+    exactly that rounding, and fp32 keeps the factor as trained."""
+    for payload in (torch.float32, torch.bfloat16):
+        _, chain, layer = make("right")
+        chain.start_link(0)
+        perturb(layer)
+        trained = layer.factor.detach().clone()
+        W0 = layer.base_layer.weight.detach().clone()
+        chain.end_link(LocalComm(), average=True, payload=payload)
+        sent = trained.to(payload).float()
+        assert torch.equal(chain.state.factors[0]["lin"], sent)
+        assert (payload == torch.float32) == torch.equal(sent, trained)
+        B, A = (sent, layer.sketch) if layer.side == "right" else (layer.sketch, sent)
+        torch.testing.assert_close(layer.base_layer.weight, W0 + layer.scale * B @ A, rtol=1e-6, atol=1e-6)
