@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from raclora_dist.core.layer import LayerSpec, MergeView, RacLoraLinear
+from raclora_dist.core.outer import OuterStep
 from raclora_dist.core.sketch import sample_sketch
 
 
@@ -226,7 +227,7 @@ class RacLoraChain:
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
     def end_link(self, comm: Comm | None = None, average: bool | Comm = False, outer_lr: float = 1.0,
-                 payload: torch.dtype = torch.float32) -> LinkRecord:
+                 payload: torch.dtype = torch.float32, outer: OuterStep | None = None) -> LinkRecord:
         """Ends the current link on this rank: guard, (average), merge, record.
 
         Args:
@@ -244,6 +245,9 @@ class RacLoraChain:
                 the sum is taken in it, the mean and the merge in fp32).
             outer_lr: with ``average``, the mean factor is scaled by this before the merge
                 (the record keeps the scaled factor, so replay needs nothing else).
+            outer: with ``average``, the outer step that turns the mean into the merged factor
+                (:mod:`raclora_dist.core.outer`: its anchor and momentum from this link's
+                sync rounds; reset here); None: ``OuterStep(outer_lr)``, the scaled mean.
 
         Returns:
             The link's record. A link discarded by the guard merges nothing anywhere.
@@ -262,14 +266,10 @@ class RacLoraChain:
         landed = torch.zeros(3, dtype=torch.float64)
         factors: dict[str, torch.Tensor] = {}
         if average is not False:
-            local = {name: self.access.local_factor(layer) for name, layer in self.layers.items()}
-            mean = _mean_over_ranks(local, comm if average is True else average, payload)
-            with torch.no_grad():
-                for name, t in local.items():
-                    t.copy_(mean[name])
+            outer = outer or OuterStep(outer_lr)
+            self._outer_round(comm if average is True else average, outer, payload)
+            outer.reset()
         fulls = {name: self.access.full_factor(layer) for name, layer in self.layers.items()}
-        if average is not False and outer_lr != 1.0:
-            fulls = {name: f * outer_lr for name, f in fulls.items()}
         for name, layer in self.layers.items():
             full = fulls[name]
             factors[name] = full.detach().to("cpu", torch.float32, copy=True)
@@ -289,6 +289,21 @@ class RacLoraChain:
             rec.landed_cosine = inner / (dd * ii) ** 0.5 if dd > 0 else 0.0
         rec.discarded_energy = discarded
         return rec
+
+    def sync_round(self, comm: Comm, average: bool | Comm, outer: OuterStep,
+                   payload: torch.dtype = torch.float32) -> bool:
+        """A sync round inside a link (link-sync with ``distributed.link_sync_rounds`` > 1):
+        the groups' factors are averaged and every group continues from the outer step's new
+        anchor (in place). Skipped when a factor is non-finite on some rank (the boundary's
+        guard then discards the link). Collective. Returns whether it synced."""
+        if not self.all_finite(comm):
+            return False
+        self._outer_round(comm if average is True else average, outer, payload)
+        return True
+
+    def _outer_round(self, comm: Comm, outer: OuterStep, payload: torch.dtype) -> None:
+        local = {name: self.access.local_factor(layer) for name, layer in self.layers.items()}
+        outer.apply(local, _mean_over_ranks(local, comm, payload))
 
     def _record(self, link: int, factors: dict[str, torch.Tensor], norm: float, secs: float) -> LinkRecord:
         self.state.merged.append(link)

@@ -24,6 +24,7 @@ from raclora_dist.checkpoint.folder import Checkpoint, ckpt_root, save_checkpoin
 from raclora_dist.checkpoint.link_files import LinkStore
 from raclora_dist.checkpoint.parts import own_part
 from raclora_dist.config import RunConfig
+from raclora_dist.core.outer import OuterStep
 from raclora_dist.data.batches import PackedData
 from raclora_dist.data.formats import IGNORE
 from raclora_dist.model.session import Session
@@ -85,6 +86,10 @@ class Trainer:
         self.backend, self.comm = backend, backend.comm
         # Collective payload this rank sent since the last boundary: all of it, across nodes.
         self._link_bytes = self._link_across = 0
+        d = cfg.distributed
+        # Link-sync's outer step (core/outer.py) and its rounds inside a link (0: the boundary only).
+        self.outer = OuterStep(d.link_outer_lr, d.outer_momentum)
+        self.sync_every = cfg.raclora.steps_per_link // d.link_sync_rounds if d.link_sync_rounds > 1 else 0
         self.is_main = backend.info.is_main
         self.attempt = shared_token()  # names checkpoint staging folders (collective)
         self.global_step = 0
@@ -171,6 +176,10 @@ class Trainer:
             t0 = time.perf_counter()
             sent, across = TRAFFIC.total, TRAFFIC.across
             step = self._step()
+            if self.sync_every and (k + 1) % self.sync_every == 0 and k + 1 < rc.steps_per_link:
+                # a sync round inside the link (its bytes are this step's)
+                self.s.chain.sync_round(self.comm, self.backend.link_average(), self.outer,
+                                        getattr(torch, self.cfg.distributed.link_sync_dtype))
             loss = step.loss
             sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
             self._link_bytes += sent
@@ -228,9 +237,8 @@ class Trainer:
         chain, rc = self.s.chain, self.cfg.raclora
         self.callbacks.before_boundary(self, link)
         sent, across = TRAFFIC.total, TRAFFIC.across
-        d = self.cfg.distributed
-        record = chain.end_link(self.comm, average=self.backend.link_average(), outer_lr=d.link_outer_lr,
-                                payload=getattr(torch, d.link_sync_dtype))
+        record = chain.end_link(self.comm, average=self.backend.link_average(), outer=self.outer,
+                                payload=getattr(torch, self.cfg.distributed.link_sync_dtype))
         sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the

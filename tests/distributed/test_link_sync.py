@@ -56,6 +56,23 @@ def test_identical_data_on_every_worker_equals_the_one_process_chain(base, same_
         assert r["comm_bytes_link"] - r["comm_bytes_boundary"] < 200
 
 
+def test_sync_rounds_inside_a_link_average_the_factors_each_round(same_rows, tmp_path):
+    """``link_sync_rounds: 3`` with K = 3: the groups sync after steps 1 and 2 of every link (the
+    third round is the boundary). On identical data every group holds the one-process factor,
+    so a plain outer step (lr 1, no momentum) leaves it as it is: the run is the one-process
+    run, and the synced steps carry the factors' all-reduce (plus the guard's flag)."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(same_rows, tmp_path / "unused"))
+    single, link = tmp_path / "single", tmp_path / "link"
+    assert run_cli("train", str(cfg), f"run.dir={single}").returncode == 0
+    proc = train(cfg, link, *LINK, "distributed.link_sync_rounds=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_chains_close(single, link)
+    assert losses(link) == pytest.approx(losses(single), abs=1e-5)
+    sent = [r["comm_bytes"] for r in records(link, "step")]
+    assert all(FACTOR_BYTES <= b < FACTOR_BYTES + 16 for i, b in enumerate(sent) if i % 3 != 2), sent
+    assert [b for i, b in enumerate(sent) if i % 3 == 2] == [0, 0, 0]
+
+
 @pytest.mark.parametrize("workers,groups,launcher", [(2, None, "torchrun"), (4, 2, "torchrun"), (2, None, "ray")])
 def test_the_merged_link_is_the_mean_of_the_groups_separately_trained_links(workers, groups, launcher, small_data,
                                                                              tmp_path):
