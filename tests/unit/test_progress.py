@@ -18,12 +18,17 @@ def link(i, landed=1.0):
             "landed_cosine": 0.9}
 
 
-def test_follower_prints_each_link_once_and_the_warnings(tmp_path):
-    cfg = build_config({"run": {"dir": str(tmp_path)}, "model": {"config": dict(TINY_MODEL)},
+def follower(run_dir) -> tuple[Follower, list[str]]:
+    """A Follower of a 3-link run in ``run_dir`` and the lines it prints."""
+    cfg = build_config({"run": {"dir": str(run_dir)}, "model": {"config": dict(TINY_MODEL)},
                         "data": {"path": "x.jsonl", "seq_len": 32},
                         "raclora": {"links": 3, "steps_per_link": 3}, "train": {"batch_size": 4}})
     out: list[str] = []
-    f = Follower(cfg, emit=out.append, bar=False)
+    return Follower(cfg, emit=out.append, bar=False), out
+
+
+def test_follower_prints_each_link_once_and_the_warnings(tmp_path):
+    f, out = follower(tmp_path)
     path = tmp_path / "metrics.jsonl"
 
     def write(recs, replace=False):
@@ -56,11 +61,7 @@ def test_no_landed_warning_when_the_layers_keep_a_master_copy():
 
 
 def test_follower_prints_a_resized_group_once(tmp_path):
-    cfg = build_config({"run": {"dir": str(tmp_path)}, "model": {"config": dict(TINY_MODEL)},
-                        "data": {"path": "x.jsonl", "seq_len": 32},
-                        "raclora": {"links": 3, "steps_per_link": 3}, "train": {"batch_size": 4}})
-    out: list[str] = []
-    f = Follower(cfg, emit=out.append, bar=False)
+    f, out = follower(tmp_path)
     rec = {"type": "resize", "link": 1, "step": 3, "from_workers": 2, "to_workers": 1}
     for _ in range(2):
         with (tmp_path / "metrics.jsonl").open("a") as fh:
