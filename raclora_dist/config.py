@@ -216,11 +216,8 @@ class DistributedSection(_Section):
         "(bfloat16: half the bytes; the sum is taken in bf16, the mean and the merge in fp32).")
     link_sync_rounds: int = Field(
         1, ge=1, description="sync: link only: sync rounds per link (DiLoCo's outer loop): every steps_per_link / "
-        "rounds steps the groups average their factors and take an outer step (link_outer_lr, outer_momentum), the "
-        "last round being the boundary. 1: only the boundary (docs/link-sync.md).")
-    outer_momentum: float = Field(
-        0.0, ge=0, lt=1, description="sync: link only: Nesterov momentum of the outer step across a link's sync "
-        "rounds (DiLoCo: 0.9); reset at each merge. 0: none.")
+        "rounds steps the groups average their factors and take an outer step (link_outer_lr), the last round "
+        "being the boundary. 1: only the boundary (docs/link-sync.md).")
     sync_groups: int | None = Field(
         None, ge=1, description="sync: link only: how many groups average per link (contiguous ranks, e.g. one "
         "per node); inside a group, gradients are averaged every step (ddp), or the model is sharded over the "
@@ -270,9 +267,8 @@ class DistributedSection(_Section):
             raise ValueError("replicas applies to sync: step (HSDP); with sync: link the groups are sync_groups")
         if self.link_outer_lr != 1.0 and self.sync != "link":
             raise ValueError("link_outer_lr applies to sync: link; set sync: link or leave link_outer_lr unset")
-        for name, default in (("link_sync_rounds", 1), ("outer_momentum", 0.0)):
-            if getattr(self, name) != default and self.sync != "link":
-                raise ValueError(f"{name} applies to sync: link; set sync: link or leave {name} unset")
+        if self.link_sync_rounds != 1 and self.sync != "link":
+            raise ValueError("link_sync_rounds applies to sync: link; set sync: link or leave link_sync_rounds unset")
         if self.link_sync_dtype != "float32" and self.sync != "link":
             raise ValueError("link_sync_dtype applies to sync: link; set sync: link or leave link_sync_dtype unset")
         if self.sync_groups is not None:
@@ -423,7 +419,7 @@ class RunConfig(_Section):
             raise ValueError(f"distributed.link_sync_rounds ({rounds}) must divide raclora.steps_per_link ({k})")
         if rounds > 1 and self.checkpoint.every_steps:
             raise ValueError("distributed.link_sync_rounds > 1 with checkpoint.every_steps: the outer step's anchor "
-                             "and momentum are not checkpointed mid-link; leave every_steps unset")
+                             "is not checkpointed mid-link; leave every_steps unset")
         return self
 
     @model_validator(mode="after")

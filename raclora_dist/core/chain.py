@@ -246,8 +246,8 @@ class RacLoraChain:
             outer_lr: with ``average``, the mean factor is scaled by this before the merge
                 (the record keeps the scaled factor, so replay needs nothing else).
             outer: with ``average``, the outer step that turns the mean into the merged factor
-                (:mod:`raclora_dist.core.outer`: its anchor and momentum from this link's
-                sync rounds; reset here); None: ``OuterStep(outer_lr)``, the scaled mean.
+                (:mod:`raclora_dist.core.outer`: its anchor from this link's sync rounds;
+                reset here); None: ``OuterStep(outer_lr)``, the scaled mean.
 
         Returns:
             The link's record. A link discarded by the guard merges nothing anywhere.

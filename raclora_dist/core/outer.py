@@ -2,16 +2,16 @@
 become the factor every group continues from, or merges.
 
 Each group trains its own copy of the link's factor ``F_i`` from a shared anchor ``F_0``
-(zero at the start of a link). A sync round averages them and takes one outer step on the
-outer gradient ``g = F_0 - mean_i(F_i)`` (the negative mean update):
+(zero at the start of a link). A sync round averages them and moves the anchor ``lr`` times
+the mean update:
 
-    v <- mu v + g;   F_0 <- F_0 - lr (g + mu v)      (Nesterov; mu = 0: F_0 - lr g)
+    F_0 <- F_0 + lr (mean_i(F_i) - F_0)
 
 and every group continues from (or, at the boundary, merges) the new ``F_0``. With one round
-per link (the default) and ``mu = 0`` this is the plain average scaled by ``lr``
-(``link_outer_lr``). Several rounds inside a link with momentum is DiLoCo's outer loop
-(Douillard et al., 2023) on RAC-LoRA's factor; the momentum and the anchor are reset at the
-merge, since the next link's factor lives in a new sketch's coordinates.
+per link (the default) this is the plain average scaled by ``lr`` (``link_outer_lr``); with
+``distributed.link_sync_rounds`` > 1, rounds inside a link (the outer loop of local SGD /
+DiLoCo, without its Nesterov momentum, which measured worse: docs/link-sync.md). The anchor
+is reset at the merge, since the next link's factor lives in a new sketch's coordinates.
 """
 
 from __future__ import annotations
@@ -20,22 +20,19 @@ import torch
 
 
 class OuterStep:
-    """Outer SGD (optionally Nesterov) on this rank's local factors, keyed by layer name.
+    """The outer step on this rank's local factors, keyed by layer name.
 
     Args:
         lr: the outer learning rate (``distributed.link_outer_lr``).
-        momentum: Nesterov momentum ``mu`` (``distributed.outer_momentum``; 0: none).
     """
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.0) -> None:
-        self.lr, self.momentum = lr, momentum
+    def __init__(self, lr: float = 1.0) -> None:
+        self.lr = lr
         self.anchor: dict[str, torch.Tensor] = {}  # F_0 per layer (fp32); absent: zero
-        self.velocity: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
-        """Forgets the anchor and the momentum (at the merge: a new link, a new sketch)."""
+        """Forgets the anchor (at the merge: a new link, a new sketch)."""
         self.anchor.clear()
-        self.velocity.clear()
 
     @torch.no_grad()
     def apply(self, local: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> None:
@@ -48,13 +45,6 @@ class OuterStep:
         for name, f in local.items():
             m = mean[name].float()
             anchor = self.anchor.get(name)
-            anchor = torch.zeros_like(m) if anchor is None else anchor
-            g = anchor - m
-            if self.momentum:
-                v = self.velocity.get(name)
-                v = g.clone() if v is None else v.mul_(self.momentum).add_(g)
-                self.velocity[name] = v
-                g = g + self.momentum * v
-            new = anchor - self.lr * g
+            new = self.lr * m if anchor is None else anchor + self.lr * (m - anchor)
             f.copy_(new.to(f.dtype))
             self.anchor[name] = new

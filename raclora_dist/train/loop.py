@@ -88,7 +88,7 @@ class Trainer:
         self._link_bytes = self._link_across = 0
         d = cfg.distributed
         # Link-sync's outer step (core/outer.py) and its rounds inside a link (0: the boundary only).
-        self.outer = OuterStep(d.link_outer_lr, d.outer_momentum)
+        self.outer = OuterStep(d.link_outer_lr)
         self.sync_every = cfg.raclora.steps_per_link // d.link_sync_rounds if d.link_sync_rounds > 1 else 0
         self.is_main = backend.info.is_main
         self.attempt = shared_token()  # names checkpoint staging folders (collective)
