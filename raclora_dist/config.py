@@ -311,6 +311,14 @@ class DistributedSection(_Section):
         stage = self.zero_stage
         if stage is not None and stage not in (2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")
+        zero = self.deepspeed.get("zero_optimization", {})
+        for key in ("zero_hpz_partition_size", "mics_shard_size"):
+            if (zero.get(key) or 0) > (1 if key == "zero_hpz_partition_size" else 0):
+                # Measured: the model loads part by part, each part under its own zero.Init,
+                # and hpZ's second Init re-creates its group (DeepSpeed asserts).
+                raise ValueError(f"deepspeed.zero_optimization.{key}: DeepSpeed's hierarchical partitioning does not "
+                                 "run with raclora's streamed ZeRO-3 loading; for sharding inside a node and "
+                                 "replicating across nodes use strategy fsdp2 with distributed.replicas")
         managed = sorted(set(self.deepspeed) & DEEPSPEED_MANAGED_KEYS)
         if managed:
             raise ValueError(f"deepspeed.{managed[0]}: raclora manages DeepSpeed's checkpoints (saved in its own "
