@@ -122,13 +122,19 @@ def wait_for_record(path: Path, kind: str, process, count: int = 1) -> None:
         time.sleep(0.2)
 
 
-def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_returns(cluster, small_data, tmp_path):
-    """``ray.min_workers: 1`` of 2 (DDP): the node of rank 1 is lost for good one step into
-    link 1; Ray Train restarts the group at once on the one node left, which resumes from the
-    link-0 checkpoint with the same global batch (each rank's slice doubles). A node then
-    joins, and at its next resize check Ray grows the group back to 2 from the latest
-    checkpoint. Each change is a record and a console line; the chain is the one-process chain."""
+@pytest.mark.parametrize("cluster", [0], indirect=True)  # the head only: nodes of 2 slots are added below
+def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_returns(cluster, small_data,
+                                                                                       tmp_path):
+    """HSDP over 2 nodes x 2 workers (a replica group per node) with ``ray.min_workers: 2``: the
+    node of rank 2 is lost for good one step into link 1; Ray Train restarts the group at once
+    on the node left, as one group of 2 (full shard), which resumes from the link-0 checkpoint
+    with the same global batch. A node then joins, and at its next resize check Ray grows the
+    group back to 2 groups of 2 from the latest checkpoint. Each change is a record and a
+    console line; the chain is the one-process chain."""
     c, pids = cluster
+    for _ in range(2):
+        pids += raylet_pids(c.add_node(num_cpus=2, resources={"slot": 2}))
+    c.wait_for_nodes()
     cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True},
                                                         raclora={"links": 6}))
     single = tmp_path / "single"
@@ -136,19 +142,20 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run, storage, pid_dir = tmp_path / "run", tmp_path / "storage", tmp_path / "pids"
-    cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.strategy=ddp",
-           "distributed.workers=2", "ray.min_workers=1", "ray.resize_check_s=2", f"ray.address={c.address}",
-           "ray.max_failures=3", f"ray.storage_path={storage}", "ray.resources_per_worker={CPU: 1, slot: 1}",
-           faults(hold_at_step=4, hold_rank=1, pid_dir=str(pid_dir), sleep_per_step=1.0)]
+    cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.strategy=fsdp2",
+           "distributed.workers=4", "distributed.replicas=2", "ray.min_workers=2", "ray.resize_check_s=2",
+           f"ray.address={c.address}", "ray.max_failures=3", f"ray.storage_path={storage}",
+           "ray.resources_per_worker={CPU: 1, slot: 1}",
+           faults(hold_at_step=4, hold_rank=2, pid_dir=str(pid_dir), sleep_per_step=1.0)]
     driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_marker(pid_dir / "held-at-step4", driver, "rank 1 reached step 4")
-        rank1 = int((pid_dir / "rank1.pid").read_text())
-        (victim,) = [n for n in c.worker_nodes if set(raylet_pids(n)) & set(ancestors(rank1))]
+        wait_for_marker(pid_dir / "held-at-step4", driver, "rank 2 reached step 4")
+        rank2 = int((pid_dir / "rank2.pid").read_text())
+        (victim,) = [n for n in c.worker_nodes if set(raylet_pids(n)) & set(ancestors(rank2))]
         c.remove_node(victim, allow_graceful=False)  # for good: no replacement yet
-        wait_for_record(run / "metrics.jsonl", "resize", driver)  # the group went on with one worker
-        pids += raylet_pids(c.add_node(num_cpus=1, resources={"slot": 1}))  # the capacity returns
+        wait_for_record(run / "metrics.jsonl", "resize", driver)  # the group went on with one node
+        pids += raylet_pids(c.add_node(num_cpus=2, resources={"slot": 2}))  # the capacity returns
         out, _ = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:
@@ -156,8 +163,8 @@ def test_an_elastic_run_goes_on_without_a_lost_node_and_grows_back_when_it_retur
             driver.wait()
     assert driver.returncode == 0, out[-3000:]
     resizes = [(r["from_workers"], r["to_workers"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "resize"]
-    assert resizes == [(2, 1), (1, 2)], resizes
-    assert "workers: 2 -> 1, resumed at link 2" in out and "workers: 1 -> 2" in out, out[-3000:]
+    assert resizes == [(4, 2), (2, 4)], resizes
+    assert "workers: 4 -> 2, resumed at link 2" in out and "workers: 2 -> 4" in out, out[-3000:]
     assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"] == list(range(6))
     # the same global batches at every size: the one-process chain (fp32, up to summation order)
     a, b = chain(single), chain(run)
