@@ -10,6 +10,10 @@ follow W's rows or quantization blocks; its merge gathers the codes, requantizes
 layer identically on every rank, and keeps the rank's chunk. A factored chain's frozen
 ``chain_B (m, cap)`` / ``chain_A (cap, n)`` are sharded on dim 0 too and are gathered,
 appended to, and re-sliced the same way (both are small next to W).
+
+With groups (HSDP's ``distributed.replicas``, or link-sync's ``sync_groups``) the workers form
+a 2-D mesh of contiguous ranks, ``(groups, ranks per group)``; "rank" and "world" above are
+then the rank's place in its group and the group's size, and every group merges the same rows.
 """
 
 from __future__ import annotations
