@@ -29,6 +29,9 @@ class Faults(Callback):
         crash_in_checkpoint: exit halfway through this process's N-th checkpoint write (after
             the chain file, before ``meta.json``).
         sleep_per_step: seconds to sleep after each step.
+        hold_at_world: while the group has this many workers, rank 0 holds after its first
+            step (``pid_dir/held-at-world<N>``) until it is killed: an elastic group that shrank
+            waits there for Ray to grow it (which stops it), instead of finishing first.
         hold_at_step, hold_rank: after this step, rank ``hold_rank`` writes
             ``pid_dir/held-at-step<k>`` and waits there to be killed (up to 10 minutes): a
             test kills it when the marker appears, so the kill lands at that step whatever the
@@ -45,12 +48,12 @@ class Faults(Callback):
                  sleep_per_step: float = 0.0, pid_dir: str | None = None, die_before_report: int | None = None,
                  desync_rank: int | None = None, nan_rank: int | None = None, nan_link: int | None = None,
                  raise_at_step: int | None = None, raise_rank: int = 0, hold_at_step: int | None = None,
-                 hold_rank: int = 0) -> None:
+                 hold_rank: int = 0, hold_at_world: int | None = None) -> None:
         self.crash_at_step, self.crash_in_checkpoint = crash_at_step, crash_in_checkpoint
         self.raise_at_step, self.raise_rank = raise_at_step, raise_rank
         self.sleep_per_step, self.pid_dir, self.die_before_report = sleep_per_step, pid_dir, die_before_report
         self.desync_rank, self.nan_rank, self.nan_link = desync_rank, nan_rank, nan_link
-        self.hold_at_step, self.hold_rank = hold_at_step, hold_rank
+        self.hold_at_step, self.hold_rank, self.hold_at_world = hold_at_step, hold_rank, hold_at_world
         self._checkpoints = 0
 
     def on_train_start(self, trainer) -> None:
@@ -74,9 +77,11 @@ class Faults(Callback):
             marker = Path(self.pid_dir, f"held-at-step{record['step']}")
             if not marker.exists():
                 marker.touch()
-                deadline = time.monotonic() + 600
-                while time.monotonic() < deadline:  # until the test kills this process
-                    time.sleep(0.1)
+                _hold()
+        info = trainer.backend.info
+        if self.hold_at_world == info.world_size and info.rank == 0 and self.pid_dir:
+            Path(self.pid_dir, f"held-at-world{info.world_size}").touch()
+            _hold()
 
     @torch.no_grad()
     def before_boundary(self, trainer, link: int) -> None:
@@ -97,6 +102,13 @@ class Faults(Callback):
             if not marker.exists():
                 marker.touch()
                 os._exit(FAULT_EXIT_CODE)
+
+
+def _hold() -> None:
+    """Waits (up to 10 minutes) for the test, or Ray, to kill this process."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def wait_for_marker(marker: Path, process, what: str) -> None:

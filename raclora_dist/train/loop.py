@@ -9,6 +9,7 @@ the same step because the schedule is deterministic.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -27,6 +28,7 @@ from raclora_dist.config import RunConfig
 from raclora_dist.core.outer import OuterStep
 from raclora_dist.data.batches import PackedData
 from raclora_dist.data.formats import IGNORE
+from raclora_dist.files import write_atomic
 from raclora_dist.model.session import Session
 from raclora_dist.observe.metrics import (
     MetricsWriter,
@@ -126,7 +128,9 @@ class Trainer:
         torch.set_rng_state(ckpt.rng)
         logger.info(f"resumed {self.run_dir} at link {ckpt.next_link + 1} (step {ckpt.global_step})")
         self.write({"type": "resume", "link": ckpt.next_link, "step": ckpt.global_step})
-        was, now = ckpt.meta.get("world_size"), self.backend.info.world_size
+        # The size of the group that ran last (it may have stopped before writing a checkpoint
+        # of its own), else the checkpoint's.
+        was, now = self._last_group_size() or ckpt.meta.get("world_size"), self.backend.info.world_size
         if was is not None and was != now:
             # An elastic group that shrank or grew (or a resume on another size): the global
             # batch is the same, each rank's slice of it is not.
@@ -135,12 +139,22 @@ class Trainer:
                         "to_workers": now})
         return ckpt.next_link, ckpt.step_in_link
 
+    GROUP_FILE = "group.json"  # the size of the worker group that runs (rank 0's run folder)
+
+    def _last_group_size(self) -> int | None:
+        try:
+            return int(json.loads((self.run_dir / self.GROUP_FILE).read_text())["workers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def fit(self, start_link: int = 0, start_step: int = 0) -> list[dict]:
         """Trains links ``start_link .. links-1``; returns the link records written.
 
         ``start_step`` > 0 resumes ``start_link`` mid-link (its factors already restored).
         """
         rc = self.cfg.raclora
+        if self.is_main:
+            write_atomic(self.run_dir / self.GROUP_FILE, json.dumps({"workers": self.backend.info.world_size}))
         self.backend.model.train()
         if start_link == 0 and self.global_step == 0:
             t0 = time.perf_counter()

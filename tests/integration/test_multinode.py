@@ -111,17 +111,6 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
     assert find_latest(run) is not None and os.path.isdir(storage)
 
 
-def wait_for_record(path: Path, kind: str, process, count: int = 1) -> None:
-    """Waits until ``path`` (metrics.jsonl) holds ``count`` records of ``kind``, failing at once
-    if ``process`` ends first (a 10-minute bound against a hang, not a speed check)."""
-    deadline = time.monotonic() + 600
-    while len([r for r in (read_jsonl(path) if path.is_file() else []) if r["type"] == kind]) < count:
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended before {count} {kind} record(s): {process.stdout.read()[-3000:]}")
-        assert time.monotonic() < deadline, f"no {kind} record"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("cluster", [0], indirect=True)  # the head only: nodes of 2 slots are added below
 def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_returns(cluster, small_data,
                                                                                        tmp_path):
@@ -146,7 +135,7 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
            "distributed.workers=4", "distributed.replicas=2", "ray.min_workers=2", "ray.resize_check_s=2",
            f"ray.address={c.address}", "ray.max_failures=3", f"ray.storage_path={storage}",
            "ray.resources_per_worker={CPU: 1, slot: 1}",
-           faults(hold_at_step=4, hold_rank=2, pid_dir=str(pid_dir), sleep_per_step=1.0)]
+           faults(hold_at_step=4, hold_rank=2, hold_at_world=2, pid_dir=str(pid_dir))]
     driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
@@ -154,7 +143,9 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
         rank2 = int((pid_dir / "rank2.pid").read_text())
         (victim,) = [n for n in c.worker_nodes if set(raylet_pids(n)) & set(ancestors(rank2))]
         c.remove_node(victim, allow_graceful=False)  # for good: no replacement yet
-        wait_for_record(run / "metrics.jsonl", "resize", driver)  # the group went on with one node
+        # The group went on with one node (from the link-0 checkpoint) and, one step on, holds
+        # there until Ray grows it: it cannot finish before the capacity returns.
+        wait_for_marker(pid_dir / "held-at-world2", driver, "the group of 2 took a step")
         pids += raylet_pids(c.add_node(num_cpus=2, resources={"slot": 2}))  # the capacity returns
         out, _ = driver.communicate(timeout=600)
     finally:
