@@ -314,8 +314,7 @@ class DistributedSection(_Section):
         zero = self.deepspeed.get("zero_optimization", {})
         for key in ("zero_hpz_partition_size", "mics_shard_size"):
             if (zero.get(key) or 0) > (1 if key == "zero_hpz_partition_size" else 0):
-                # Measured: the model loads part by part, each part under its own zero.Init,
-                # and hpZ's second Init re-creates its group (DeepSpeed asserts).
+                # Measured: each loaded part's own zero.Init re-creates hpZ's group (DeepSpeed asserts).
                 raise ValueError(f"deepspeed.zero_optimization.{key}: DeepSpeed's hierarchical partitioning does not "
                                  "run with raclora's streamed ZeRO-3 loading; for sharding inside a node and "
                                  "replicating across nodes use strategy fsdp2 with distributed.replicas")
@@ -381,19 +380,14 @@ class RunConfig(_Section):
     def group_size(self) -> int:
         """The workers that must come and go together under elastic sizes: one HSDP replica or
         one link-sync group of fsdp2/ddp (``sync_groups``), else 1."""
-        d = self.distributed
-        if d.replicas > 1:
-            return d.workers // d.replicas
-        if d.sync == "link" and d.sync_groups:
-            return d.workers // d.sync_groups
-        return 1
+        d = self.distributed  # groups: HSDP's replicas, link-sync's groups, or one per worker
+        return d.workers // (d.replicas if d.replicas > 1 else (d.sync == "link" and d.sync_groups) or d.workers)
 
     def elastic_sizes(self) -> list[int]:
         """The world sizes an elastic run may take (``ray.min_workers`` .. ``distributed.workers``,
         whole groups only); ``[workers]`` when not elastic."""
         low = self.ray.min_workers or self.distributed.workers
-        step = self.group_size()
-        return [n for n in range(low, self.distributed.workers + 1) if n % step == 0]
+        return [n for n in range(low, self.distributed.workers + 1) if n % self.group_size() == 0]
 
     @model_validator(mode="after")
     def _elastic_sizes_keep_the_batch(self) -> "RunConfig":
