@@ -213,7 +213,7 @@ class DistributedSection(_Section):
         "paper's plain average; >1 makes up for the noise the average cancels, docs/link-sync.md).")
     link_sync_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="sync: link only: the dtype the factors travel in at the boundary's all-reduce "
-        "(bfloat16: half the bytes; the sum is taken in bf16, the mean and the merge in fp32).")
+        "(bfloat16: half the bytes; summed and divided in bf16, merged in fp32).")
     link_sync_rounds: int = Field(
         1, ge=1, description="sync: link only: sync rounds per link (DiLoCo's outer loop): every steps_per_link / "
         "rounds steps the groups average their factors and take an outer step (link_outer_lr), the last round "

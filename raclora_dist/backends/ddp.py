@@ -41,7 +41,7 @@ class DDPBackend(Backend):
         d = cfg.distributed
         self.link_sync = d.sync == "link"
         self.groups = (d.sync_groups or info.world_size) if self.link_sync else 1
-        self.group_size = self.sync_group_size = info.world_size // self.groups
+        self.sync_group_size = info.world_size // self.groups
 
     def setup(self, model: nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -52,8 +52,8 @@ class DDPBackend(Backend):
             group = contiguous_groups(self.groups)
             # Per-step statistics (the logged loss) stay inside the group too: nothing crosses
             # groups between boundaries.
-            self.step_comm = DistComm(self.info.device, group) if self.group_size > 1 else LocalComm()
-        if self.group_size == 1:
+            self.step_comm = DistComm(self.info.device, group) if self.sync_group_size > 1 else LocalComm()
+        if self.sync_group_size == 1:
             self.model = model  # a group of one: nothing to average per step
         else:
             # broadcast_buffers=False: every rank draws the sketches itself; broadcasting rank

@@ -226,7 +226,7 @@ class RacLoraChain:
         ok = torch.tensor([int(all([self.access.local_finite(layer) for layer in self.layers.values()]))])
         return bool((comm or LocalComm()).all_reduce_min(ok).item())
 
-    def end_link(self, comm: Comm | None = None, average: bool | Comm = False, outer_lr: float = 1.0,
+    def end_link(self, comm: Comm | None = None, average: bool | Comm = False,
                  payload: torch.dtype = torch.float32, outer: OuterStep | None = None) -> LinkRecord:
         """Ends the current link on this rank: guard, (average), merge, record.
 
@@ -242,12 +242,11 @@ class RacLoraChain:
                 groups' updates, ``s (mean B_i) A``. True: over ``comm``; a :class:`Comm`:
                 over its ranks.
             payload: with ``average``, the dtype the factors travel in (bf16: half the bytes;
-                the sum is taken in it, the mean and the merge in fp32).
-            outer_lr: with ``average``, the mean factor is scaled by this before the merge
-                (the record keeps the scaled factor, so replay needs nothing else).
+                the sum and the division by the ranks in it, the outer step and merge in fp32).
             outer: with ``average``, the outer step that turns the mean into the merged factor
-                (:mod:`raclora_dist.core.outer`: its anchor from this link's sync rounds;
-                reset here); None: ``OuterStep(outer_lr)``, the scaled mean.
+                (:mod:`raclora_dist.core.outer`: ``link_outer_lr`` times the mean, from this
+                link's sync rounds' anchor; reset here); None: the plain mean. The record keeps
+                the factor merged, so replay needs nothing else.
 
         Returns:
             The link's record. A link discarded by the guard merges nothing anywhere.
@@ -266,7 +265,7 @@ class RacLoraChain:
         landed = torch.zeros(3, dtype=torch.float64)
         factors: dict[str, torch.Tensor] = {}
         if average is not False:
-            outer = outer or OuterStep(outer_lr)
+            outer = outer or OuterStep()
             self._outer_round(comm if average is True else average, outer, payload)
             outer.reset()
         fulls = {name: self.access.full_factor(layer) for name, layer in self.layers.items()}

@@ -16,6 +16,7 @@ from raclora_dist.core import (
     lora_scale,
     resolve_side,
 )
+from raclora_dist.core.outer import OuterStep
 
 
 def make(side="right", mode="into_base", rank=2, m=6, n=10, cap=None, links=4, budget=None, **kw):
@@ -154,7 +155,7 @@ def test_side_resolution_and_scales():
 
 
 def test_link_sync_merges_the_averaged_factor_times_the_outer_lr():
-    """``end_link(average=True, outer_lr=x)`` in one process: the mean over one rank is the
+    """``end_link(average=True, outer=OuterStep(x))`` in one process: the mean over one rank is the
     factor itself, scaled by x before the merge, and the record keeps what was merged."""
     _, chain, layer = make("right", "into_base")
     _, ref_chain, ref = make("right", "into_base")
@@ -163,7 +164,7 @@ def test_link_sync_merges_the_averaged_factor_times_the_outer_lr():
     perturb(layer)
     with torch.no_grad():
         ref.factor.copy_(1.5 * layer.factor)
-    chain.end_link(LocalComm(), average=True, outer_lr=1.5)
+    chain.end_link(LocalComm(), average=True, outer=OuterStep(1.5))
     ref_chain.end_link()
     assert torch.allclose(layer.base_layer.weight, ref.base_layer.weight, atol=1e-6)
     assert torch.equal(chain.state.factors[0]["lin"], ref_chain.state.factors[0]["lin"])
