@@ -31,6 +31,7 @@ test: setup data lint
 
 lint: setup
 	$(VPY) -m ruff check raclora_dist tests benchmarks scripts
+	$(VPY) -m mypy
 
 test-fast: setup data lint
 	$(VPY) -m pytest tests -q -m "not slow"

@@ -123,8 +123,8 @@ def train(code: Path, cfg: dict, run: Path, extra: list[str]) -> list[dict]:
 
 def load_case(name: str, records: list[dict], ckpt_mb: float) -> dict:
     st = next(r for r in records if r["type"] == "startup")
-    above = [p - s for p, s in zip(st["peak_rss_mb_first_step"], st["rss_mb_start"])]
-    loaded = [p - s for p, s in zip(st["peak_rss_mb_loaded"], st["rss_mb_before_load"])]
+    above = [p - s for p, s in zip(st["peak_rss_mb_first_step"], st["rss_mb_start"], strict=False)]
+    loaded = [p - s for p, s in zip(st["peak_rss_mb_loaded"], st["rss_mb_before_load"], strict=False)]
     steps = [r for r in records if r["type"] == "step"]
     # rank 0's peak through the last step (a step record's rss_mb is its peak so far)
     later = steps[-1]["rss_mb"] - st["rss_mb_start"][0]
@@ -178,7 +178,7 @@ def run_gpu(args) -> dict:
         import torch
 
         out["gpu"] = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 -- informational only
+    except Exception:
         pass
     for name in args.cases.split(","):
         with tempfile.TemporaryDirectory() as tmp:  # the saved config-built base is large: one at a time
@@ -333,7 +333,7 @@ def print_tables(out: dict) -> None:
         print(f"{'checkpointing':14} {'held after fwd MiB':>18} {'peak fwd+bwd MiB':>16} {'tokens/s':>9}")
         for k in (False, True):
             c = a[k]
-            print(f"{str(k):14} {c['held_after_forward_mb']:>18.0f} {c['peak_fwd_bwd_mb']:>16.0f} {c['tokens_per_s']:>9.1f}")
+            print(f"{k!s:14} {c['held_after_forward_mb']:>18.0f} {c['peak_fwd_bwd_mb']:>16.0f} {c['tokens_per_s']:>9.1f}")
         if a[False]["held_after_forward_mb"] > 0:
             print(f"held with / without: {a[True]['held_after_forward_mb'] / a[False]['held_after_forward_mb']:.2f}x")
 

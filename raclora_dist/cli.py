@@ -123,7 +123,6 @@ def _describe(cfg) -> str:
 
 def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
     import time
-    from pathlib import Path
 
     from raclora_dist.model.session import validate_model
     from raclora_dist.orchestration.paths import absolutize
@@ -138,7 +137,7 @@ def _train_on_ray(cfg, resume: bool, verbose: bool = False) -> int:
         # A checkpoint of this run in Ray storage resumes it (the workers install it into an
         # empty run folder); otherwise the run folder decides, as without Ray.
         stored = latest_in_storage(cfg)
-        if stored is None or find_latest(Path(cfg.run.dir)) is not None:
+        if stored is None or find_latest(cfg.run.path) is not None:
             preflight(cfg, resume or stored is not None)
 
     embedded = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))

@@ -36,8 +36,7 @@ class RunSection(_Section):
     dir: str | None = Field(None, description="Run folder; default runs/<config file name>.")
     callbacks: list[str | dict[str, Any]] = Field(
         default_factory=list, description="Training-loop callbacks built in every worker: 'package.module:Class' or "
-        "{class: 'package.module:Class', args: {...}} (raclora_dist.train.callbacks.Callback).",
-    )
+        "{class: 'package.module:Class', args: {...}} (raclora_dist.train.callbacks.Callback).")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers fed by rank 0 at each checkpoint (TensorBoard event files "
         "in RUN/tensorboard, MLflow, W&B); each library is imported only when named.")
@@ -48,6 +47,13 @@ class RunSection(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode (offline: RUN/wandb, "
                                                                  "sync later with `wandb sync`).")
 
+    @property
+    def path(self) -> Path:
+        """``dir`` as a Path (load_config sets ``dir`` when the file omits it)."""
+        if self.dir is None:
+            raise ConfigError("run.dir: not set")
+        return Path(self.dir)
+
 
 class ModelSection(_Section):
     name_or_path: str | None = Field(
@@ -55,22 +61,23 @@ class ModelSection(_Section):
         "(org/name or org/name@revision, through the HF cache: HF_HOME, HF_HUB_OFFLINE, HF_TOKEN), or a folder in "
         "object storage (s3://, gs://, any pyarrow URI; fetched once per machine into $RACLORA_MODEL_CACHE).")
     config: dict[str, Any] | None = Field(
-        None, description="A transformers config (with model_type) to build a fresh model from."
-    )
+        None, description="A transformers config (with model_type) to build a fresh model from.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Base weight dtype.")
     init_seed: int = Field(0, description="Seed for a model built from config.")
     quantization: QuantizationConfig = Field(
         default_factory=QuantizationConfig,
-        description="Hold the base's linear layers in 4 bits (bitsandbytes); 'nf4' is short for {method: nf4}.",
-    )
+        description="Hold the base's linear layers in 4 bits (bitsandbytes); 'nf4' is short for {method: nf4}.")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError("set exactly one of model.name_or_path and model.config")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config needs a model_type (e.g. llama)")
         return self
+
+_ROLES: dict[str, Literal["system", "user", "assistant"]] = {
+    "system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 
 
 class DataSection(_Section):
@@ -99,8 +106,7 @@ class DataSection(_Section):
     output_field: str = Field("output", description="instruction format: the field holding the response.")
     messages_field: str = Field("messages", description="chat format: the field holding the list of messages.")
     roles: dict[str, Literal["system", "user", "assistant"]] = Field(
-        default_factory=lambda: {"system": "system", "user": "user", "assistant": "assistant", "human": "user",
-                                 "gpt": "assistant"},
+        default_factory=lambda: dict(_ROLES),
         description="chat format: the dataset's role names -> system/user/assistant (ShareGPT's human/gpt included).")
     chat_template: str | None = Field(
         None, description="chat/instruction format: a Jinja chat template, or 'chatml', used when the tokenizer has none "
@@ -114,9 +120,10 @@ class DataSection(_Section):
     seq_len: int = Field(128, ge=8, description="Tokens per packed sequence.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share of packed sequences held out.")
     max_documents: int | None = Field(None, ge=1, description="Use only the first N documents (rows) of each source.")
+    num_proc: int = Field(1, ge=1, description="Processes that render and tokenize instruction/chat rows (datasets.map).")
 
     @model_validator(mode="after")
-    def _weights_match_sources(self) -> "DataSection":
+    def _weights_match_sources(self) -> DataSection:
         if self.weights is not None:
             n = len(self.path) if isinstance(self.path, list) else 1
             if len(self.weights) != n or any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
@@ -153,8 +160,7 @@ class TrainSection(_Section):
     eval_batches: int = Field(4, ge=0, description="Eval micro-batches after every link (0: none).")
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in the backward instead of keeping them "
-        "(non-reentrant torch.utils.checkpoint per block): saved activations shrink to one hidden state per block.",
-    )
+        "(non-reentrant torch.utils.checkpoint per block): saved activations shrink to one hidden state per block.")
     sample_prompts: list[str] = Field(
         default_factory=list, description="Prompts answered greedily after each link (and before the first), written "
         "to metrics.jsonl and samples.md; for instruction/chat data rendered as a user turn with the chat template.")
@@ -165,39 +171,32 @@ class TrainSection(_Section):
 class CheckpointSection(_Section):
     every_links: int = Field(1, ge=1, description="Checkpoint every N links (and always at the end).")
     every_steps: int | None = Field(
-        None, ge=1, description="Also checkpoint every N optimizer steps inside a link (resumable mid-link)."
-    )
+        None, ge=1, description="Also checkpoint every N optimizer steps inside a link (resumable mid-link).")
     keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
 
 
 class DistributedSection(_Section):
     strategy: Literal["single", "ddp", "fsdp2", "deepspeed"] = Field(
-        "single", description="One process, or a data-parallel / sharded engine over workers."
-    )
+        "single", description="One process, or a data-parallel / sharded engine over workers.")
     workers: int = Field(1, ge=1, description="Processes (one per GPU, or CPU workers); >1 needs an engine.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Collectives: auto = nccl on GPU, gloo on CPU.")
     mixed_precision: Literal["none", "bf16"] = Field(
-        "none", description="bf16 parameters with fp32 reduction (fsdp2) or DeepSpeed bf16; none = fp32 (CPU default)."
-    )
+        "none", description="bf16 parameters with fp32 reduction (fsdp2) or DeepSpeed bf16; none = fp32 (CPU default).")
     cpu_offload: bool = Field(
         False, description="fsdp2: keep parameter shards, gradients and the optimizer step in CPU memory "
-        "(torch CPUOffloadPolicy). For deepspeed, set offload_optimizer / offload_param in distributed.deepspeed.",
-    )
+        "(torch CPUOffloadPolicy). For deepspeed, set offload_optimizer / offload_param in distributed.deepspeed.")
     fsdp_unit: Literal["auto", "block", "sublayer", "linear"] = Field(
         "auto", description="fsdp2: what one all-gather brings in: a decoder block (fewest collectives), each "
         "of its sublayers apart (attention, MLP), or each of its linear layers apart (less in flight at the peak, "
         "more collectives). auto: sublayer on CPU workers for blocks of 8 MiB and more, else block "
-        "(docs/distributed.md).",
-    )
+        "(docs/distributed.md).")
     vocab_parallel: bool = Field(
         True, description="fsdp2 and ZeRO-3 with several workers: split a frozen untied input embedding and "
         "output head by vocabulary rows across ranks, for good, instead of sharding them and gathering each "
-        "whole for every forward (the hidden states travel instead; docs/distributed.md).",
-    )
+        "whole for every forward (the hidden states travel instead; docs/distributed.md).")
     deepspeed: dict[str, Any] = Field(
         default_factory=lambda: {"zero_optimization": {"stage": 2}},
-        description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.",
-    )
+        description="DeepSpeed config passed through; batch sizes and clipping filled from train.* if unset.")
     replicas: int = Field(
         1, ge=1, description="fsdp2: HSDP. The workers form this many replica groups of contiguous ranks (one per "
         "node); each group holds the model sharded over its own ranks, and gradients are reduced across groups "
@@ -224,13 +223,13 @@ class DistributedSection(_Section):
         "group's ranks (fsdp2). Default: every worker is a group.")
 
     @model_validator(mode="after")
-    def _single_runs_one_worker(self) -> "DistributedSection":
+    def _single_runs_one_worker(self) -> DistributedSection:
         if self.strategy == "single" and self.workers > 1:
             raise ValueError("strategy 'single' runs one worker; use ddp, fsdp2 or deepspeed for workers > 1")
         return self
 
     @model_validator(mode="after")
-    def _cpu_offload_is_fsdp2s(self) -> "DistributedSection":
+    def _cpu_offload_is_fsdp2s(self) -> DistributedSection:
         if self.cpu_offload and self.strategy != "fsdp2":
             hint = ("set zero_optimization.offload_optimizer / offload_param in distributed.deepspeed"
                     if self.strategy == "deepspeed" else "it applies to the fsdp2 strategy")
@@ -253,13 +252,13 @@ class DistributedSection(_Section):
         return "sublayer" if device_type == "cpu" and block_bytes >= AUTO_SUBLAYER_BYTES else "block"
 
     @model_validator(mode="after")
-    def _fsdp_unit_is_fsdp2s(self) -> "DistributedSection":
+    def _fsdp_unit_is_fsdp2s(self) -> DistributedSection:
         if self.fsdp_unit in ("sublayer", "linear") and self.strategy != "fsdp2":
             raise ValueError(f"fsdp_unit: {self.fsdp_unit!r} applies to the fsdp2 strategy, not {self.strategy!r}")
         return self
 
     @model_validator(mode="after")
-    def _link_sync_runs_on_ddp_or_fsdp2(self) -> "DistributedSection":
+    def _link_sync_runs_on_ddp_or_fsdp2(self) -> DistributedSection:
         if self.sync == "link" and self.strategy not in ("ddp", "fsdp2", "single"):
             raise ValueError(f"sync: link needs strategy ddp or fsdp2 (or single), not {self.strategy!r}: each "
                              "group trains its own factors during a link, and DeepSpeed's engine keeps one set")
@@ -280,7 +279,7 @@ class DistributedSection(_Section):
         return self
 
     @model_validator(mode="after")
-    def _replicas_are_fsdp2s(self) -> "DistributedSection":
+    def _replicas_are_fsdp2s(self) -> DistributedSection:
         if self.replicas == 1:
             return self
         if self.strategy != "fsdp2":
@@ -307,7 +306,7 @@ class DistributedSection(_Section):
         return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
 
     @model_validator(mode="after")
-    def _zero_stage_2_or_3(self) -> "DistributedSection":
+    def _zero_stage_2_or_3(self) -> DistributedSection:
         stage = self.zero_stage
         if stage is not None and stage not in (2, 3):
             raise ValueError(f"deepspeed.zero_optimization.stage must be 2 or 3, got {stage!r}")
@@ -369,7 +368,7 @@ class RunConfig(_Section):
     ray: RaySection = Field(default_factory=RaySection)
 
     @model_validator(mode="after")
-    def _batch_splits_over_workers(self) -> "RunConfig":
+    def _batch_splits_over_workers(self) -> RunConfig:
         if self.train.batch_size % self.distributed.workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of distributed.workers "
@@ -390,7 +389,7 @@ class RunConfig(_Section):
         return [n for n in range(low, self.distributed.workers + 1) if n % self.group_size() == 0]
 
     @model_validator(mode="after")
-    def _elastic_sizes_keep_the_batch(self) -> "RunConfig":
+    def _elastic_sizes_keep_the_batch(self) -> RunConfig:
         low = self.ray.min_workers
         if low is None:
             return self
@@ -415,7 +414,7 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _sync_rounds_split_a_link(self) -> "RunConfig":
+    def _sync_rounds_split_a_link(self) -> RunConfig:
         rounds, k = self.distributed.link_sync_rounds, self.raclora.steps_per_link
         if rounds > 1 and k % rounds:
             raise ValueError(f"distributed.link_sync_rounds ({rounds}) must divide raclora.steps_per_link ({k})")
@@ -425,14 +424,14 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _link_sync_resets_the_optimizer(self) -> "RunConfig":
+    def _link_sync_resets_the_optimizer(self) -> RunConfig:
         if self.distributed.sync == "link" and self.raclora.optimizer_state != "reset":
             raise ValueError("raclora.optimizer_state: keep with distributed.sync: link: each group's moments describe "
                              "its own factor, not the averaged one the next link starts from; use reset")
         return self
 
     @model_validator(mode="after")
-    def _master_weights_need_a_rounding_base(self) -> "RunConfig":
+    def _master_weights_need_a_rounding_base(self) -> RunConfig:
         rc, m = self.raclora, self.model
         if (rc.master_weights != "none" or rc.stochastic_rounding is True) and not m.quantization.enabled \
                 and m.dtype == "float32":
@@ -446,13 +445,13 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _cpu_offload_needs_gpu_workers(self) -> "RunConfig":
+    def _cpu_offload_needs_gpu_workers(self) -> RunConfig:
         if self.distributed.cpu_offload and self.ray.enabled and not self.ray.use_gpu:
             raise ValueError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU} (ray.use_gpu is false)")
         return self
 
     @model_validator(mode="after")
-    def _no_lossy_4bit_merge_unless_allowed(self) -> "RunConfig":
+    def _no_lossy_4bit_merge_unless_allowed(self) -> RunConfig:
         rc, q = self.raclora, self.model.quantization
         if (q.enabled and rc.merge_mode == "into_base" and rc.master_weights == "none" and rc.stochastic_rounding is not True
                 and not rc.allow_lossy_merge):
@@ -465,7 +464,7 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _packed_codes_survive_bf16(self) -> "RunConfig":
+    def _packed_codes_survive_bf16(self) -> RunConfig:
         q = self.model.quantization
         if q.enabled and self.distributed.mixed_precision == "bf16" and q.storage in ("float32", "float16"):
             raise ValueError(f"model.quantization.storage_dtype={q.storage_dtype!r} with distributed.mixed_precision=bf16: "
@@ -578,7 +577,7 @@ def with_values(cfg: RunConfig, changes: dict[str, Any], source: str = "config")
     return build_config(data, source)
 
 
-def _describe(e: dict[str, Any]) -> str:
+def _describe(e: Any) -> str:
     loc = ".".join(str(x) for x in e["loc"])
     if e["type"] == "extra_forbidden":
         parent = _section_model(e["loc"][:-1])

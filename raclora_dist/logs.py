@@ -22,8 +22,11 @@ class _Console(logging.StreamHandler):
     def retarget(self, stream: TextIO) -> TextIO:
         """Writes to ``stream`` from now on; returns the old stream. Unlike ``setStream`` it does
         not flush the old one, which may be closed already (a test's captured stdout)."""
-        with self.lock:
+        self.acquire()
+        try:
             old, self.stream = self.stream, stream
+        finally:
+            self.release()
         return old
 
 

@@ -194,3 +194,23 @@ class MeshProbe(Callback):
                 "placements": [type(x).__name__ for x in getattr(p, "placements", ())]}
         if trainer.backend.info.is_main:
             self.out.write_text(json.dumps(info))
+
+
+class RecordLog(Callback):
+    """Rank 0 appends what its hooks were handed to ``out`` (JSON lines): every metrics line
+    (``{"hook": "on_record", "record": ...}``) and every checkpoint's record
+    (``{"hook": "on_checkpoint", "folder": name, "record": ...}``)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def _log(self, trainer, entry: dict) -> None:
+        if trainer.is_main:
+            with self.out.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def on_record(self, trainer, record: dict) -> None:
+        self._log(trainer, {"hook": "on_record", "record": record})
+
+    def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
+        self._log(trainer, {"hook": "on_checkpoint", "folder": folder.name, "record": record})

@@ -105,9 +105,9 @@ def print_table(title: str, header: list[str], rows: list[list]) -> str:
     """Prints (and returns) a plain-text table."""
     cells = [[str(h) for h in header]] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)),
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(cells[0], widths, strict=False)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) for row in cells[1:]]
     text = "\n".join(lines)
     print(text)
     return text

@@ -59,7 +59,7 @@ def run_federated(method: str, seed: int, gamma: float, links: int, local_steps:
     for t in range(links):
         for chain in chains:
             chain.start_link(0 if method == "fixed_sketch" else t)
-        for model, chain, opt_i in zip(models, chains, optima):
+        for model, chain, opt_i in zip(models, chains, optima, strict=False):
             # lr = gamma / s^2: each step moves W_eff by exactly -gamma grad f_i H (projected GD).
             opt = torch.optim.SGD(chain.trainable_parameters(), lr=gamma / s**2)
             for _ in range(local_steps):
@@ -82,7 +82,7 @@ def _fed_lora(models, optima, m, w_star, seed, gamma, links, local_steps) -> lis
     W = torch.zeros(N, N, dtype=torch.float64)
     for t in range(links):
         factors = []
-        for model, opt_i in zip(models, optima):
+        for model, opt_i in zip(models, optima, strict=False):
             gen = torch.Generator().manual_seed(seed * 100_000 + t)  # the round's shared init
             with torch.no_grad():
                 model.w.weight.copy_(W)

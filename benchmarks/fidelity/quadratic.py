@@ -135,7 +135,7 @@ def plot(result: dict, path) -> None:
     gammas = sorted({r["gamma"] for r in result["runs"]}, reverse=True)
     fig, axes = plt.subplots(1, len(gammas), figsize=(6 * len(gammas), 4.2), squeeze=False)
     f0 = statistics_f0(result["seeds"])
-    for ax, gamma in zip(axes[0], gammas):
+    for ax, gamma in zip(axes[0], gammas, strict=False):
         for r in (r for r in result["runs"] if r["gamma"] == gamma):
             curve = [min(max(x, 1e-20), 1e12) for x in r["mean_curve"]]
             ax.semilogy(curve, label=r["method"])

@@ -61,8 +61,9 @@ class Backend:
         # (distributed.sync: link) a group of contiguous ranks that trains its own link.
         self.sync_group_size = info.world_size
         self.access: FactorAccess = DenseAccess()
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        # Set by setup(): the wrapped model and the optimizer over its trainable factors.
+        self.model: nn.Module
+        self.optimizer: torch.optim.Optimizer
 
     # -- setup ------------------------------------------------------------------------
     @property
@@ -72,7 +73,7 @@ class Backend:
         :meth:`shard_unit`: sharding engines with several ranks, unless the config says no."""
         return False
 
-    def vocab_split(self) -> tuple[int, int, "torch.distributed.ProcessGroup | None"]:
+    def vocab_split(self) -> tuple[int, int, torch.distributed.ProcessGroup | None]:
         """``(rank, world, group)`` of a vocabulary split (:attr:`splits_vocab`): this rank's
         place among the ranks that split the rows, their number, and their process group
         (None: every rank)."""
@@ -134,7 +135,7 @@ class Backend:
         g = self.info.rank // size
         return max(sum(labelled[g * size : (g + 1) * size]), 1) / size
 
-    def link_average(self) -> "bool | Comm":
+    def link_average(self) -> bool | Comm:
         """What the chain averages the factors over at a boundary
         (:meth:`~raclora_dist.core.chain.RacLoraChain.end_link`'s ``average``): False (sync:
         step: the factors are equal everywhere), True (every rank), or a :class:`Comm` over

@@ -59,17 +59,19 @@ class DDPBackend(Backend):
             # broadcast_buffers=False: every rank draws the sketches itself; broadcasting rank
             # 0's would hide a desynchronised rank from the fingerprint check (and cost a
             # broadcast per forward).
-            self.model = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
-                             broadcast_buffers=False, process_group=group)
-            self.model.register_comm_hook(group, _counting_allreduce)
+            ddp = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
+                      broadcast_buffers=False, process_group=group)
+            ddp.register_comm_hook(group, _counting_allreduce)
+            self.model = ddp
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         """With gradient accumulation only the last micro-batch all-reduces; the others
         accumulate locally (``no_sync`` around forward and backward), to the same sum."""
-        if last or not hasattr(self.model, "no_sync"):
+        no_sync = getattr(self.model, "no_sync", None)  # DDP's; a group of one has none
+        if last or no_sync is None:
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return no_sync()
 
     # -- state: per rank in link mode ---------------------------------------------------------
     def save_state(self, folder: Path) -> None:
@@ -77,7 +79,7 @@ class DDPBackend(Backend):
             return super().save_state(folder)
         # Mid-link the groups hold different factors and moments: every rank keeps its own
         # (at a boundary the factors are zero and the state reset, and the files are tiny).
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model: nn.Module = getattr(self.model, "module", self.model)
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save({"factors": trainable, "optimizer": self.optimizer.state_dict()},
                    folder / f"rank{self.info.rank}.pt")
@@ -91,7 +93,7 @@ class DDPBackend(Backend):
         if not path.is_file():  # written by sync: step: every group starts from the shared state
             return super().load_state(folder)
         state = load_tensors(path)
-        model = self.model.module if hasattr(self.model, "module") else self.model
+        model: nn.Module = getattr(self.model, "module", self.model)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["factors"].items():

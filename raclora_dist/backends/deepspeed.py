@@ -55,7 +55,7 @@ class DeepSpeedAccess:
         # Every rank computes the same merge on the gathered tensors (4-bit layers must all
         # set their new quant state); rank 0's result is what is re-partitioned on exit.
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield MergeView(weight=layer.base_layer.weight.data, chain_B=layer.chain_B.data,
+            yield MergeView(weight=layer.base_weight.data, chain_B=layer.chain_B.data,
                             chain_A=layer.chain_A.data, gather=self.comm.all_gather_flat, owner=self.rank == 0)
 
     @torch.no_grad()

@@ -50,7 +50,8 @@ def inner_units(block: nn.Module, unit: str) -> list[nn.Module]:
         return [c for c in block.children() if any(_is_linear_unit(m) for m in c.modules())]
     if unit != "linear":
         return []
-    units, inside = [], []
+    units: list[nn.Module] = []
+    inside: list[str] = []
     for name, m in block.named_modules():
         if name and not any(name.startswith(p) for p in inside) and _is_linear_unit(m):
             units.append(m)
@@ -119,21 +120,22 @@ class FSDP2Access:
         if target == "rows":
             # Each rank owns its rows of W and merges them with no communication; the landed
             # statistics of the ranks' rows add up to the layer's.
-            weight = layer.base_layer.weight
+            weight = layer.base_weight
             yield MergeView(weight=_local(weight), row_start=_row_offset(layer.out_features, self.rank, self.world),
                             rows_only=True, owner=self.replica == 0)
             return
         # The packed codes' chunks follow neither W's rows nor its quantization blocks, and a
         # chain recompression mixes all rows: gather the whole tensor, let every rank compute
         # the same result, keep this rank's chunk.
-        params = [layer.chain_B, layer.chain_A] if target == "chain" else [layer.base_layer.weight]
-        full = [p.full_tensor() for p in params]
+        params = [layer.chain_B, layer.chain_A] if target == "chain" else [layer.base_weight]
+        full = [whole(p) for p in params]
         if target == "chain":
             full = [t.clone() for t in full]
             yield MergeView(chain_B=full[0], chain_A=full[1])
         else:
-            yield MergeView(weight=full[0], gather=self.comm.all_gather_flat, owner=self.rank == 0 and self.replica == 0)
-        for p, gathered in zip(params, full):
+            gather = self.comm.all_gather_flat if self.comm else None  # None: one process holds it all
+            yield MergeView(weight=full[0], gather=gather, owner=self.rank == 0 and self.replica == 0)
+        for p, gathered in zip(params, full, strict=False):
             _write_shard(p, gathered, self.rank, self.world)
 
     @torch.no_grad()
@@ -150,7 +152,8 @@ class FSDP2Backend(Backend):
             # torch's CPUOffloadPolicy moves shards between an accelerator and the host; it
             # fails deep inside the first all-gather when there is no accelerator.
             raise ConfigError(f"distributed.cpu_offload: {CPU_OFFLOAD_NEEDS_GPU}")
-        self.comm = DistComm(info.device)
+        comm = DistComm(info.device)
+        self.comm = comm
         # Groups of contiguous ranks, each sharding the model over its own ranks; mesh[i] =
         # ranks i*s .. i*s+s-1, built on first use (collective). HSDP (distributed.replicas)
         # reduces the gradients across groups at every step; link-sync (sync: link,
@@ -164,7 +167,7 @@ class FSDP2Backend(Backend):
             self.sync_group_size = self.shards
         self.shard_rank, self.replica = info.rank % self.shards, info.rank // self.shards
         self.mesh = None
-        self.access = FSDP2Access(self.shard_rank, self.shards, self.comm, self.replica)
+        self.access = FSDP2Access(self.shard_rank, self.shards, comm, self.replica)
 
     def _shard_kwargs(self) -> dict:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy

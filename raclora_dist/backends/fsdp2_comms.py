@@ -12,9 +12,14 @@ counted (the records then show the trainer's own collectives only).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 from raclora_dist.backends.dist import TRAFFIC
 
@@ -62,11 +67,12 @@ def count_collectives(unit: nn.Module, replicate_group: dist.ProcessGroup | None
     if comms is None:
         return
     gather, scatter = comms
+    fsdp = cast("FSDPModule", unit)  # fully_shard made it one
     if all_gather:
-        unit.set_custom_all_gather(gather)
-    unit.set_custom_reduce_scatter(scatter)
+        fsdp.set_custom_all_gather(gather)
+    fsdp.set_custom_reduce_scatter(scatter)
     if replicate_group is not None:
         def counted(reduce_output: torch.Tensor) -> None:
             TRAFFIC.add(reduce_output, replicate_group)
 
-        unit.set_all_reduce_hook(counted)
+        fsdp.set_all_reduce_hook(counted)

@@ -22,9 +22,13 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from types import MethodType
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 class IntegerSafeNN:
@@ -35,10 +39,10 @@ class IntegerSafeNN:
         return getattr(nn, name)
 
     @staticmethod
-    def Parameter(data: torch.Tensor | None = None, requires_grad: bool | None = None) -> nn.Parameter:  # noqa: N802
+    def Parameter(data: torch.Tensor | None = None, requires_grad: bool | None = None) -> nn.Parameter:
         if requires_grad is None:
             requires_grad = data is None or data.is_floating_point() or data.is_complex()
-        return nn.Parameter(data, requires_grad=requires_grad)
+        return nn.Parameter(data, requires_grad=requires_grad)  # type: ignore[arg-type]  # torch's own default is None
 
 
 def shards_integer_params() -> bool:
@@ -87,7 +91,7 @@ def fully_shard_4bit(module: nn.Module, **kwargs) -> None:
             fully_shard(module, **kwargs)
     if keeps_integer_params_uncast():
         return
-    group = module._get_fsdp_state()._fsdp_param_group
+    group = cast("FSDPModule", module)._get_fsdp_state()._fsdp_param_group
     for fsdp_param in group.fsdp_params if group is not None else []:
         if not (fsdp_param.sharded_param.is_floating_point() or fsdp_param.sharded_param.is_complex()):
-            fsdp_param.init_dtype_attrs = MethodType(_init_dtype_attrs_uncast, fsdp_param)
+            fsdp_param.init_dtype_attrs = MethodType(_init_dtype_attrs_uncast, fsdp_param)  # type: ignore[method-assign]

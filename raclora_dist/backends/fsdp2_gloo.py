@@ -14,12 +14,16 @@ deferred free overlaps a GPU's copy-out with the next gather.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from raclora_dist.backends.dist import TRAFFIC
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 def _all_gather_base() -> type:
@@ -81,5 +85,5 @@ def gather_for_gloo(module: nn.Module) -> bool:
         Whether it did."""
     if dist.get_backend() != "gloo" or not supported():
         return False
-    module.set_custom_all_gather(broadcast_all_gather())
+    cast("FSDPModule", module).set_custom_all_gather(broadcast_all_gather())
     return True

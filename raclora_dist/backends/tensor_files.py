@@ -45,7 +45,7 @@ def load_tensors(path: Path | str, map_location: Any = "cpu", allow: tuple[str, 
         ConfigError: the file holds anything else (a pickled callable, an unknown class);
             the message names the file. Nothing in it has run.
     """
-    classes = [c for c in (_import(name) for name in allow) if c is not None]
+    classes: list = [c for c in (_import(name) for name in allow) if c is not None]
     try:
         with torch.serialization.safe_globals(classes):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -18,12 +18,17 @@ shape (the training loop's micro-batches and eval batches are).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from raclora_dist.backends.dist import TRAFFIC
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def vocab_rows(vocab: int, rank: int, world: int) -> tuple[int, int, int]:
@@ -79,6 +84,8 @@ class _VocabRows(nn.Module):
             a replica group, so that the activations never leave it).
     """
 
+    weight: torch.Tensor  # the registered buffer (declared for type checkers)
+
     def __init__(self, full: torch.Tensor, rank: int, world: int, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.group = group
@@ -122,7 +129,7 @@ class _Head(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        every, w = ctx.saved_tensors
+        _every, w = ctx.saved_tensors
         world, per = dist.get_world_size(ctx.group), w.shape[0]
         g = grad.reshape(-1, ctx.vocab).to(w.dtype)
         n = g.shape[0]
@@ -149,7 +156,7 @@ def splittable(module: nn.Module, model: nn.Module) -> bool:
     if any(p.requires_grad for p in module.parameters()):
         return False
     if type(module) is nn.Embedding:
-        return module is model.get_input_embeddings()
+        return module is cast("PreTrainedModel", model).get_input_embeddings()
     get_head = getattr(model, "get_output_embeddings", None)
     return type(module) is nn.Linear and module.bias is None and callable(get_head) and module is get_head()
 
@@ -160,7 +167,7 @@ def split(model: nn.Module, name: str, rank: int, world: int, group: dist.Proces
     rank), in place; the full weight is dropped. Returns the new module."""
     module = model.get_submodule(name)
     cls = VocabParallelEmbedding if isinstance(module, nn.Embedding) else VocabParallelHead
-    new = cls(module.weight, rank, world, group)
+    new = cls(cast(torch.Tensor, module.weight), rank, world, group)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, new)
     return new

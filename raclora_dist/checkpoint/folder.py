@@ -27,11 +27,12 @@ storage; resuming installs the whole of it on every disk (:mod:`raclora_dist.che
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,11 +276,15 @@ def _prune(root: Path, keep: int, protect: Path | None, spare: Path | None = Non
     done = [p for p in _complete(root) if p != protect]
     for p in stale + done[: max(0, len(done) - (keep - 1))]:
         errors: list[str] = []
-        # onerror (Python 3.10/3.11; onexc from 3.12): exc_info[1] is the OSError
-        shutil.rmtree(p, onerror=lambda _fn, path, exc_info: errors.append(f"{path}: {exc_info[1]}"))
+        shutil.rmtree(p, onerror=functools.partial(_note_error, errors))
         if errors:
             log.warning("could not remove old checkpoint folder %s (%d errors, first: %s); it takes disk space "
                         "until removed", p, len(errors), errors[0])
+
+
+def _note_error(errors: list[str], _fn: object, path: str, exc_info: tuple) -> None:
+    """shutil.rmtree's onerror (Python 3.10/3.11; onexc from 3.12): exc_info[1] is the OSError."""
+    errors.append(f"{path}: {exc_info[1]}")
 
 
 def find_latest(run_dir: Path, report: Callable[[str], None] | None = None) -> Path | None:
@@ -440,6 +445,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def _load(path: Path) -> Checkpoint:
     meta = json.loads((path / "meta.json").read_text())
+    factors: dict[int, Mapping[str, torch.Tensor]]
     if meta["format"] == 1:
         factors, current = _read_chain_file(path / "chain.safetensors")
     else:
@@ -457,7 +463,7 @@ def _load(path: Path) -> Checkpoint:
     return Checkpoint(path, meta, chain, rng, current)
 
 
-def _read_chain_file(path: Path) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def _read_chain_file(path: Path) -> tuple[dict[int, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """A format-1 checkpoint's ``chain.safetensors``: every link's factors, and the current ones."""
     factors: dict[int, dict[str, torch.Tensor]] = {}
     current: dict[str, torch.Tensor] = {}
@@ -467,7 +473,7 @@ def _read_chain_file(path: Path) -> tuple[dict[int, dict[str, torch.Tensor]], di
             continue
         _, link, name = key.split(".", 2)
         factors.setdefault(int(link), {})[name] = t
-    return factors, current
+    return {t: f for t, f in factors.items()}, current  # (as the Mapping the record holds)
 
 
 def chain_tensors(path: Path) -> dict[str, torch.Tensor]:

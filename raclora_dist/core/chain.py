@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -31,7 +31,8 @@ class Comm(Protocol):
     """The collectives the chain needs; each returns the reduced tensor (may be in place).
     ``rank``: this process's rank (0 in one process)."""
 
-    rank: int
+    @property
+    def rank(self) -> int: ...
 
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor: ...
 
@@ -151,7 +152,7 @@ class ChainState:
 
     merged: list[int] = field(default_factory=list)  # link indices merged, in order
     skipped: list[int] = field(default_factory=list)  # links discarded by the finite guard
-    factors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # link -> name -> CPU factor
+    factors: MutableMapping[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # link -> name -> CPU factor
     cumulative_update_norm: float = 0.0
 
 
@@ -266,7 +267,7 @@ class RacLoraChain:
         factors: dict[str, torch.Tensor] = {}
         if average is not False:
             outer = outer or OuterStep()
-            self._outer_round(comm if average is True else average, outer, payload)
+            self._outer_round(comm if isinstance(average, bool) else average, outer, payload)
             outer.reset()
         fulls = {name: self.access.full_factor(layer) for name, layer in self.layers.items()}
         for name, layer in self.layers.items():
@@ -297,7 +298,7 @@ class RacLoraChain:
         guard then discards the link). Collective. Returns whether it synced."""
         if not self.all_finite(comm):
             return False
-        self._outer_round(comm if average is True else average, outer, payload)
+        self._outer_round(comm if isinstance(average, bool) else average, outer, payload)
         return True
 
     def _outer_round(self, comm: Comm, outer: OuterStep, payload: torch.dtype) -> None:

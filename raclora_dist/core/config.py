@@ -82,13 +82,13 @@ class RacLoraConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _targets_not_empty(self) -> "RacLoraConfig":
+    def _targets_not_empty(self) -> RacLoraConfig:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules must name at least one module")
         return self
 
     @model_validator(mode="after")
-    def _sketch_groups_share_the_right_sketch(self) -> "RacLoraConfig":
+    def _sketch_groups_share_the_right_sketch(self) -> RacLoraConfig:
         if self.sketch_groups and self.sketch_side == "left":
             raise ValueError("sketch_groups share the input-side (right) sketch; they need sketch_side right or auto")
         if any(len(g) < 2 for g in self.sketch_groups):
@@ -96,7 +96,7 @@ class RacLoraConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _master_weights_need_into_base(self) -> "RacLoraConfig":
+    def _master_weights_need_into_base(self) -> RacLoraConfig:
         # (auto is into_base on the bases where they apply; a 4-bit base's auto is checked with the model)
         if (self.master_weights != "none" or self.stochastic_rounding is True) and self.merge_mode == "factored":
             raise ValueError("master_weights and stochastic_rounding need merge_mode into_base (or auto on a bf16/fp16 "
@@ -104,7 +104,7 @@ class RacLoraConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _chain_cap_holds_a_link(self) -> "RacLoraConfig":
+    def _chain_cap_holds_a_link(self) -> RacLoraConfig:
         if self.max_chain_rank is not None and self.max_chain_rank < self.rank:
             raise ValueError(f"max_chain_rank ({self.max_chain_rank}) must be >= rank ({self.rank})")
         return self

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -214,6 +214,16 @@ class RacLoraLinear(nn.Module):
             on for a dense bf16/fp16 base merged ``into_base`` without a master copy.
     """
 
+    # Declared for type checkers: nn.Module's __getattr__ types registered buffers and
+    # submodules as ``Tensor | Module``.
+    base_layer: nn.Module
+    sketch: torch.Tensor
+    chain_B: torch.Tensor
+    chain_A: torch.Tensor
+    _master: torch.Tensor
+    out_features: int
+    in_features: int
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -232,7 +242,7 @@ class RacLoraLinear(nn.Module):
         stochastic_rounding: bool | str = "auto",
     ) -> None:
         super().__init__()
-        m, n = base_layer.out_features, base_layer.in_features
+        m, n = cast(int, base_layer.out_features), cast(int, base_layer.in_features)
         d = n if side == "right" else m
         if rank > d:
             raise RankError(
@@ -251,7 +261,7 @@ class RacLoraLinear(nn.Module):
         self.sketch_key = name  # the name sketches are drawn under (a sketch group's shared key)
         self.shared: SharedProjection | None = None  # a sketch group's, set by :func:`inject`
         self.out_features, self.in_features = m, n
-        dev = base_layer.weight.device
+        dev = self.base_weight.device
         sketch_shape = (rank, n) if side == "right" else (m, rank)
         factor_shape = (m, rank) if side == "right" else (rank, n)
         # The sketch is a buffer: sharding engines must not shard, reduce or optimize it.
@@ -283,7 +293,7 @@ class RacLoraLinear(nn.Module):
                                  f"need raclora.merge_mode=into_base, not {self.merge_mode!r}")
             if not self.rounds_merges():
                 raise ValueError(f"module {self.name!r}: raclora.master_weights and raclora.stochastic_rounding "
-                                 f"apply to bf16, fp16 and 4-bit bases; this base is {self.base_layer.weight.dtype}, "
+                                 f"apply to bf16, fp16 and 4-bit bases; this base is {self.base_weight.dtype}, "
                                  "which merges exactly")
         self.master_weights = master_weights
         self.master_rows = (0, self.out_features)  # this rank's rows of the master (all of them unsharded)
@@ -320,15 +330,20 @@ class RacLoraLinear(nn.Module):
             return bool(self._rounding)
         return self.merge_mode == "into_base" and self.master is None and not self.packed_base and self.rounds_merges()
 
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The wrapped layer's ``weight`` (a 4-bit layer's: its packed codes)."""
+        return cast(torch.Tensor, self.base_layer.weight)
+
     def rounds_merges(self) -> bool:
         """Whether merging into this base rounds (a bf16/fp16 or 4-bit weight): where a master
         copy or stochastic rounding applies."""
-        dtype = self.base_layer.weight.dtype
+        dtype = self.base_weight.dtype
         return not (dtype.is_floating_point and torch.finfo(dtype).bits >= 32)
 
     def master_source(self) -> torch.Tensor:
         """The (m, n) weight a master copy starts from (a 4-bit layer: the original weights)."""
-        return self.base_layer.weight.detach()
+        return self.base_weight.detach()
 
     @property
     def master(self) -> torch.Tensor | None:
@@ -349,25 +364,32 @@ class RacLoraLinear(nn.Module):
             self._master = local
         self.master_rows, self.master_world = (lo, hi), world
 
+    def _held_master(self) -> torch.Tensor:
+        if self.master is None:
+            raise RuntimeError(f"module {self.name!r} keeps no master copy (raclora.master_weights: none)")
+        return self.master
+
     @torch.no_grad()
     def add_to_master(self, B: torch.Tensor, A: torch.Tensor) -> None:
         """``master += s B A`` on this rank's rows of the master (in place), a row block at a time."""
         lo, hi = self.master_rows
+        master = self._held_master()
         for i in range(lo, hi, _CHUNK_ROWS):
             j = min(hi, i + _CHUNK_ROWS)
-            block = self.master[i - lo : j - lo]
+            block = master[i - lo : j - lo]
             block.addmm_(B[i:j].float().to(block.device), A.float().to(block.device), alpha=self.scale)
 
     def master_rows_of(self, row_start: int, rows: int, gather: Gather | None) -> torch.Tensor:
         """The master's fp32 rows ``row_start : row_start + rows`` (a view of this rank's chunk,
         or gathered from every rank: collective when ``gather`` is given and needed)."""
         lo, hi = self.master_rows
+        master = self._held_master()
         if lo <= row_start and row_start + rows <= hi:
-            return self.master[row_start - lo : row_start - lo + rows]
+            return master[row_start - lo : row_start - lo + rows]
         if gather is None:
             raise RuntimeError(f"module {self.name!r}: the merge needs master rows {row_start}..{row_start + rows} "
                                f"but this rank holds {lo}..{hi} and the engine gave no gather")
-        whole = gather_rows(self.master, self.out_features, self.master_world, gather)
+        whole = gather_rows(master, self.out_features, self.master_world, gather)
         return whole[row_start : row_start + rows]
 
     def default_merge_mode(self, master_weights: str = "none", stochastic_rounding: bool | str = "auto") -> MergeMode:
@@ -459,7 +481,7 @@ class RacLoraLinear(nn.Module):
 
     def local_view(self) -> MergeView:
         """The :class:`MergeView` of an unsharded layer: its own tensors, edited in place."""
-        return MergeView(weight=self.base_layer.weight.data, chain_B=self.chain_B, chain_A=self.chain_A)
+        return MergeView(weight=self.base_weight.data, chain_B=self.chain_B, chain_A=self.chain_A)
 
     @torch.no_grad()
     def merge(self, factor: torch.Tensor | None = None) -> MergeResult:
@@ -498,6 +520,8 @@ class RacLoraLinear(nn.Module):
         """
         B, A = self.factors_with(factor)
         if self.merge_target == "chain":
+            if view.chain_B is None or view.chain_A is None:
+                raise ValueError(f"module {self.name!r}: a chain merge's view must hold chain_B and chain_A")
             return self.merge_into_chain(view.chain_B, view.chain_A, B, A)
         return self.merge_into_base(view, B, A)
 
@@ -508,6 +532,8 @@ class RacLoraLinear(nn.Module):
         With a master copy, the master takes the link and the rows are rounded from it afresh;
         with stochastic rounding, the rounding to the weight's dtype is unbiased."""
         W = view.weight
+        if W is None:
+            raise ValueError(f"module {self.name!r}: a rows merge's view must hold the weight's rows")
         landed = torch.zeros(3, dtype=torch.float64)
         rows = B[view.row_start : view.row_start + W.shape[0]]
         if self.master is not None:
@@ -569,7 +595,7 @@ class RacLoraLinear(nn.Module):
 
     def dense_base_weight(self) -> torch.Tensor:
         """The base weight as a dense (m, n) fp32 tensor (quantized subclasses dequantize)."""
-        return self.base_layer.weight.detach().float()
+        return self.base_weight.detach().float()
 
     def extra_repr(self) -> str:
         return (

@@ -45,7 +45,7 @@ def read_documents(dcfg: DataSection, rows=None, source: str | None = None) -> l
     return docs
 
 
-def describe_data(dcfg: DataSection, data: "PackedData") -> list[str]:
+def describe_data(dcfg: DataSection, data: PackedData) -> list[str]:
     """What ``raclora validate`` says about the data: rows read per source kind, and the
     sequences and tokens they became (those with loss, for instruction/chat data)."""
     def rows(sources: list[str], field: str) -> int:
@@ -78,7 +78,7 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> dict[st
     """
     packer = ExamplePacker(seq_len, pad_id)
     blocks = [b for ex in examples for b in packer.add(ex.ids, ex.labels)] + list(packer.finish())
-    t = [torch.tensor(col, dtype=torch.long) for col in zip(*blocks)]
+    t = [torch.tensor(col, dtype=torch.long) for col in zip(*blocks, strict=False)]
     return {"input_ids": t[0], "labels": t[1], "position_ids": t[2]}
 
 

@@ -4,9 +4,10 @@ Two passes over each source, both streamed:
 
 1. **Encode** (:class:`ItemStore`): rows are read ``CHUNK_ROWS`` at a time (``Dataset.iter``:
    the rows stay in datasets' memory-mapped Arrow files), rendered, and tokenized a chunk at a
-   time (a fast tokenizer's batch call, which runs on every core). Each item (a text document
-   with its eos, or an instruction/chat example with its labels) is appended to int32 files
-   in a temporary folder, with its end offset.
+   time: text by a fast tokenizer's batch call (which runs on every core), instruction/chat
+   rows by ``datasets.map`` (their templates render in Python: ``data.num_proc`` processes).
+   Each item (a text document with its eos, or an instruction/chat example with its labels)
+   is appended to int32 files in a temporary folder, with its end offset.
 2. **Mix and pack**: the items of all sources, in :func:`mix_order` (all of each source in
    turn, or interleaved by ``data.weights``), read back sequentially and packed: text is
    concatenated and cut every ``seq_len`` tokens (the tail dropped); examples are packed
@@ -49,7 +50,7 @@ def mix_order(counts: list[int], weights: list[float] | None) -> Iterator[tuple[
         return
     total = sum(weights)
     shares = [w / total for w in weights]
-    scale = min(n / p for n, p in zip(counts, shares) if p > 0)
+    scale = min(n / p for n, p in zip(counts, shares, strict=False) if p > 0)
     taken = [int(scale * p + 1e-9) for p in shares]
     order = torch.cat([torch.full((n,), i, dtype=torch.int16) for i, n in enumerate(taken)])
     order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(0))]
@@ -127,7 +128,7 @@ def store_documents(dcfg: DataSection, rows, source: str, tokenizer, store: Item
     eos = tokenizer.eos_token_id
     for docs in iter_documents(dcfg, rows, source, field):
         encoded = tokenizer(docs, add_special_tokens=False)["input_ids"]
-        store.add([(list(ids) + [eos], None) for ids in encoded])
+        store.add([([*list(ids), eos], None) for ids in encoded])
     if store.count == 0:
         raise ConfigError(f"data.path: {source!r} holds no documents")
 
@@ -160,27 +161,50 @@ def iter_documents(dcfg: DataSection, rows, source: str, field: str) -> Iterator
 def store_examples(dcfg: DataSection, rows, tokenizer, fmt: str, source: str, store: ItemStore) -> None:
     """Instruction or chat rows as examples (the first ``max_documents`` rows), each checked.
 
+    The rows are rendered and tokenized by ``datasets.map`` (``data.num_proc`` processes, each
+    a contiguous range of rows), into an Arrow file in the store's folder: the examples stay
+    on disk and are read back a chunk at a time, in row order.
+
     Raises:
         ConfigError: naming file, row and field: a missing or empty field, an unknown role,
             no assistant turn, or (``data.overlong: error``) an example longer than seq_len; or
             no example fits.
     """
-    enc = ChatEncoder(tokenizer, dcfg)
-    to_messages = chat_messages if fmt == "chat" else instruction_messages
+    from datasets import Features, Sequence, Value
+
     limit = len(rows) if dcfg.max_documents is None else min(dcfg.max_documents, len(rows))
-    i = 0
-    for batch in rows.select(range(limit)).iter(batch_size=CHUNK_ROWS):
-        items = []
-        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
-            where = row_where(source, i)
-            i += 1
-            ex = enc.encode(to_messages(row, dcfg, where), where)
-            ex = fit_example(ex, dcfg, where)
-            if ex is not None:
-                items.append((ex.ids, ex.labels))
-        store.add(items)
+    ints = Sequence(Value("int32"))
+    encoded = rows.select(range(limit)).map(
+        EncodeExamples(dcfg, tokenizer, fmt, source), batched=True, batch_size=CHUNK_ROWS, with_indices=True,
+        remove_columns=rows.column_names, features=Features({"ids": ints, "labels": ints}),
+        num_proc=dcfg.num_proc if dcfg.num_proc > 1 and limit > CHUNK_ROWS else None,
+        cache_file_name=str(store.folder / "encoded.arrow"),
+        new_fingerprint=f"raclora-{store.folder.name}",  # not a hash of the tokenizer: the file is scratch
+        desc=None, load_from_cache_file=False)
+    for batch in encoded.iter(batch_size=CHUNK_ROWS):
+        store.add([(ids, labels) for ids, labels in zip(batch["ids"], batch["labels"], strict=True) if ids is not None])
     if store.count == 0:
         raise ConfigError(f"{source}: no example fits data.seq_len={dcfg.seq_len}")
+
+
+class EncodeExamples:
+    """``datasets.map``'s batched function: rows -> ``{"ids", "labels"}``, each example
+    rendered, tokenized and fitted to ``data.seq_len`` (None where ``data.overlong`` drops it).
+    Picklable (the tokenizer travels to the ``num_proc`` workers)."""
+
+    def __init__(self, dcfg: DataSection, tokenizer, fmt: str, source: str) -> None:
+        self.dcfg, self.enc, self.source = dcfg, ChatEncoder(tokenizer, dcfg), source
+        self.to_messages = chat_messages if fmt == "chat" else instruction_messages
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"ids": [], "labels": []}
+        for i, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+            where = row_where(self.source, i)
+            row = dict(zip(batch, values, strict=True))
+            fitted = fit_example(self.enc.encode(self.to_messages(row, self.dcfg, where), where), self.dcfg, where)
+            out["ids"].append(fitted.ids if fitted is not None else None)
+            out["labels"].append(fitted.labels if fitted is not None else None)
+        return out
 
 
 def fit_example(ex: Example, dcfg: DataSection, where: str) -> Example | None:
@@ -210,7 +234,7 @@ class BlockFiles:
         self.rows = 0
 
     def add(self, *fields) -> None:
-        for name, values in zip(self.names, fields):
+        for name, values in zip(self.names, fields, strict=False):
             self._held[name].append(values)
         self.rows += 1
         if len(self._held[self.names[0]]) * self.seq_len >= FLUSH_TOKENS:

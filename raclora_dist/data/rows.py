@@ -29,7 +29,7 @@ def _builder(files: list[Path], where: str, field: str) -> str:
         suffixes = sorted({f.suffix or "(none)" for f in files})
         raise ConfigError(f"{field}: {where}: cannot read files ending {', '.join(suffixes)}; use one kind of "
                           f"{', '.join(sorted(BUILDERS))}, or a save_to_disk folder")
-    return kinds.pop()
+    return str(kinds.pop())  # the one kind, not None (checked above)
 
 
 def first_bad_utf8(source: str) -> str:
@@ -89,10 +89,10 @@ def load_rows(dcfg: DataSection, source: str, field: str = "data.path"):
         raise
     except UnicodeDecodeError:
         raise ConfigError(f"{field}: {source} could not be read: not UTF-8 at {first_bad_utf8(source)}") from None
-    except Exception as err:  # noqa: BLE001 -- datasets wraps parser errors in several types
-        cause = err
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__
+    except Exception as err:
+        cause: BaseException = err
+        while (inner := cause.__cause__ or cause.__context__) is not None:
+            cause = inner
         raise ConfigError(f"{field}: {source} could not be read: {type(cause).__name__}: {cause}") from None
     if len(rows) == 0:
         raise ConfigError(f"{field}: {source!r} holds no documents")

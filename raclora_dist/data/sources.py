@@ -26,7 +26,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from raclora_dist.config import ConfigError
@@ -65,7 +65,7 @@ def local_folder(value: str, field: str = "model.name_or_path", weights: bool = 
     return _fetched(value, field, weights, how)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fetched(value: str, field: str, weights: bool, how: str) -> Path:
     if how in ("hub", "hub-dataset"):
         return _from_hub(value, field, weights, "dataset" if how == "hub-dataset" else "model")
@@ -101,7 +101,7 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
 
     try:
         return Path(snapshot_download(repo, revision=revision, local_files_only=True, allow_patterns=["config.json"]))
-    except Exception:  # noqa: BLE001 -- not cached, whatever the reason
+    except Exception:
         return None
 
 

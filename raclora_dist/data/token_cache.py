@@ -31,7 +31,7 @@ from raclora_dist.config import ConfigError, DataSection
 logger = logging.getLogger(__name__)
 
 VERSION = 2  # bump when the rendering or packing of blocks changes (2: streamed; the same blocks, rebuilt once)
-SETTINGS_NOT_IN_KEY = ("cache_dir", "eval_fraction")  # the split is taken after the cache
+SETTINGS_NOT_IN_KEY = ("cache_dir", "eval_fraction", "num_proc")  # the split is taken after the cache
 
 
 def cache_root(dcfg: DataSection) -> Path:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_
     d = cfg.distributed
     names = {id(m): n for n, m in model.named_modules()}
     units: list[tuple[int, str]] = []
-    for block, whole in zip(blocks, block_bytes):
+    for block, whole in zip(blocks, block_bytes, strict=False):
         unit = d.fsdp_unit_on(worker_device_type(d.backend), whole) if d.strategy == "fsdp2" else "block"
         inner = [_nbytes(m, cfg, names.get(id(m), "")) for m in inner_units(block, unit)]
         if inner:
@@ -139,7 +140,7 @@ def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_
             units.append((whole, "one block"))
     splits = d.vocab_parallel and (d.strategy == "fsdp2" or d.zero_stage == 3)
     get_head = getattr(model, "get_output_embeddings", None)
-    embedding, head = model.get_input_embeddings(), get_head() if callable(get_head) else None
+    embedding, head = getattr(model, "get_input_embeddings")(), get_head() if callable(get_head) else None  # noqa: B009 -- a PreTrainedModel's
     tied = embedding is not None and head is not None and head.weight is embedding.weight  # never split
     for what, module in (("the embedding", embedding), ("the head", head)):
         if module is not None and not (splits and not tied and splittable(module, model)):
@@ -296,7 +297,7 @@ def activation_bytes(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) 
     for i, b in enumerate(blocks):
         hooks.append(b.register_forward_pre_hook(lambda m, a, i=i: current.append(i)))
         hooks.append(b.register_forward_hook(leave))
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig
     previous = getattr(config, "_attn_implementation", None)
     try:
         from transformers import AttentionInterface

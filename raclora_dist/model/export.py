@@ -10,8 +10,10 @@ writes its effective weights (dequantized base plus chain) in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -125,15 +127,13 @@ def export_merged(run_dir: Path, out: Path | None = None, dtype: str = "auto") -
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
         with torch.no_grad():
             for name, (B, A, _) in chain_lora(ckpt, run_cfg).items():
-                w = model.get_submodule(name).weight
+                w = cast(torch.Tensor, model.get_submodule(name).weight)
                 w.copy_((w.float() + B @ A).to(w.dtype))
     if dtype != "auto":
         model = model.to(getattr(torch, dtype))
     model.save_pretrained(out)
-    try:
+    with contextlib.suppress(OSError, ValueError):  # a base folder without a tokenizer: the weights still export
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(out)
-    except (OSError, ValueError):  # a base folder without a tokenizer: the weights still export
-        pass
     return out
 
 

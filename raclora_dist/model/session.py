@@ -62,6 +62,8 @@ def base_folder(cfg: RunConfig, run_dir: Path) -> Path:
         return Path(run_dir) / "base"
     from raclora_dist.data.sources import local_folder
 
+    if cfg.model.name_or_path is None:
+        raise ConfigError("model: set name_or_path or config")
     return local_folder(cfg.model.name_or_path)
 
 
@@ -167,7 +169,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
     finally:
         weights.close()
     split_names = [n for n, m in model.named_modules() if isinstance(m, (VocabParallelEmbedding, VocabParallelHead))]
-    if split_names:
+    if split_names and backend is not None:
         logger.info(f"split {' and '.join(split_names)} by vocabulary rows across {backend.vocab_split()[1]} ranks")
     if unused:
         logger.info(f"note: {len(unused)} tensor(s) in the checkpoint are not part of the model (e.g. {unused[0]}); ignored")
@@ -232,7 +234,7 @@ def _check_fingerprints(chain: RacLoraChain, ckpt: Checkpoint) -> None:
     """Sketches are regenerated, not stored: checks they are the ones the run trained with."""
     names = list(chain.layers)
     got = [str(x) for x in chain.fingerprints().tolist()]
-    bad = [n for n, a, b in zip(names, got, ckpt.meta["fingerprints"]) if a != b]
+    bad = [n for n, a, b in zip(names, got, ckpt.meta["fingerprints"], strict=False) if a != b]
     if bad:
         raise ConfigError(
             f"{ckpt.path}: regenerated sketches of link {chain.link} differ from the checkpoint's "
@@ -252,7 +254,8 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers < 5.24
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        getattr(model, "gradient_checkpointing_enable")(gradient_checkpointing_kwargs=kwargs)  # noqa: B009

@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ class SafetensorsFolder:
             from safetensors import safe_open
 
             with safe_open(str(self.folder / SINGLE), framework="pt") as f:
-                self.weight_map = {k: SINGLE for k in f.keys()}
+                self.weight_map = dict.fromkeys(f.keys(), SINGLE)  # safe_open is not iterable
         else:
             raise ConfigError(f"model.name_or_path: {str(self.folder)!r} holds neither {SINGLE} nor {INDEX} "
                               "(a safetensors checkpoint is needed)")
@@ -81,7 +81,7 @@ class SafetensorsFolder:
             if not (self.folder / file).is_file():
                 raise ConfigError(f"model.name_or_path: {INDEX} names {file!r}, which is missing from {str(self.folder)!r}")
         self._left = {f: sum(v == f for v in self.weight_map.values()) for f in self.files}
-        self._bars: dict[str, object] = {}
+        self._bars: dict[str, Any] = {}  # file -> tqdm bar
         self._t0: dict[str, float] = {}
         self.bar = bar
         self.read: set[str] = set()
@@ -171,7 +171,7 @@ class InitFromConfig:
             module._buffers = {k: None if b is None else torch.empty_like(b, device="cpu") for k, b in meta._buffers.items()}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(module_seed(self.seed, owner))
-                self.model._init_weights(module)
+                self.model._init_weights(module)  # type: ignore[operator]  # a PreTrainedModel's
             self._cache = (owner, module)
         t = getattr(self._cache[1], attr)
         return t.detach()
@@ -300,7 +300,10 @@ def materialize(model: nn.Module, unit: LoadUnit, source: WeightSource, device: 
             new = nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
             for n, a in sharing:
                 mod = model.get_submodule(n) if n else model
-                (mod._parameters if isinstance(t, nn.Parameter) else mod._buffers)[a] = new
+                if isinstance(new, nn.Parameter):
+                    mod._parameters[a] = new
+                else:
+                    mod._buffers[a] = new
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"model weights: the checkpoint lacks {shown} (is it a checkpoint of this architecture?)")
@@ -311,7 +314,7 @@ def _init_buffers(model: nn.Module, module: nn.Module) -> None:
     parameters, which may already hold loaded values)."""
     view = copy.copy(module)
     view._parameters = {}
-    model._init_weights(view)
+    model._init_weights(view)  # type: ignore[operator]  # a PreTrainedModel's
 
 
 def meta_tensors(model: nn.Module) -> list[str]:
@@ -355,7 +358,7 @@ def write_safetensors(source: WeightSource, shapes: dict[str, tuple[torch.Size, 
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map: dict[str, str] = {}
     total = 0
-    for name, keys in zip(names, groups):
+    for name, keys in zip(names, groups, strict=False):
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for key in keys:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from raclora_dist.config import RunConfig
 from raclora_dist.observe.metrics import interactive, landed_warning, link_line, resize_line
@@ -26,12 +25,12 @@ class Follower(threading.Thread):
                  bar: bool | None = None) -> None:
         super().__init__(daemon=True, name="raclora-progress")
         self.cfg, self.emit, self.poll_s = cfg, emit, poll_s
-        self.path = Path(cfg.run.dir) / "metrics.jsonl"
+        self.path = cfg.run.path / "metrics.jsonl"
         self._halt = threading.Event()
         self._offset = 0
         self._inode: int | None = None
         self._seen_links: set[int] = set()
-        self._seen_resumes: set[tuple[int, int]] = set()
+        self._seen_resumes: set[tuple[str, int, int]] = set()
         self._shown_startup = False
         self.records: list[dict] = []
         rc, tc = cfg.raclora, cfg.train
@@ -71,7 +70,7 @@ class Follower(threading.Thread):
                                  tok_s=f"{rec['tokens_per_s']:.0f}", refresh=True)
         elif kind == "startup" and not self._shown_startup:
             self._shown_startup = True
-            first = ", ".join(f"{p - s:,.0f}" for p, s in zip(rec["peak_rss_mb_first_step"], rec["rss_mb_start"]))
+            first = ", ".join(f"{p - s:,.0f}" for p, s in zip(rec["peak_rss_mb_first_step"], rec["rss_mb_start"], strict=False))
             self._print(f"loaded in {rec['load_s']:.1f} s, first step {rec['first_step_s']:.1f} s after start "
                         f"(peak RSS above start per rank: {first} MiB)")
         elif kind == "eval" and rec.get("step") == 0 and -1 not in self._seen_links:
@@ -86,8 +85,8 @@ class Follower(threading.Thread):
         elif kind == "resize" and ("resize", rec["link"], rec["step"]) not in self._seen_resumes:
             self._seen_resumes.add(("resize", rec["link"], rec["step"]))
             self._print(resize_line(rec["from_workers"], rec["to_workers"], rec["link"]))
-        elif kind == "resume" and (rec["link"], rec["step"]) not in self._seen_resumes:
-            self._seen_resumes.add((rec["link"], rec["step"]))
+        elif kind == "resume" and ("resume", rec["link"], rec["step"]) not in self._seen_resumes:
+            self._seen_resumes.add(("resume", rec["link"], rec["step"]))
             self._print(f"resumed at link {rec['link'] + 1} (step {rec['step']}): the worker group was (re)started "
                         "from the latest checkpoint")
 

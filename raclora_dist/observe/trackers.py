@@ -34,6 +34,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -196,7 +197,7 @@ class WandB:
         argv, sys.argv = sys.argv, [sys.argv[0], *redact_args(sys.argv[1:])]
         try:
             self.run = wandb.init(project=project, name=run_dir.resolve().name, id=state["wandb_id"], resume="allow",
-                                  dir=str(run_dir), mode=mode, config=config)
+                                  dir=str(run_dir), mode=mode, config=config)  # type: ignore[arg-type]  # a config Literal
         finally:
             sys.argv = argv
 
@@ -216,12 +217,12 @@ class Trackers:
     """Rank 0's trackers, fed from ``metrics.jsonl`` at each complete checkpoint: a callback of the
     run (``on_checkpoint``, the one hook it needs; see ``raclora_dist.train.callbacks``)."""
 
-    def __init__(self, names: list[str], run_dir: Path, config: dict[str, Any], mlflow_uri: str | None = None,
+    def __init__(self, names: Sequence[str], run_dir: Path, config: dict[str, Any], mlflow_uri: str | None = None,
                  wandb_project: str = "raclora", wandb_mode: str = "offline") -> None:
         self.run_dir = Path(run_dir)
         self.state_path = self.run_dir / "trackers.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"sent_lines": 0}
-        self.trackers = []
+        self.trackers: list[TensorBoard | MLflow | WandB] = []
         config = redact(config)
         for name in names:
             if name == "tensorboard":

@@ -144,7 +144,7 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     pods, per_pod = (groups, n // groups) if groups else (n, 1)
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
                   "data": {CONFIG_KEY: c.to_yaml()}}
-    env = [{"name": "OMP_NUM_THREADS", "value": "1"}]
+    env: list[dict[str, Any]] = [{"name": "OMP_NUM_THREADS", "value": "1"}]
     if storage_uri:
         env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": credentials_secret, "key": k}}} for k in CREDENTIAL_KEYS]
     else:
@@ -205,7 +205,7 @@ def render(cfg: RunConfig, *, name: str = "raclora-quickstart", image: str = DEF
     if not storage_uri:
         docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": pvc},
                      "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "20Gi"}}}})
-    return docs + [network_policy(name, labels), rayjob]
+    return [*docs, network_policy(name, labels), rayjob]
 
 
 def network_policy(name: str, labels: dict[str, str]) -> dict:
@@ -233,7 +233,7 @@ def render_cluster(cfg: RunConfig, **kw) -> list[dict]:
     cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
                "metadata": {**job["metadata"], "name": job["metadata"]["name"] + "-cluster"},
                "spec": job["spec"]["rayClusterSpec"]}
-    return docs[:-1] + [cluster]
+    return [*docs[:-1], cluster]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -50,10 +50,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None or stored:
         # Rank 0's run folder gets the checkpoint, and so does every other disk a rank is on
         # (a node with a disk of its own resumes its ranks' partitions from its own copy).
-        if ckpt is None and "://" in stored:  # an object store: Ray downloads it
+        if ckpt is None and stored is not None and "://" in stored:  # an object store: Ray downloads it
             ckpt = ray.train.Checkpoint(stored)
-        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(stored) as folder:
-            install_on_every_disk(Path(folder), Path(cfg.run.dir), rank, shared_token(), dist.barrier)
+        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext(str(stored)) as folder:
+            install_on_every_disk(Path(folder), cfg.run.path, rank, shared_token(), dist.barrier)
         resume = True
     elif config.get("started_fresh") and not resume:
         # A restarted worker group that Ray handed no checkpoint: a worker died after rank 0
@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # it completed. The folder was empty when this run started, so that checkpoint is
         # this run's own: resume from it (if every rank can see it) instead of refusing it.
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        seen = torch.tensor([int(find_latest(Path(cfg.run.dir)) is not None)], device=device)
+        seen = torch.tensor([int(find_latest(cfg.run.path) is not None)], device=device)
         dist.all_reduce(seen, op=dist.ReduceOp.MIN)
         resume = bool(seen.item())
 
@@ -69,7 +69,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Every worker reports (a Ray Train sync point) with what only it can hand over: rank
         # 0 the checkpoint, the first rank of a node with its own disk that node's part (Ray
         # uploads every worker's folder into the same storage checkpoint), the others nothing.
-        metrics = {k: record[k] for k in ("link", "step", "train_loss", "eval_loss", "update_norm")}
+        # a link's line at a boundary; a step's mid-link (its loss, no eval)
+        metrics = {k: record[k] for k in ("link", "step", "train_loss", "loss", "eval_loss", "update_norm") if k in record}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None)
 
     console()  # this worker's progress lines on its stdout, which Ray streams to the driver
@@ -197,7 +198,8 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
 
     _check_storage_reaches_every_node(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     stored = latest_in_storage(cfg)
-    workers, elastic = cfg.distributed.workers, {}
+    workers: int | tuple[int, int] = cfg.distributed.workers
+    elastic = {}
     if cfg.ray.min_workers is not None:  # Ray Train's elastic group: (min, max)
         workers = (cfg.ray.min_workers, cfg.distributed.workers)
         elastic = {"elastic_resize_monitor_interval_s": cfg.ray.resize_check_s}
@@ -205,7 +207,7 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "resume": resume,
                            "resume_from": str(stored) if stored else None,
-                           "started_fresh": find_latest(Path(cfg.run.dir)) is None},
+                           "started_fresh": find_latest(cfg.run.path) is None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=dict(cfg.ray.resources_per_worker),
                                      placement_strategy=cfg.ray.placement_strategy, **elastic),
@@ -220,7 +222,7 @@ def fit(cfg: RunConfig, resume: bool = False, quiet: bool = False):
     if result.error is not None:
         raise RuntimeError(f"Ray Train run {cfg.ray.name!r} failed: {result.error}") from result.error
     if result.checkpoint is not None:
-        bring_home(result.checkpoint, Path(cfg.run.dir))
+        bring_home(result.checkpoint, cfg.run.path)
     return result
 
 
@@ -229,7 +231,7 @@ def _check_storage_reaches_every_node(cfg: RunConfig, nodes: int) -> None:
     nodes: each worker would upload to the disk of the node it runs on."""
     from raclora_dist.config import ConfigError
 
-    if nodes > 1 and cfg.ray.storage_path == str(Path(cfg.run.dir) / "ray"):
+    if nodes > 1 and cfg.ray.storage_path == str(cfg.run.path / "ray"):
         raise ConfigError(
             f"ray.storage_path: this Ray cluster has {nodes} nodes, and the default storage "
             f"({cfg.ray.storage_path}, inside the run folder) is each node's own disk; set it to "

@@ -18,6 +18,7 @@ Importing this module registers :class:`Linear4bitRacLora` with the layer dispat
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any, cast
 
 import bitsandbytes.functional as bnbf
 import torch
@@ -87,7 +88,7 @@ def disable_cpu_repack(module: nn.Module) -> nn.Module:
     """
     for m in module.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+            m.support_avx512bf16_for_cpu = False  # type: ignore[assignment]  # a bool flag bitsandbytes reads
     return module
 
 
@@ -154,7 +155,7 @@ def dequantize_model(model: nn.Module) -> None:
     effective weight in fp32 (dequantized base plus the chain), in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, RacLoraLinear):
-            W, base = module.effective_weight(), module.base_layer
+            W, base = module.effective_weight(), cast(Any, module.base_layer)
         elif isinstance(module, Linear4bit):
             W, base = dequantize(module.weight.data, module.quant_state), module
         else:
@@ -192,6 +193,7 @@ class Linear4bitRacLora(RacLoraLinear):
     """
 
     packed_base = True  # engines gather the whole packed weight to merge into it
+    base_layer: Any  # bitsandbytes' Linear4bit (its weight's quant_state, its code book)
 
     def __init__(self, base_layer: Linear4bit, name: str, **kwargs) -> None:
         super().__init__(base_layer, name, **kwargs)
@@ -214,6 +216,8 @@ class Linear4bitRacLora(RacLoraLinear):
     def merge_into_base(self, view: MergeView, B: torch.Tensor, A: torch.Tensor) -> MergeResult:
         """Requantizes the whole packed weight in ``view`` with ``s B A`` added; the codes are
         overwritten in place (same shape) and the layer takes the new quant state."""
+        if view.weight is None:
+            raise ValueError(f"module {self.name!r}: a packed merge's view must hold the packed codes")
         packed, res = self.requantize(view.weight, B, A, gather=view.gather, owner=view.owner)
         view.weight.copy_(packed)
         return res

@@ -31,6 +31,11 @@ class Callback:
     def before_link(self, trainer, link: int) -> None:
         """Before link ``link`` draws its sketches (not called when resuming mid-link)."""
 
+    def on_record(self, trainer, record: dict) -> None:
+        """Each metrics line as it is made (``type``: step, link, eval, samples, startup, resume,
+        resize), before the hook of its moment (``on_step_end``, ``on_boundary``). The built-in
+        :class:`~raclora_dist.train.reporting.MetricsFile` appends them to ``metrics.jsonl``."""
+
     def on_step_end(self, trainer, record: dict) -> None:
         """After each optimizer step; ``record`` is the step's metrics line."""
 
@@ -45,7 +50,9 @@ class Callback:
         and ``meta.json`` (which makes it complete) is not yet."""
 
     def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
-        """A complete checkpoint ``folder`` was written (before it is reported to Ray)."""
+        """A complete checkpoint ``folder`` was written (before it is reported to Ray);
+        ``record``: the metrics line of the link (at a boundary) or the step (mid-link,
+        ``checkpoint.every_steps``) it was taken after."""
 
     def on_train_end(self, trainer) -> None:
         """The loop ended, by finishing or by an exception (called from a ``finally``)."""
@@ -94,6 +101,9 @@ class CallbackList(Callback):
 
     def before_link(self, trainer, link: int) -> None:
         self._each("before_link", trainer, link)
+
+    def on_record(self, trainer, record: dict) -> None:
+        self._each("on_record", trainer, record)
 
     def on_step_end(self, trainer, record: dict) -> None:
         self._each("on_step_end", trainer, record)

@@ -42,7 +42,7 @@ def check_paths(cfg: RunConfig) -> None:
 def _same_paths(a: str | list[str], b: str | list[str]) -> bool:
     """Whether two path fields name the same files (relative or absolute)."""
     a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
-    return len(a) == len(b) and all(Path(x).resolve() == Path(y).resolve() for x, y in zip(a, b))
+    return len(a) == len(b) and all(Path(x).resolve() == Path(y).resolve() for x, y in zip(a, b, strict=False))
 
 
 def diff_configs(saved: RunConfig, given: RunConfig) -> list[str]:

@@ -11,35 +11,27 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from raclora_dist.backends import Backend
-from raclora_dist.backends.dist import TRAFFIC, shared_token
-from raclora_dist.checkpoint.folder import Checkpoint, ckpt_root, save_checkpoint
-from raclora_dist.checkpoint.link_files import LinkStore
-from raclora_dist.checkpoint.parts import own_part
+from raclora_dist.backends.dist import TRAFFIC
+from raclora_dist.checkpoint.folder import Checkpoint
 from raclora_dist.config import RunConfig
 from raclora_dist.core.outer import OuterStep
 from raclora_dist.data.batches import PackedData
 from raclora_dist.data.formats import IGNORE
 from raclora_dist.files import write_atomic
 from raclora_dist.model.session import Session
-from raclora_dist.observe.metrics import (
-    MetricsWriter,
-    device_peak_mb,
-    landed_warning,
-    link_line,
-    resize_line,
-    rss_mb,
-)
+from raclora_dist.observe.metrics import device_peak_mb, landed_warning, link_line, resize_line, rss_mb
 from raclora_dist.train.callbacks import Callback, CallbackList
-from raclora_dist.train.reporting import ProgressBar, StartupReport
+from raclora_dist.train.reporting import MetricsFile, ProgressBar, StartupReport
+from raclora_dist.train.saving import CheckpointWriter
 from raclora_dist.train.schedule import link_lr
 
 logger = logging.getLogger(__name__)
@@ -93,20 +85,16 @@ class Trainer:
         self.outer = OuterStep(d.link_outer_lr)
         self.sync_every = cfg.raclora.steps_per_link // d.link_sync_rounds if d.link_sync_rounds > 1 else 0
         self.is_main = backend.info.is_main
-        self.attempt = shared_token()  # names checkpoint staging folders (collective)
         self.global_step = 0
-        self.metrics = MetricsWriter(self.run_dir) if self.is_main else None
         self.history: list[dict] = []
-        self.on_checkpoint = on_checkpoint
-        # The built-in reports first, then the user's callbacks.
-        builtin = [ProgressBar()] + ([StartupReport(startup)] if startup is not None else [])
+        # The built-in records and reports first, then the user's callbacks.
+        builtin: list[Callback] = [MetricsFile(self.run_dir) if self.is_main else Callback(), ProgressBar()]
+        if startup is not None:
+            builtin.append(StartupReport(startup))
         self.callbacks = CallbackList([*builtin, *(callbacks or [])])
+        self.saver = CheckpointWriter(cfg, session, backend, self.run_dir, self.callbacks, on_checkpoint)
         self.tokens_per_link = (cfg.train.batch_size * cfg.train.grad_accum * data.train.shape[1]
                                 * cfg.raclora.steps_per_link)
-        # The record of merged links: written once per link by rank 0 and let go of after each
-        # checkpoint, so that no rank's memory grows with the chain (other ranks keep none).
-        state = session.chain.state
-        state.factors = LinkStore(ckpt_root(self.run_dir) / "chain" if self.is_main else None, state.factors)
         self.sampler = None
         if cfg.train.sample_prompts:
             from raclora_dist.train.samples import Sampler
@@ -115,9 +103,9 @@ class Trainer:
                                    cfg.train.sample_tokens)
 
     def write(self, record: dict) -> None:
-        """Appends ``record`` to ``metrics.jsonl`` (rank 0; a no-op on the other ranks)."""
-        if self.metrics is not None:
-            self.metrics.write(record)
+        """Hands a metrics line to the callbacks (``on_record``; the built-in
+        :class:`~raclora_dist.train.reporting.MetricsFile` appends it to ``metrics.jsonl`` on rank 0)."""
+        self.callbacks.on_record(self, record)
 
     def restore(self, ckpt: Checkpoint) -> tuple[int, int]:
         """Continues from ``ckpt`` (its chain was replayed when the session was built): the
@@ -175,8 +163,6 @@ class Trainer:
                 self._boundary(link, loss, time.perf_counter() - t0)
         finally:
             self.callbacks.on_train_end(self)
-            if self.metrics is not None:
-                self.metrics.close()
         return self.history
 
     def _train_link(self, link: int, start: int = 0) -> float:
@@ -213,9 +199,7 @@ class Trainer:
             self.write(rec)
             losses.append(loss)
             if every and self.global_step % every == 0 and k + 1 < rc.steps_per_link:
-                self._checkpointed(self.checkpoint(link, step_in_link=k + 1),
-                                   {"link": link, "step": self.global_step, "train_loss": loss,
-                                    "eval_loss": float("nan"), "update_norm": 0.0})
+                self.saver.save(self, link, k + 1, rec)  # mid-link: the step's line goes with it
             self.callbacks.on_step_end(self, rec)
         return sum(losses) / len(losses)
 
@@ -230,7 +214,7 @@ class Trainer:
         trained = 0
         for micro in range(tc.grad_accum):
             batch = self.data.train_inputs(self.global_step * tc.grad_accum + micro)  # fields (B, T)
-            local = {k: b.local_batch(v) for k, v in batch.items()}  # (B / world, T) on this rank
+            local: dict[str, Any] = {k: b.local_batch(v) for k, v in batch.items()}  # (B / world, T) on this rank
             if "labels" in batch:
                 per_rank = [_labelled(part) for part in batch["labels"].chunk(b.info.world_size)]
                 trained += sum(per_rank)
@@ -243,8 +227,8 @@ class Trainer:
         # Logged loss: the mean over ranks (one scalar all-reduce; identity in one process), or
         # over rank 0's group in link-sync mode (nothing crosses groups between boundaries).
         comm = b.step_comm or self.comm
-        loss = float(comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
-        return StepResult(loss, float(grad_norm), trained)
+        mean = float(comm.all_reduce_mean(torch.tensor([total / tc.grad_accum], dtype=torch.float64)))
+        return StepResult(mean, float(grad_norm), trained)
 
     def _boundary(self, link: int, train_loss: float, link_time: float) -> None:
         """Guard + merge (in the chain), optimizer reset, eval, record, checkpoint."""
@@ -278,16 +262,7 @@ class Trainer:
         self.callbacks.on_boundary(self, rec)
         last = link + 1 == rc.links
         if last or (link + 1) % self.cfg.checkpoint.every_links == 0:
-            self._checkpointed(self.checkpoint(link + 1), rec)
-
-    def _checkpointed(self, path: Path, record: dict) -> None:
-        """A checkpoint is complete: user callbacks, then the hand-off to Ray (if any)."""
-        self.callbacks.on_checkpoint(self, path, record)
-        part = None if self.is_main else own_part(path, self.backend.info.rank)
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(path if self.is_main else part, record)
-        if part is not None:  # in storage now (nothing else reads it: a resume installs from there)
-            shutil.rmtree(part, ignore_errors=True)
+            self.saver.save(self, link + 1, 0, rec)
 
     def _sample(self, link: int) -> None:
         """Answers the sample prompts (every rank, in lockstep); rank 0 records them."""
@@ -303,7 +278,7 @@ class Trainer:
             from raclora_dist.train.samples import write_samples_md
 
             write_samples_md(self.run_dir)
-            for prompt, answer in zip(self.sampler.prompts, answers):
+            for prompt, answer in zip(self.sampler.prompts, answers, strict=False):
                 logger.info(f"  sample: {prompt!r} -> {answer!r}")
 
     @torch.no_grad()
@@ -346,24 +321,3 @@ class Trainer:
         if not counted.any():
             return float("nan")
         return float((sums[counted, 0] / sums[counted, 1]).mean())
-
-    def checkpoint(self, next_link: int, step_in_link: int = 0) -> Path:
-        """Checkpoints at a boundary (``next_link`` to start) or mid-link (``step_in_link`` > 0
-        steps of ``next_link`` done; its factors so far are saved too)."""
-        chain = self.s.chain
-        chain.state.factors.spill()  # each link's file is written once, here, by rank 0
-        current = None
-        if step_in_link:  # gathered on every rank (collective), written by rank 0
-            current = {n: chain.access.full_factor(layer) for n, layer in self.s.layers.items()}
-        meta = {"next_link": next_link, "step_in_link": step_in_link, "global_step": self.global_step,
-                "strategy": self.cfg.distributed.strategy, "world_size": self.backend.info.world_size,
-                "replicas": self.cfg.distributed.replicas,
-                "sync": self.cfg.distributed.sync, "sync_groups": self.cfg.distributed.sync_groups,
-                "layers": [layer.spec.to_dict() for layer in self.s.layers.values()],
-                "fingerprint_link": chain.link,
-                "fingerprints": [str(x) for x in chain.fingerprints().tolist()]}
-        return save_checkpoint(self.run_dir, chain.state, meta, self.cfg.checkpoint.keep,
-                               write_state=self.backend.save_state, is_main=self.is_main,
-                               barrier=self.backend.barrier, current=current,
-                               on_write=self.callbacks.on_checkpoint_write, rank=self.backend.info.rank,
-                               attempt=self.attempt)

@@ -1,20 +1,38 @@
-"""The loop's built-in reports, as callbacks on the protocol users have
-(:mod:`raclora_dist.train.callbacks`): the progress bar and the start-up report. The trainer
-runs them before the user's callbacks; each rank runs them (the start-up report's per-rank
-columns are a collective), and rank 0 alone shows or writes what they produce.
+"""The loop's built-in records and reports, as callbacks on the protocol users have
+(:mod:`raclora_dist.train.callbacks`): the metrics file, the progress bar and the start-up
+report. The trainer runs them before the user's callbacks; each rank runs them (the start-up
+report's per-rank columns are a collective), and rank 0 alone shows or writes what they produce.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
-from raclora_dist.observe.metrics import device_peak_mb, progress_bar, rss_mb
+from raclora_dist.observe.metrics import MetricsWriter, device_peak_mb, progress_bar, rss_mb
 from raclora_dist.train.callbacks import Callback
 
 logger = logging.getLogger(__name__)
+
+
+class MetricsFile(Callback):
+    """Appends every metrics line to ``run_dir/metrics.jsonl`` (built on rank 0 only), flushed
+    per line so that a crash loses none; closed when the loop ends."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.writer: MetricsWriter | None = MetricsWriter(run_dir)
+
+    def on_record(self, trainer, record: dict) -> None:
+        if self.writer is not None:
+            self.writer.write(record)
+
+    def on_train_end(self, trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class ProgressBar(Callback):
@@ -67,7 +85,7 @@ class StartupReport(Callback):
             columns["gpu_peak_mb_first_step"] = per_rank(trainer, gpu)
         first = time.perf_counter() - st["t_start"]
         trainer.write({"type": "startup", "load_s": st["load_s"], "first_step_s": first, **columns})
-        above = [p - s for p, s in zip(columns["peak_rss_mb_first_step"], columns["rss_mb_start"])]
+        above = [p - s for p, s in zip(columns["peak_rss_mb_first_step"], columns["rss_mb_start"], strict=False)]
         logger.info(f"first step {first:.1f} s after start (loading {st['load_s']:.1f} s); peak RSS above the start "
                     f"per rank: {', '.join(f'{a:,.0f}' for a in above)} MiB")
 

@@ -58,7 +58,7 @@ def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
             f"run.dir: {str(run_dir)!r} already holds a checkpoint; pass --resume to continue "
             "that run, or set run.dir to a new folder"
         )
-    if resume:
+    if resume and ckpt is not None:  # (resume without a checkpoint was refused above)
         for saved_path in (run_dir / "config.yaml", ckpt / "config.yaml"):  # the run's, and the checkpoint's own
             if not saved_path.is_file():
                 continue
@@ -92,7 +92,7 @@ def preflight(cfg: RunConfig, resume: bool) -> None:
         ConfigError: the run cannot start; nothing was started or written.
     """
     with console_on(sys.stderr):  # ahead of the run's own report on stdout
-        ckpt_path = _check_resume(cfg, Path(cfg.run.dir), resume)
+        ckpt_path = _check_resume(cfg, cfg.run.path, resume)
         _check_checkpoint_world(cfg, cfg.distributed.workers, ckpt_path)
         load_data(cfg)  # tokenized here, once: workers map it
 
@@ -132,7 +132,7 @@ def _check_checkpoint_world(cfg: RunConfig, world_size: int, ckpt_path: Path | N
 
 
 def run_training(cfg: RunConfig, resume: bool = False,
-                 on_checkpoint: Callable[[Path, dict], None] | None = None) -> list[dict]:
+                 on_checkpoint: Callable[[Path | None, dict], None] | None = None) -> list[dict]:
     """Trains ``cfg`` into ``cfg.run.dir`` on this rank; returns the link records.
 
     Under torchrun or Ray Train every rank calls this; rank 0 alone writes the run folder.
@@ -142,7 +142,7 @@ def run_training(cfg: RunConfig, resume: bool = False,
         on_checkpoint: called on every rank after each checkpoint with its folder and the
             link record (Ray Train reports it to storage).
     """
-    run_dir = Path(cfg.run.dir)
+    run_dir = cfg.run.path
     owns_group = not dist.is_initialized()
     info = init_distributed(cfg.distributed.backend) if cfg.distributed.strategy != "single" else DistInfo()
     try:
@@ -179,7 +179,7 @@ class _Built:
 
 
 def _run(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool,
-         on_checkpoint: Callable[[Path, dict], None] | None) -> list[dict]:
+         on_checkpoint: Callable[[Path | None, dict], None] | None) -> list[dict]:
     """One run on this rank: prepare (checks; nothing written), build (the run folder, the base
     on its engine), restore (a checkpoint's state), fit, finish (plot, trackers)."""
     prep = _prepare(cfg, run_dir, info, resume)
@@ -251,8 +251,9 @@ def _build(cfg: RunConfig, run_dir: Path, info: DistInfo, prep: _Prepared) -> _B
     session.chain.access = backend.access
     startup = {"t_start": prep.t_start, "load_s": load_s, "rss_mb_start": prep.rss_start,
                "rss_mb_before_load": rss_before_load, "peak_rss_mb_loaded": peak_loaded}
-    if device_peak_mb(info.device) is not None:
-        startup["gpu_peak_mb_loaded"] = device_peak_mb(info.device)
+    gpu_peak = device_peak_mb(info.device)
+    if gpu_peak is not None:
+        startup["gpu_peak_mb_loaded"] = gpu_peak
     logger.info(f"loaded the base in {load_s:.1f} s (peak RSS {peak_loaded:,.0f} MiB on rank 0)")
     return _Built(session, backend, ckpt, startup)
 

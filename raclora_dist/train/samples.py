@@ -2,17 +2,20 @@
 
 ``train.sample_prompts`` are rendered as a user turn with the data's chat template (for
 instruction/chat data) or used as they are (text data), and continued greedily for
-``train.sample_tokens`` tokens. Every rank runs the same forwards in lockstep (a sharded
-model needs all of them), always the full count (no early stop, so no rank can finish
-first); the answer is then cut at the end-of-turn marker or eos. Rank 0 writes a ``samples``
-record to ``metrics.jsonl`` and rewrites ``samples.md`` from all of them.
+at most ``train.sample_tokens`` tokens by ``model.generate`` (with its KV cache). With several
+ranks it runs with ``synced_gpus``: a rank whose answer ended keeps taking part in the
+forwards until every rank's has (a sharded model needs all of them). The answer is cut at the
+end-of-turn marker or eos. Rank 0 writes a ``samples`` record to ``metrics.jsonl`` and
+rewrites ``samples.md`` from all of them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from raclora_dist.config import DataSection
@@ -46,15 +49,29 @@ class Sampler:
         self.inputs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
     @torch.no_grad()
-    def answers(self, model: nn.Module, device: torch.device) -> list[str]:
-        """Greedy continuations of every prompt, cut at the first stop marker."""
+    def answers(self, model: nn.Module, device: torch.device, cache: bool = True) -> list[str]:
+        """Greedy continuations of every prompt, cut at the first stop marker.
+
+        Args:
+            model: the causal LM (an engine's wrapper is unwrapped to the module it holds).
+            device: where the prompts go.
+            cache: use the KV cache (False: every step re-reads the whole sequence; the same
+                answers, slower: kept for the benchmark that measures the cache).
+        """
+        from transformers import GenerationConfig
+
+        lm: Any = getattr(model, "module", model)  # DDP's and DeepSpeed's wrappers hold the model (a PreTrainedModel)
+        synced = dist.is_initialized() and dist.get_world_size() > 1
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        # Greedy whatever the checkpoint's generation_config.json asks (sampling, penalties).
+        config = GenerationConfig(max_new_tokens=self.tokens, do_sample=False, use_cache=cache, pad_token_id=pad,
+                                  eos_token_id=self.tok.eos_token_id)
         out = []
         for ids in self.inputs:
             seq = torch.tensor([ids], device=device)
-            for _ in range(self.tokens):
-                logits = model(input_ids=seq, use_cache=False).logits[:, -1]
-                seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-            text = self.tok.decode(seq[0, len(ids):].tolist())
+            gen = lm.generate(input_ids=seq, attention_mask=torch.ones_like(seq), generation_config=config,
+                              synced_gpus=synced)
+            text = self.tok.decode(gen[0, len(ids):].tolist())
             for stop in self.stops:
                 text = text.split(stop, 1)[0]
             out.append(text.strip())

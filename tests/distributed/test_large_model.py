@@ -121,7 +121,7 @@ def assert_rank_holds_its_slices(dump: Path, rank: int, reference: dict[str, tor
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_workers_load_their_shards_only_and_train_the_one_process_chain(variant, pretrained):
-    d, folder, config, model, size_mib, singles = pretrained
+    d, _folder, config, model, size_mib, singles = pretrained
     run, dump, trims, units = (d / f"{variant}{suffix}" for suffix in ("", "-shards", "-trims", "-units"))
     probe = (f"run.callbacks=[{{class: 'tests.probes:DumpShards', args: {{out: '{dump}'}}}}, "
              f"{{class: 'tests.probes:CountHeapReleases', args: {{out: '{trims}'}}}}, "
@@ -142,7 +142,7 @@ def test_two_workers_load_their_shards_only_and_train_the_one_process_chain(vari
     # Neither rank ever had the whole model: peak RSS growth while loading stays well below
     # the checkpoint's size (before streaming, each rank peaked at 1.6x it).
     startup = next(r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "startup")
-    grown = [p - b for p, b in zip(startup["peak_rss_mb_loaded"], startup["rss_mb_before_load"])]
+    grown = [p - b for p, b in zip(startup["peak_rss_mb_loaded"], startup["rss_mb_before_load"], strict=False)]
     assert max(grown) < LIMITS.get(variant, LIMIT) * size_mib, (grown, size_mib)
 
     # Its blocks (27 MiB each) are gathered from maps of their own, so the C heap is trimmed

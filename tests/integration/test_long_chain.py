@@ -45,7 +45,7 @@ def test_chain_elements_stay_at_the_budget_and_fill_up_once(long_run):
     cfg = load_config(run / "config.yaml")
     specs = load_checkpoint(find_latest(run)).layer_specs()
     caps = [cfg.raclora.chain_capacity(s.out_features, s.in_features) for s in specs]
-    held = sum(c * (s.out_features + s.in_features) for c, s in zip(caps, specs))
+    held = sum(c * (s.out_features + s.in_features) for c, s in zip(caps, specs, strict=False))
     assert held <= BUDGET * sum(s.out_features * s.in_features for s in specs)
     assert [r["link"] for r in rows] == list(range(LINKS))
     assert {r["chain_elements"] for r in rows} == {held}  # the same from link 1 to link 32

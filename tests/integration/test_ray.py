@@ -166,7 +166,7 @@ def test_submit_waits_for_the_heads_job_agent_then_fails_clearly_or_submits(head
     agent registers. Reproduced on a real head by withholding the agent's address (this test
     must be the first to submit to the head: the server remembers an agent once found)."""
     address, env = head
-    d, cfg, _ = setup
+    _d, cfg, _ = setup
     work = tmp_path / "job"
     work.mkdir()
     (work / "data.jsonl").write_text(Path(yaml_data_path(cfg)).read_text())
@@ -195,7 +195,7 @@ def test_submit_waits_for_the_heads_job_agent_then_fails_clearly_or_submits(head
 
 def test_job_submission_to_a_head_started_with_ray_start(head, setup, tmp_path):
     address, env = head
-    d, cfg, single = setup
+    _d, cfg, _single = setup
     work = tmp_path / "job"
     work.mkdir()
     (work / "data.jsonl").write_text(Path(yaml_data_path(cfg)).read_text())
@@ -253,7 +253,7 @@ def test_the_embedded_ray_never_joins_a_head_already_on_the_machine(setup, tmp_p
     """A head with no CPUs, started by `ray start` in the temp folder the run sees: an embedded
     run must start its own Ray (before, Ray joined that head and the run waited forever), and
     no driver of ours ever connects to the head (no driver log in its session)."""
-    d, cfg, single = setup
+    _d, cfg, _single = setup
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = subprocess_env(RAY_TMPDIR=str(temp), RAY_AUTH_MODE="token")
     start_head(env, temp / "ray", "--num-cpus=0", dashboard=False)

@@ -108,7 +108,7 @@ def test_a_hub_dataset_trains_as_its_local_file_does(runs, pretrained, small_dat
 
 def test_a_name_missing_from_the_cache_offline_is_named_with_the_cache(runs, tmp_path):
     d, cfg, env = runs
-    run, proc = train(d, cfg, env, "missing", "raclora-test/absent")
+    _run, proc = train(d, cfg, env, "missing", "raclora-test/absent")
     assert proc.returncode == 2
     assert "model.name_or_path: 'raclora-test/absent' is not in the Hugging Face cache" in proc.stderr
     assert str(Path(env["HF_HOME"]) / "hub") in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
@@ -116,7 +116,7 @@ def test_a_name_missing_from_the_cache_offline_is_named_with_the_cache(runs, tmp
 
 
 def test_validate_says_where_the_weights_come_from_without_downloading_them(runs, pretrained, tmp_path):
-    d, cfg, env = runs
+    _d, cfg, env = runs
     proc = run_cli("validate", str(cfg), "model.name_or_path=raclora-test/tiny", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model.name_or_path: raclora-test/tiny (revision main) from the Hugging Face Hub, cached at" in proc.stdout

@@ -90,6 +90,25 @@ def test_checkpointing_does_not_touch_a_reset_optimizer(tmp_path, small_data):
     assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
 
 
+def test_callbacks_get_every_metrics_line_and_each_checkpoint_its_link_or_step_line(tmp_path, small_data):
+    log = tmp_path / "hooks.jsonl"
+    probe = {"class": "tests.probes:RecordLog", "args": {"out": str(log)}}
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run", checkpoint={"every_steps": 2},
+                                                       run={"callbacks": [probe]}))
+    assert main(["train", str(cfg)]) == 0
+    seen = read_jsonl(log)
+    # metrics.jsonl is written by the built-in callback from the same lines
+    assert [e["record"] for e in seen if e["hook"] == "on_record"] == read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    saved = [(e["folder"], e["record"]) for e in seen if e["hook"] == "on_checkpoint"]
+    assert [name for name, _ in saved] == ["link-00000-step-0000002", "link-00001-step-0000003",
+                                           "link-00001-step-0000004", "link-00002-step-0000006",
+                                           "link-00002-step-0000008", "link-00003-step-0000009"]
+    for name, rec in saved:  # mid-link: the step's own line (no made-up eval loss); else the link's
+        mid = not name.endswith(("3", "6", "9"))
+        assert rec["type"] == ("step" if mid else "link") and rec["step"] == int(name[-7:])
+        assert ("eval_loss" in rec) != mid
+
+
 @pytest.mark.slow
 def test_mid_link_checkpoint_resumes_bitwise_equal(reference, tmp_path, small_data):
     """checkpoint.every_steps: a crash after step 5 resumes from step 4, inside link 2."""

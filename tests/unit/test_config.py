@@ -54,20 +54,20 @@ def test_several_errors_are_reported_together(cfg_file):
 
 
 def test_model_needs_exactly_one_source(cfg_file):
-    with pytest.raises(ConfigError, match="exactly one of model.name_or_path and model.config"):
+    with pytest.raises(ConfigError, match=r"exactly one of model.name_or_path and model.config"):
         load_config(cfg_file, ["model.name_or_path=/nowhere"])
 
 
 def test_missing_files_are_named(cfg_file):
     cfg = load_config(cfg_file, ["data.path=/no/such/file.jsonl"])
-    with pytest.raises(ConfigError, match="data.path: '/no/such/file.jsonl' does not exist"):
+    with pytest.raises(ConfigError, match=r"data.path: '/no/such/file.jsonl' does not exist"):
         check_paths(cfg)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(cfg_file.parent / "missing.yaml")
 
 
 def test_override_syntax_errors():
-    with pytest.raises(ConfigError, match="expected section.field=value"):
+    with pytest.raises(ConfigError, match=r"expected section.field=value"):
         parse_overrides(["train.lr"])
     assert parse_overrides(["a.b.c=[1, 2]", "a.d=x"]) == {"a": {"b": {"c": [1, 2]}, "d": "x"}}
 

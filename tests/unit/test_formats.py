@@ -49,7 +49,7 @@ def section(path, **kw) -> DataSection:
 def labelled_text(tok, ids, labels) -> list[str]:
     """The labelled runs of tokens, decoded (one string per contiguous run)."""
     runs, cur = [], []
-    for i, label in zip(ids, labels):
+    for i, label in zip(ids, labels, strict=False):
         if label != IGNORE:
             assert label == i
             cur.append(i)
@@ -121,7 +121,7 @@ def test_tokenizer_with_its_own_template_and_special_tokens(tmp_path):
     ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
     end, user, assistant = (loaded.convert_tokens_to_ids(t) for t in ("<|end|>", "<|user|>", "<|assistant|>"))
     assert ids[0] == user and ids.count(end) == 2 and assistant in ids  # special tokens as single ids
-    labelled = [i for i, lab in zip(ids, labels) if lab != IGNORE]
+    labelled = [i for i, lab in zip(ids, labels, strict=False) if lab != IGNORE]
     assert labelled == [ord("1"), end]  # the response and its end-of-turn token, nothing else
     assert ids[ids.index(assistant) + 1] == ord("1") and labels[ids.index(assistant)] == IGNORE
 
@@ -171,6 +171,17 @@ def test_bad_rows_are_named(tmp_path, case):
         train_blocks(section(path, format="instruction" if fmt == "alpaca" else "chat"), byte_tokenizer())
 
 
+def test_num_proc_encodes_the_same_blocks_and_names_a_bad_row_in_a_worker(tmp_path):
+    rows = [CHAT[i % 2] for i in range(700)]  # several map chunks, split over 2 processes
+    path = write(rows, tmp_path / "c.jsonl", "jsonl")
+    tok = byte_tokenizer()
+    one, two = (train_blocks(section(path, num_proc=n), tok) for n in (1, 2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    bad = write([*rows[:600], {"messages": [{"role": "robot", "content": "hi"}]}], tmp_path / "bad.jsonl", "jsonl")
+    with pytest.raises(ConfigError, match=re.escape(f"data.path: {bad}, row 601: message 1 has role 'robot'")):
+        train_blocks(section(bad, num_proc=2), tok)
+
+
 def test_non_utf8_file_is_named(tmp_path):
     path = tmp_path / "bin.jsonl"
     path.write_bytes(b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}\n')
@@ -209,7 +220,7 @@ def test_sources_mixed_by_weight(tmp_path):
 
 
 def labelled_runs(tok, blocks):
-    return [labelled_text(tok, i.tolist(), lab.tolist()) for i, lab in zip(blocks["input_ids"], blocks["labels"])]
+    return [labelled_text(tok, i.tolist(), lab.tolist()) for i, lab in zip(blocks["input_ids"], blocks["labels"], strict=False)]
 
 
 def test_eval_path_is_held_out_as_given(tmp_path):
@@ -261,15 +272,34 @@ def test_sampler_renders_a_user_turn_and_cuts_at_the_end_of_turn():
     assert tok.decode(sampler.inputs[0]) == "<|im_start|>user\nUpper: ab<|im_end|>\n<|im_start|>assistant\n"
     assert sampler.stops[0] == "<|im_end|>"
 
-    class Echo(torch.nn.Module):  # a "model" whose next token spells "AB<|im_end|>..."
-        def forward(self, input_ids, use_cache):
-            want = [ord(c) for c in "AB<|im_end|>xyz"]
-            nxt = want[input_ids.shape[1] - len(sampler.inputs[0])]
-            logits = torch.zeros(1, input_ids.shape[1], 300)
-            logits[0, -1, nxt] = 1
-            return type("Out", (), {"logits": logits})
+    class Echo(torch.nn.Module):  # a "model" whose answer spells "AB<|im_end|>xyz"
+        def generate(self, input_ids, **kwargs):
+            answer = torch.tensor([[ord(c) for c in "AB<|im_end|>xyz"]])
+            return torch.cat([input_ids, answer[:, : kwargs["generation_config"].max_new_tokens]], dim=1)
 
     sampler.tokens = 14
     assert sampler.answers(Echo(), torch.device("cpu")) == ["AB"]
     plain = Sampler(["def f"], tok, section("unused.jsonl"), chat=False, tokens=4)
     assert tok.decode(plain.inputs[0]) == "def f" and plain.stops == [tok.eos_token]
+
+
+def test_sampler_answers_are_the_greedy_tokens_with_and_without_the_kv_cache():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raclora_dist.train.samples import Sampler
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)).eval()
+    sampler = Sampler(["def f", "import o"], tok, section("unused.jsonl"), chat=False, tokens=12)
+    expected = []
+    for ids in sampler.inputs:  # greedy by hand: the whole sequence through the model per token
+        seq = torch.tensor([ids])
+        with torch.no_grad():
+            for _ in range(12):
+                seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        expected.append(tok.decode(seq[0, len(ids):].tolist()).split(tok.eos_token, 1)[0].strip())
+    assert any(expected)  # a random model still says something
+    assert sampler.answers(model, torch.device("cpu")) == expected
+    assert sampler.answers(model, torch.device("cpu"), cache=False) == expected

@@ -16,12 +16,12 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
-from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
-from raclora_dist.backends import fsdp2_compat  # noqa: E402
-from raclora_dist.quant import QuantizationConfig  # noqa: E402
-from raclora_dist.quant.bnb import quantize_model  # noqa: E402
+from raclora_dist.backends import fsdp2_compat
+from raclora_dist.quant import QuantizationConfig
+from raclora_dist.quant.bnb import quantize_model
 
 
 @pytest.fixture()

@@ -53,7 +53,6 @@ def test_packages_import_only_the_layers_below_them():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             for mod in mods:
                 parts = mod.split(".")
-                if parts[0] == "raclora_dist" and len(parts) > 1 and parts[1] != src:
-                    if rank[parts[1]] >= rank[src]:
-                        wrong.append(f"{path.relative_to(root)} imports {mod}")
+                if parts[0] == "raclora_dist" and len(parts) > 1 and parts[1] != src and rank[parts[1]] >= rank[src]:
+                    wrong.append(f"{path.relative_to(root)} imports {mod}")
     assert not wrong, wrong

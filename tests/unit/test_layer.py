@@ -80,11 +80,11 @@ def test_merge_is_exact(side, mode):
         assert torch.equal(layer.base_layer.weight, W0) and layer.chain_rank == 6
     # the record rebuilds the same updates from (seed, link, name)
     rebuilt = [layer.scale * B @ A for B, A in link_factors(layer.spec, chain.state)]
-    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(updates, rebuilt))
+    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(updates, rebuilt, strict=False))
 
 
 def test_factored_cap_recompresses_to_the_best_approximation():
-    model, chain, layer = make("right", "factored", rank=2, cap=4, links=4)
+    _model, chain, layer = make("right", "factored", rank=2, cap=4, links=4)
     total = torch.zeros(6, 10)
     for link in range(3):
         chain.start_link(link)
@@ -99,7 +99,7 @@ def test_factored_cap_recompresses_to_the_best_approximation():
 
 
 def test_nonfinite_factor_is_never_merged():
-    model, chain, layer = make("right")
+    _model, chain, layer = make("right")
     chain.start_link(0)
     W0 = layer.base_layer.weight.detach().clone()
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_nonfinite_factor_is_never_merged():
 
 
 def test_nonfinite_stop_policy_raises():
-    model, chain, layer = make("right", on_nonfinite="stop")
+    _model, chain, layer = make("right", on_nonfinite="stop")
     chain.start_link(0)
     with torch.no_grad():
         layer.factor[0, 0] = float("inf")
@@ -130,7 +130,7 @@ class SkewedComm(LocalComm):
 
 
 def test_fingerprint_mismatch_names_the_module():
-    model, chain, layer = make("right")
+    _model, chain, _layer = make("right")
     with pytest.raises(SketchMismatchError, match="'lin'"):
         chain.start_link(0, SkewedComm())
 

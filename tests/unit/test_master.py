@@ -135,7 +135,7 @@ def test_a_rows_view_outside_the_held_master_without_a_gather_is_an_error():
     layer = bf16_layer(master_weights="cpu")
     layer.shard_master(1, 2)
     layer.resample(0)
-    with pytest.raises(RuntimeError, match="holds 150..300 and the engine gave no gather"):
+    with pytest.raises(RuntimeError, match=r"holds 150..300 and the engine gave no gather"):
         layer.merge_link(small_links(layer, 1)[0], MergeView(weight=layer.base_layer.weight.data))
 
 
@@ -146,7 +146,7 @@ def test_master_and_rounding_options_name_the_base_they_need(small_data, tmp_pat
 
     cfg = config({"dtype": "bfloat16"}, merge_mode="into_base", master_weights="cpu", stochastic_rounding=True)
     assert cfg.raclora.master_weights == "cpu"
-    with pytest.raises(ConfigError, match="model.dtype float32, which merges exactly"):
+    with pytest.raises(ConfigError, match=r"model.dtype float32, which merges exactly"):
         config(merge_mode="into_base", master_weights="cpu")
     # auto is into_base on a bf16 base; factored refuses them, and so does a 4-bit base's auto (factored)
     assert config({"dtype": "bfloat16"}, master_weights="cpu").raclora.merge_mode == "auto"
@@ -156,7 +156,7 @@ def test_master_and_rounding_options_name_the_base_they_need(small_data, tmp_pat
         config({"quantization": "nf4"}, master_weights="cpu")
     model = nn.Sequential()
     model.add_module("lin", nn.Linear(16, 12))
-    with pytest.raises(ValueError, match="torch.float32, which merges exactly"):
+    with pytest.raises(ValueError, match=r"torch.float32, which merges exactly"):
         inject(model, RacLoraConfig(rank=2, target_modules=["lin"], merge_mode="into_base", master_weights="cpu"))
 
 

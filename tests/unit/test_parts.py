@@ -31,7 +31,7 @@ def on_ranks(disks: list[Path], fn) -> list:
     def run(rank: int) -> None:
         try:
             out[rank] = fn(rank, disks[rank], lambda: barrier.wait(timeout=30))
-        except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
+        except BaseException as err:
             errors.append(err)
             barrier.abort()
 

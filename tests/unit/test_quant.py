@@ -150,13 +150,13 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_the_grid():
 
 
 def test_masters_are_only_for_rounding_bases_and_into_base():
-    with pytest.raises(ValueError, match="apply to bf16, fp16 and 4-bit bases; this base is torch.float32"):
+    with pytest.raises(ValueError, match=r"apply to bf16, fp16 and 4-bit bases; this base is torch.float32"):
         inject(nn.Sequential(nn.Linear(8, 8)), RacLoraConfig(rank=2, target_modules=["0"], merge_mode="into_base",
                                                              master_weights="cpu"))
     with pytest.raises(ValueError, match="need merge_mode into_base"):
         RacLoraConfig(rank=2, master_weights="cpu", merge_mode="factored")
     base = {"model": {"config": {"model_type": "llama"}}, "data": {"path": "x.jsonl"}}
-    with pytest.raises(ConfigError, match="raclora.master_weights and raclora.stochastic_rounding apply to bases that "
+    with pytest.raises(ConfigError, match=r"raclora.master_weights and raclora.stochastic_rounding apply to bases that "
                                           "round a merge"):
         build_config({**base, "raclora": {"merge_mode": "into_base", "master_weights": "cpu"}})
     with pytest.raises(ConfigError, match=r"model.quantization.method: .*'nf4'.*'int3'"):
@@ -164,7 +164,7 @@ def test_masters_are_only_for_rounding_bases_and_into_base():
     cfg = build_config({**base, "model": {**base["model"], "quantization": "nf4"}})
     assert cfg.model.quantization.method == "nf4" and cfg.model.quantization.double_quant
     assert cfg.model.quantization.storage == "uint8"
-    with pytest.raises(ConfigError, match="storage_dtype='float32' with distributed.mixed_precision=bf16"):
+    with pytest.raises(ConfigError, match=r"storage_dtype='float32' with distributed.mixed_precision=bf16"):
         build_config({**base, "model": {**base["model"], "quantization": {"method": "nf4", "storage_dtype": "float32"}},
                       "distributed": {"mixed_precision": "bf16"}})
 

@@ -125,7 +125,7 @@ def test_a_folder_without_safetensors_is_a_config_error(tmp_path, small_data):
     for f in folder.glob("*.safetensors*"):
         f.unlink()
     cfg = config(tmp_path, small_data, name_or_path=str(folder))
-    with pytest.raises(ConfigError, match="model.name_or_path"):
+    with pytest.raises(ConfigError, match=r"model.name_or_path"):
         build_session(cfg)
 
 
