@@ -26,15 +26,16 @@ demo: setup data
 	$(VENV)/bin/raclora export runs/quickstart --format peft
 	$(VENV)/bin/raclora export runs/quickstart --format merged
 
+# PYTEST_ARGS: extra pytest options (.ci/run asks for a JUnit report and the slowest tests)
 test: setup data lint
-	$(VPY) -m pytest tests -q
+	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
 
 lint: setup
 	$(VPY) -m ruff check raclora_dist tests benchmarks scripts
 	$(VPY) -m mypy
 
 test-fast: setup data lint
-	$(VPY) -m pytest tests -q -m "not slow"
+	$(VPY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -292,12 +292,6 @@ class DistributedSection(_Section):
         return self
 
     @property
-    def shard_size(self) -> int:
-        """The ranks one copy of the model is sharded over: ``workers / replicas`` (fsdp2 HSDP),
-        else every worker."""
-        return self.workers // self.replicas
-
-    @property
     def zero_stage(self) -> int | None:
         """The DeepSpeed ZeRO stage (2 or 3, validated) under ``strategy: deepspeed``, else None:
         the one place the stage is read from the DeepSpeed section."""

@@ -4,6 +4,8 @@
 # Run from the repository root on a machine with an NVIDIA GPU and torch, transformers, peft,
 # bitsandbytes, pydantic installed (the package itself on PYTHONPATH is enough). Each step has
 # its own time limit and log, and a failed step does not stop the next.
+#  0. the tests marked gpu (tests/gpu: NCCL, bitsandbytes' CUDA kernels, bf16, FSDP2 cpu_offload),
+#     which skip on CPU machines (needs pytest on the GPU machine);
 #  1. smoke: configs/qlora.yaml with the GPU settings its header names, on one GPU;
 #  2. QLoRA on a Llama-3-8B-shaped model: PEFT LoRA vs RAC-LoRA over the same NF4 base, bf16,
 #     activation checkpointing, one process (benchmarks.throughput);
@@ -29,6 +31,7 @@ step() {  # step NAME SECONDS COMMAND...
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
+step gpu_tests "${TESTS_S:-240}" $py -m pytest -q -m gpu tests/gpu -p no:cacheprovider
 step smoke "${SMOKE_S:-150}" $py -m raclora_dist train configs/qlora.yaml ray.enabled=false distributed.workers=1 \
   model.quantization.compute_dtype=bfloat16 distributed.mixed_precision=bf16 train.activation_checkpointing=true \
   raclora.links=2 raclora.steps_per_link=5 "run.dir=${TMPDIR:-/tmp}/raclora-gpu-smoke"

@@ -13,6 +13,19 @@ from tests.helpers import CORPUS, ROOT
 from tests.timing import pytest_runtest_logreport, pytest_terminal_summary  # noqa: F401 (pytest hooks)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` run where CUDA is available and are skipped elsewhere (each has a
+    CPU counterpart that runs everywhere, named in its docstring)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_bench.sh runs it on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     """The bundled corpus (built by `make data`; built here if missing)."""

@@ -9,6 +9,8 @@ override what differs; the engines are imported inside the subclasses that need 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +46,36 @@ def lm_inputs(device: torch.device, input_ids: torch.Tensor, labels: torch.Tenso
     return out
 
 
+def _whole_block(device_type: str, block_bytes: int) -> str:
+    return "block"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an engine keeps the run's tensors on each rank: what the loader and the memory
+    estimate (``raclora validate``) ask of it, declared by the engine for a config and a
+    worker count (:meth:`Backend.layout`), so that neither re-derives it.
+
+    Attributes:
+        weight_ranks: the ranks the base weights are sharded over (1: a full replica per rank).
+            Above 1, each decoder block is gathered whole (or a unit of it) for its compute.
+        state_ranks: the ranks the factors' gradients and optimizer state are sharded over.
+        splits_vocab: a frozen untied embedding and head are split by vocabulary rows across
+            the ``weight_ranks`` (:mod:`raclora_dist.backends.vocab_parallel`) instead of sharded.
+        gather_unit: ``(device_type, block_bytes) -> "block" | "sublayer" | "linear"``: what
+            one gather brings in of a decoder block of ``block_bytes`` on workers of that device.
+        weights_offloaded: the weight shards live in CPU memory.
+        state_offloaded: the gradients and optimizer state live in CPU memory.
+    """
+
+    weight_ranks: int = 1
+    state_ranks: int = 1
+    splits_vocab: bool = False
+    gather_unit: Callable[[str, int], str] = field(default=_whole_block)
+    weights_offloaded: bool = False
+    state_offloaded: bool = False
+
+
 class Backend:
     """One process, no engine: the reference every distributed backend must match.
 
@@ -61,9 +93,16 @@ class Backend:
         # (distributed.sync: link) a group of contiguous ranks that trains its own link.
         self.sync_group_size = info.world_size
         self.access: FactorAccess = DenseAccess()
+        self.layout = self.plan(cfg, info.world_size)
         # Set by setup(): the wrapped model and the optimizer over its trainable factors.
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
+
+    @classmethod
+    def plan(cls, cfg: RunConfig, world: int) -> Layout:
+        """Where this engine keeps the tensors of ``cfg`` run on ``world`` workers (imports no
+        engine: the memory estimate asks it before anything starts)."""
+        return Layout()
 
     # -- setup ------------------------------------------------------------------------
     @property
@@ -71,7 +110,7 @@ class Backend:
         """Whether the loader should split a frozen untied embedding and head by vocabulary
         rows (:mod:`raclora_dist.backends.vocab_parallel`) instead of handing them to
         :meth:`shard_unit`: sharding engines with several ranks, unless the config says no."""
-        return False
+        return self.layout.splits_vocab
 
     def vocab_split(self) -> tuple[int, int, torch.distributed.ProcessGroup | None]:
         """``(rank, world, group)`` of a vocabulary split (:attr:`splits_vocab`): this rank's
@@ -83,7 +122,7 @@ class Backend:
     def gathers_blocks(self) -> bool:
         """Whether each decoder block's weights are sharded and gathered whole for its compute
         (FSDP2 and ZeRO-3 with several ranks); replicated engines keep them in place."""
-        return False
+        return self.layout.weight_ranks > 1
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         """Called on each part of the model as soon as it is loaded (bottom-up, before

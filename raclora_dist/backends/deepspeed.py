@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend, decoder_layers, lm_inputs, shard_masters
+from raclora_dist.backends.base import Backend, Layout, decoder_layers, lm_inputs, shard_masters
 from raclora_dist.backends.dist import DistComm
 from raclora_dist.backends.tensor_files import DEEPSPEED_DATA_CLASSES, load_tensors
 from raclora_dist.config import ConfigError
@@ -118,13 +118,15 @@ class DeepSpeedBackend(Backend):
 
         return DeepSpeedCPUAdam(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, adamw_mode=True)
 
-    @property
-    def splits_vocab(self) -> bool:
-        return self.gathers_blocks and self.cfg.distributed.vocab_parallel
-
-    @property
-    def gathers_blocks(self) -> bool:
-        return self.stage == 3 and self.info.world_size > 1
+    @classmethod
+    def plan(cls, cfg, world: int) -> Layout:
+        """ZeRO-2 and 3 shard the gradients and optimizer state over every rank; ZeRO-3 the
+        weights too (each part's ``zero.Init``), gathered a block at a time."""
+        d = cfg.distributed
+        weights = world if d.zero_stage == 3 else 1
+        return Layout(weight_ranks=weights, state_ranks=world, splits_vocab=weights > 1 and d.vocab_parallel,
+                      weights_offloaded=offloads(d.deepspeed, "offload_param"),
+                      state_offloaded=offloads(d.deepspeed, "offload_optimizer"))
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         """ZeRO-3 partitions every loaded part at once (``zero.Init(module=...)`` partitions

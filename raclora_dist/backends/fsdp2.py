@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raclora_dist.backends.base import Backend, decoder_layers, shard_masters
+from raclora_dist.backends.base import Backend, Layout, decoder_layers, shard_masters
 from raclora_dist.backends.dist import DistComm, whole
 from raclora_dist.backends.fsdp2_comms import count_collectives
 from raclora_dist.backends.fsdp2_compat import fully_shard_4bit
@@ -161,13 +161,23 @@ class FSDP2Backend(Backend):
         # boundary, over the ranks that hold the same shard.
         d = cfg.distributed
         self.link_sync = d.sync == "link"
-        self.replicas = (d.sync_groups or info.world_size) if self.link_sync else d.replicas
-        self.shards = info.world_size // self.replicas
+        self.shards = self.layout.weight_ranks
+        self.replicas = info.world_size // self.shards
         if self.link_sync:
             self.sync_group_size = self.shards
         self.shard_rank, self.replica = info.rank % self.shards, info.rank // self.shards
         self.mesh = None
         self.access = FSDP2Access(self.shard_rank, self.shards, comm, self.replica)
+
+    @classmethod
+    def plan(cls, cfg, world: int) -> Layout:
+        """Each group of ranks (HSDP's replicas, link-sync's groups, else all) shards the
+        weights, gradients and optimizer state over its own ranks."""
+        d = cfg.distributed
+        groups = (d.sync_groups or world) if d.sync == "link" else d.replicas
+        shards = world // groups
+        return Layout(weight_ranks=shards, state_ranks=shards, splits_vocab=shards > 1 and d.vocab_parallel,
+                      gather_unit=d.fsdp_unit_on, weights_offloaded=d.cpu_offload, state_offloaded=d.cpu_offload)
 
     def _shard_kwargs(self) -> dict:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
@@ -212,20 +222,12 @@ class FSDP2Backend(Backend):
             return False
         return DistComm(self.info.device, self.device_mesh().get_group("replicate"))
 
-    @property
-    def splits_vocab(self) -> bool:
-        return self.gathers_blocks and self.cfg.distributed.vocab_parallel
-
     def vocab_split(self):
         """Under HSDP, within the replica group: its activations never cross groups."""
         mesh = self.device_mesh()
         if mesh is None:
             return super().vocab_split()
         return self.shard_rank, self.shards, mesh.get_group("shard")
-
-    @property
-    def gathers_blocks(self) -> bool:
-        return self.shards > 1
 
     def shard_unit(self, module: nn.Module, own_unit: bool) -> None:
         shard_masters(module, self.shard_rank, self.shards)
@@ -237,7 +239,7 @@ class FSDP2Backend(Backend):
         linear layers (attention, MLP) or each linear layer (a RAC-LoRA layer with its base, or
         a plain/4-bit linear) is a unit of its own; the block's unit keeps the rest (norms)."""
         kwargs = self._shard_kwargs()
-        unit = self.cfg.distributed.fsdp_unit_on(self.info.device.type, _local_bytes(module))
+        unit = self.layout.gather_unit(self.info.device.type, _local_bytes(module))
         for m in inner_units(module, unit):
             _fully_shard(m, **kwargs)
         _fully_shard(module, **kwargs)

@@ -9,14 +9,15 @@ keep (attention counted as a fused kernel keeps it: q, k, v, output and log-sum-
 What is estimated, per rank:
 
 * **base weights**: full-precision tensors at ``model.dtype``; 4-bit layers as packed codes
-  plus their absmax constants; divided by the ranks they are sharded over under FSDP2 (one
-  replica group's with ``distributed.replicas``) and ZeRO-3, plus the
+  plus their absmax constants; divided by the ranks the engine shards them over (its
+  :class:`~raclora_dist.backends.base.Layout`: FSDP2 over a group's ranks, one replica
+  group's with ``distributed.replicas`` or one link-sync group's; ZeRO-3 over all), plus the
   largest unit gathered whole while it computes (a decoder block; a sublayer or linear layer with
   FSDP2's ``fsdp_unit``; the embedding or head when they are not split by vocabulary);
 * **chain**: each layer's trainable factor, its sketch, and (factored merges) the merged
   links' factors; **master weights**: fp32 copies of 4-bit layers (``raclora.master_weights``);
 * **gradients** and **optimizer state** of the factors (AdamW: two fp32 moments); sharded
-  under FSDP2 and ZeRO-2/3;
+  as the engine declares (FSDP2 as its weights, ZeRO-2/3 over all ranks);
 * **activations** at ``train.batch_size / workers`` x ``data.seq_len``; with activation
   checkpointing, one hidden state per block plus one block recomputed.
 
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from raclora_dist.backends.deepspeed import offloads
+from raclora_dist.backends import backend_class
+from raclora_dist.backends.base import Layout
 from raclora_dist.config import RunConfig
 from raclora_dist.core import RacLoraLinear
 
@@ -93,14 +95,10 @@ def _packed_bytes(numel: int, cfg: RunConfig) -> int:
     return math.ceil(numel / 2) + constants
 
 
-def _sharded(cfg: RunConfig) -> tuple[bool, bool]:
-    """(weights sharded, gradients and optimizer state sharded) for the configured engine."""
-    d = cfg.distributed
-    if d.strategy == "fsdp2":
-        return True, True
-    if d.strategy == "deepspeed":
-        return d.zero_stage == 3, True
-    return False, False
+def engine_layout(cfg: RunConfig) -> Layout:
+    """Where the configured engine keeps the tensors on each of ``distributed.workers`` ranks,
+    as the engine declares it (:meth:`raclora_dist.backends.Backend.plan`)."""
+    return backend_class(cfg.distributed.strategy).plan(cfg, cfg.distributed.workers)
 
 
 def _nbytes(module: nn.Module, cfg: RunConfig, prefix: str) -> int:
@@ -115,35 +113,34 @@ def _nbytes(module: nn.Module, cfg: RunConfig, prefix: str) -> int:
     return total
 
 
-def _in_flight(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module], block_bytes: list[int]) -> tuple[int, str]:
+def _in_flight(cfg: RunConfig, layout: Layout, model: nn.Module, blocks: list[nn.Module],
+               block_bytes: list[int]) -> tuple[int, str]:
     """The largest unit a sharding engine gathers whole while it computes, and what it is.
 
-    A decoder block (or, FSDP2 with ``fsdp_unit`` sublayer or linear, its largest sublayer or
-    linear layer, or what the block keeps besides them; ``auto`` as workers on this machine
-    would resolve it); the untied embedding and head too, unless they are split by vocabulary
-    rows (``distributed.vocab_parallel``), which gathers no weights.
+    A decoder block (or the engine's unit of it, ``layout.gather_unit``: its largest sublayer
+    or linear layer, or what the block keeps besides them, as workers on this machine would
+    choose); the untied embedding and head too, unless the engine splits them by vocabulary
+    rows, which gathers no weights.
     """
     from raclora_dist.backends.dist import worker_device_type
     from raclora_dist.backends.fsdp2 import inner_units
     from raclora_dist.backends.vocab_parallel import splittable
 
-    d = cfg.distributed
     names = {id(m): n for n, m in model.named_modules()}
     units: list[tuple[int, str]] = []
-    for block, whole in zip(blocks, block_bytes, strict=False):
-        unit = d.fsdp_unit_on(worker_device_type(d.backend), whole) if d.strategy == "fsdp2" else "block"
+    for block, whole in zip(blocks, block_bytes, strict=True):
+        unit = layout.gather_unit(worker_device_type(cfg.distributed.backend), whole)
         inner = [_nbytes(m, cfg, names.get(id(m), "")) for m in inner_units(block, unit)]
         if inner:
             units.append((max(inner), f"one {'linear layer' if unit == 'linear' else 'sublayer'}"))
             units.append((whole - sum(inner), "one block's norms"))
         else:
             units.append((whole, "one block"))
-    splits = d.vocab_parallel and (d.strategy == "fsdp2" or d.zero_stage == 3)
     get_head = getattr(model, "get_output_embeddings", None)
     embedding, head = getattr(model, "get_input_embeddings")(), get_head() if callable(get_head) else None  # noqa: B009 -- a PreTrainedModel's
     tied = embedding is not None and head is not None and head.weight is embedding.weight  # never split
     for what, module in (("the embedding", embedding), ("the head", head)):
-        if module is not None and not (splits and not tied and splittable(module, model)):
+        if module is not None and not (layout.splits_vocab and not tied and splittable(module, model)):
             units.append((sum(t.nbytes for t in module.parameters()), what))
     return max(units, key=lambda u: u[0], default=(0, "nothing"))
 
@@ -156,8 +153,7 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
             not moved; a forward runs on it under ``torch.no_grad`` off).
         blocks: its decoder blocks (empty if it has none).
     """
-    world = cfg.distributed.shard_size  # the ranks the shards are split over (HSDP: one replica's)
-    shard_w, shard_opt = _sharded(cfg)
+    layout = engine_layout(cfg)
     chain_ids: set[int] = set()
     chain = master = factor_bytes = factor_numel = 0
     layers = [m for m in model.modules() if isinstance(m, RacLoraLinear)]
@@ -186,29 +182,27 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
             if id(module) in block_of:
                 block_bytes[block_of[id(module)]] += nbytes
     est = Estimate(params=params, base_params_bytes=base_bytes)
-    split = world if shard_w else 1
-    in_flight, what = _in_flight(cfg, model, blocks, block_bytes) if shard_w and world > 1 else (0, "")
+    split = layout.weight_ranks
+    in_flight, what = _in_flight(cfg, layout, model, blocks, block_bytes) if split > 1 else (0, "")
     est.rows["base weights"] = base_bytes // split + in_flight
-    if shard_w and world > 1:
-        est.notes["base weights"] = f"1/{world} of {size(base_bytes)}, plus {what} gathered"
-    elif cfg.distributed.strategy in ("single", "ddp") or not shard_w:
+    if split > 1:
+        est.notes["base weights"] = f"1/{split} of {size(base_bytes)}, plus {what} gathered"
+    else:
         est.notes["base weights"] = "a full replica on every rank"
-    ds = cfg.distributed.deepspeed if cfg.distributed.strategy == "deepspeed" else {}
-    offloaded = {k for k in ("offload_param", "offload_optimizer") if offloads(ds, k)}
-    if cfg.distributed.cpu_offload or "offload_param" in offloaded:
-        est.notes["base weights"] = est.notes.get("base weights", "") + "; shards kept in CPU memory"
+    if layout.weights_offloaded:
+        est.notes["base weights"] += "; shards kept in CPU memory"
     est.rows["chain"] = chain // split
     est.notes["chain"] = f"{factor_numel:,} trainable factor elements; sketches; merged links"
     _merged_chain(cfg, layers, est, split)
     if master:
         est.rows["master weights"] = master // split
         est.notes["master weights"] = f"fp32, on {'the CPU' if cfg.raclora.master_weights == 'cpu' else 'the device'}"
-    opt_split = world if shard_opt else 1
+    opt_split = layout.state_ranks
     est.rows["gradients"] = factor_bytes // opt_split
     moments = 2 * 4 * factor_numel if cfg.train.optimizer == "adamw" else 0
     est.rows["optimizer state"] = moments // opt_split
-    est.notes["optimizer state"] = cfg.train.optimizer + (f", 1/{world} per rank" if shard_opt and world > 1 else "")
-    if "offload_optimizer" in offloaded:
+    est.notes["optimizer state"] = cfg.train.optimizer + (f", 1/{opt_split} per rank" if opt_split > 1 else "")
+    if layout.state_offloaded:
         for row in ("gradients", "optimizer state"):
             est.notes[row] = est.notes.get(row, "") + ("; " if row in est.notes else "") + "in CPU memory"
     est.rows["activations"] = activation_bytes(cfg, model, blocks)

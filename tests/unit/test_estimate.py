@@ -77,6 +77,13 @@ def test_sharding_checkpointing_and_4bit_shrink_the_estimate_as_they_should(smal
                                                                   "fsdp_unit": "block"}, train={"batch_size": 4}))
     assert hsdp.rows["base weights"] == fsdp.rows["base weights"] and hsdp.rows["chain"] == fsdp.rows["chain"]
     assert hsdp.rows["activations"] < 0.6 * fsdp.rows["activations"]
+    # link-sync over FSDP2, 2 groups x 2: each group shards over its own 2 ranks, as the engine
+    # declares (the estimate once divided by all 4 workers)
+    _, groups = plan_run(_config(small_data, tmp_path, distributed={"strategy": "fsdp2", "workers": 4, "sync": "link",
+                                                                    "sync_groups": 2, "fsdp_unit": "block"},
+                                 train={"batch_size": 4}))
+    assert groups.rows["base weights"] == fsdp.rows["base weights"] and groups.rows["chain"] == fsdp.rows["chain"]
+    assert groups.rows["optimizer state"] == fsdp.rows["optimizer state"]
 
 
 def test_the_unit_in_flight_follows_fsdp_unit_and_the_vocabulary_split(small_data, tmp_path):
