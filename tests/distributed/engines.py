@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from raclora_dist.checkpoint.folder import chain_tensors, find_latest
-from tests.helpers import read_jsonl, run_cli, subprocess_env
+from tests.helpers import read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 ENGINES = {
     "ddp": ["distributed.strategy=ddp"],
@@ -48,6 +48,16 @@ def train(cfg: Path, run: Path, *overrides: str, env: dict | None = None, resume
     assert not processes_mentioning(str(run)), "worker processes outlived the run"
     assert shm_files() <= before, "shared-memory files left behind"
     return proc
+
+
+def one_process_reference(d: Path, small_data: Path) -> tuple[Path, Path, Path]:
+    """``(d, config, run)``: the tiny model's config in ``d`` and its one-process run in
+    ``d/single``, the reference the engines are held to."""
+    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "unused"))
+    single = d / "single"
+    proc = run_cli("train", str(cfg), f"run.dir={single}")
+    assert proc.returncode == 0, proc.stderr
+    return d, cfg, single
 
 
 def two_nodes(cfg: Path, run_for, *overrides: str, per_node: int = 1) -> tuple[Path, list]:

@@ -24,24 +24,20 @@ from tests.distributed.engines import (
     eval_losses,
     losses,
     meta,
+    one_process_reference,
     processes_mentioning,
     shm_files,
     train,
     two_nodes,
 )
-from tests.helpers import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
+from tests.helpers import faults, read_jsonl, run_cli, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, small_data):
-    d = tmp_path_factory.mktemp("dist")
-    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "unused"))
-    single = d / "single"
-    proc = run_cli("train", str(cfg), f"run.dir={single}")
-    assert proc.returncode == 0, proc.stderr
-    return d, cfg, single
+    return one_process_reference(tmp_path_factory.mktemp("dist"), small_data)
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

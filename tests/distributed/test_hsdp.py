@@ -11,8 +11,16 @@ import json
 import pytest
 
 from raclora_dist.checkpoint.folder import find_latest
-from tests.distributed.engines import assert_chains_close, eval_losses, losses, meta, train, two_nodes
-from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
+from tests.distributed.engines import (
+    assert_chains_close,
+    eval_losses,
+    losses,
+    meta,
+    one_process_reference,
+    train,
+    two_nodes,
+)
+from tests.helpers import faults, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +30,7 @@ HSDP = [*MESH, "distributed.workers=4"]
 
 @pytest.fixture(scope="module")
 def hsetup(tmp_path_factory, small_data):
-    d = tmp_path_factory.mktemp("hsdp")
-    cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "unused"))
-    single = d / "single"
-    proc = run_cli("train", str(cfg), f"run.dir={single}")
-    assert proc.returncode == 0, proc.stderr
-    return d, cfg, single
+    return one_process_reference(tmp_path_factory.mktemp("hsdp"), small_data)
 
 
 def landed(run) -> list[float]:

@@ -111,14 +111,22 @@ def test_a_crash_mid_link_resumes_bitwise(small_data, tmp_path):
     assert proc.returncode != 0
     latest = find_latest(crashed)
     assert latest.name == "link-00001-step-0000004"  # 1 step into link 1: the ranks' factors differ
-    saved = [torch.load(latest / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # A different group layout cannot take over the ranks' factors mid-link: a clear error.
+    _apart_then_resumed(cfg, whole, crashed, [latest / f"rank{r}.pt" for r in range(2)], LINK,
+                        [*LINK, "distributed.workers=1", "distributed.strategy=single"], "distributed.sync: link")
+
+
+def _apart_then_resumed(cfg, whole, crashed, saved_files, args, other_layout, refusal) -> None:
+    """The groups' saved factors differ mid-link and carry Adam's moments so far; resuming under
+    ``other_layout`` is refused (exit 2, ``refusal`` in the message); resuming under ``args``
+    ends bitwise where the uninterrupted run ``whole`` ended."""
+    saved = [torch.load(f, weights_only=True) for f in saved_files]
     name = next(iter(saved[0]["factors"]))
     assert not torch.equal(saved[0]["factors"][name], saved[1]["factors"][name])
-    assert saved[0]["optimizer"]["state"]  # Adam's moments so far, per rank
-    # A different group layout cannot take over the ranks' factors mid-link: a clear error.
-    proc = train(cfg, crashed, *LINK, "distributed.workers=1", "distributed.strategy=single", resume=True)
-    assert proc.returncode == 2 and "distributed.sync: link" in proc.stderr, proc.stderr[-3000:]
-    proc = train(cfg, crashed, *LINK, resume=True)
+    assert saved[0]["optimizer"]["state"]
+    proc = train(cfg, crashed, *other_layout, resume=True)
+    assert proc.returncode == 2 and refusal in proc.stderr, proc.stderr[-3000:]
+    proc = train(cfg, crashed, *args, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = chain(whole), chain(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -169,14 +177,5 @@ def test_link_sync_over_fsdp2_groups_resumes_mid_link_bitwise(small_data, tmp_pa
     assert train(cfg, crashed, *args, faults(crash_at_step=5)).returncode != 0
     latest = find_latest(crashed)
     assert latest.name == "link-00001-step-0000004"
-    saved = [torch.load(latest / f"group{g}.pt", weights_only=True) for g in range(2)]
-    name = next(iter(saved[0]["factors"]))
-    assert not torch.equal(saved[0]["factors"][name], saved[1]["factors"][name])
-    assert saved[0]["optimizer"]["state"]
-    proc = train(cfg, crashed, *LINK, "distributed.workers=4", "distributed.sync_groups=2", resume=True)
-    assert proc.returncode == 2 and "with fsdp2, 4 workers" in proc.stderr, proc.stderr[-3000:]
-    proc = train(cfg, crashed, *args, resume=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = chain(whole), chain(crashed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(crashed) == losses(whole)
+    _apart_then_resumed(cfg, whole, crashed, [latest / f"group{g}.pt" for g in range(2)], args,
+                        [*LINK, "distributed.workers=4", "distributed.sync_groups=2"], "with fsdp2, 4 workers")

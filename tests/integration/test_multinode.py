@@ -71,6 +71,20 @@ def cluster(request):
         assert not [p for p in pids if Path(f"/proc/{p}").exists()], "raylets outlived the cluster"
 
 
+@contextlib.contextmanager
+def driving(cmd: list[str]):
+    """The Ray driver ``cmd`` as a process (its output merged into stdout), killed if the block
+    leaves it running."""
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+
+
 def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_node(cluster, small_data, tmp_path):
     c, pids = cluster
     cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True}))
@@ -83,9 +97,7 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
     cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.strategy=ddp",
            "distributed.workers=2", f"ray.address={c.address}", "ray.max_failures=2", f"ray.storage_path={storage}",
            "ray.resources_per_worker={CPU: 1, slot: 1}", faults(hold_at_step=4, pid_dir=str(pid_dir))]
-    driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
+    with driving(cmd) as driver:
         # rank 0 holds after step 4, one step into link 1, until its node is lost
         wait_for_marker(pid_dir / "held-at-step4", driver, "rank 0 reached step 4")
         rank0 = int((pid_dir / "rank0.pid").read_text())
@@ -95,10 +107,6 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
         c.remove_node(victim, allow_graceful=False)  # its raylet and every worker it started
         pids += raylet_pids(c.add_node(num_cpus=1, resources={"slot": 1}))  # replacement capacity
         out, _ = driver.communicate(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert driver.returncode == 0, out[-3000:]
     assert not Path(f"/proc/{rank0}").exists()
     # (the driver's copy of the workers' lines may miss some of a lost node's: read the record)
@@ -136,9 +144,7 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
            f"ray.address={c.address}", "ray.max_failures=3", f"ray.storage_path={storage}",
            "ray.resources_per_worker={CPU: 1, slot: 1}",
            faults(hold_at_step=4, hold_rank=2, hold_at_world=2, pid_dir=str(pid_dir))]
-    driver = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
+    with driving(cmd) as driver:
         wait_for_marker(pid_dir / "held-at-step4", driver, "rank 2 reached step 4")
         rank2 = int((pid_dir / "rank2.pid").read_text())
         (victim,) = [n for n in c.worker_nodes if set(raylet_pids(n)) & set(ancestors(rank2))]
@@ -148,10 +154,6 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
         wait_for_marker(pid_dir / "held-at-world2", driver, "the group of 2 took a step")
         pids += raylet_pids(c.add_node(num_cpus=2, resources={"slot": 2}))  # the capacity returns
         out, _ = driver.communicate(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
     assert driver.returncode == 0, out[-3000:]
     resizes = [(r["from_workers"], r["to_workers"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "resize"]
     assert resizes == [(4, 2), (2, 4)], resizes
