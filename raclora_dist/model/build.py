@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from raclora_dist.config import ConfigError, ModelSection
+from raclora_dist.core.dtypes import torch_dtype
 from raclora_dist.data.sources import local_folder
 from raclora_dist.model.weights import InitFromConfig, SafetensorsFolder, WeightSource, state_shapes, write_safetensors
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_config(mcfg: ModelSection, source: str | Path | None = None):
@@ -58,7 +57,7 @@ def build_meta_model(mcfg: ModelSection, vocab_size: int, source: str | Path | N
 
     cfg = hf_config(mcfg, source)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[mcfg.dtype])
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(mcfg.dtype))
     if model.config.vocab_size < vocab_size:
         field = "model.config.vocab_size" if mcfg.config is not None else f"model.name_or_path ({mcfg.name_or_path})"
         raise ConfigError(

@@ -20,6 +20,7 @@ import torch
 from raclora_dist.checkpoint.folder import Checkpoint, damaged_checkpoints, find_latest, load_checkpoint
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.core import chain_of_links, compress_lora, concat_links, link_factors
+from raclora_dist.core.dtypes import torch_dtype
 from raclora_dist.core.layer import auto_merge_mode
 from raclora_dist.model.session import base_folder
 
@@ -130,7 +131,7 @@ def export_merged(run_dir: Path, out: Path | None = None, dtype: str = "auto") -
                 w = cast(torch.Tensor, model.get_submodule(name).weight)
                 w.copy_((w.float() + B @ A).to(w.dtype))
     if dtype != "auto":
-        model = model.to(getattr(torch, dtype))
+        model = model.to(torch_dtype(dtype))
     model.save_pretrained(out)
     with contextlib.suppress(OSError, ValueError):  # a base folder without a tokenizer: the weights still export
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(out)

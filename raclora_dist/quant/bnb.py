@@ -26,12 +26,11 @@ from bitsandbytes.nn import Linear4bit, Params4bit
 from torch import nn
 
 from raclora_dist.core import RacLoraLinear, register_dispatcher, sketch_seed
+from raclora_dist.core.dtypes import torch_dtype
 from raclora_dist.core.landed import MergeResult, landed_stats, lowrank_fro_norm
 from raclora_dist.core.layer import MergeView
 from raclora_dist.core.master import Gather
 from raclora_dist.quant.config import QuantizationConfig
-
-DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -- quantization ------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def to_linear4bit(linear: nn.Linear, qcfg: QuantizationConfig, storage: torch.dt
     """A frozen ``Linear4bit`` holding ``linear``'s weight in 4 bits (its bias as is)."""
     packed, state = quantize_weight(linear.weight.detach(), qcfg.method, qcfg.blocksize, qcfg.double_quant, storage)
     q = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                   compute_dtype=DTYPES[qcfg.compute_dtype], compress_statistics=qcfg.double_quant,
+                   compute_dtype=torch_dtype(qcfg.compute_dtype), compress_statistics=qcfg.double_quant,
                    quant_type=qcfg.method, quant_storage=storage, device="meta")
     q.weight = Params4bit(packed, requires_grad=False, quant_state=state, blocksize=qcfg.blocksize,
                           compress_statistics=qcfg.double_quant, quant_type=qcfg.method,
@@ -132,7 +131,7 @@ def quantize_model(model: nn.Module, qcfg: QuantizationConfig, storage: str, kee
             continue
         if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in qcfg.skip_modules):
             continue
-        q = to_linear4bit(module, qcfg, DTYPES[storage])
+        q = to_linear4bit(module, qcfg, torch_dtype(storage))
         if keep_source:
             q._raclora_source = module.weight.detach().float()
         parent, _, child = name.rpartition(".")

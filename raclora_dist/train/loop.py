@@ -23,6 +23,7 @@ from raclora_dist.backends import Backend
 from raclora_dist.backends.dist import TRAFFIC
 from raclora_dist.checkpoint.folder import Checkpoint
 from raclora_dist.config import RunConfig
+from raclora_dist.core.dtypes import torch_dtype
 from raclora_dist.core.outer import OuterStep
 from raclora_dist.data.batches import PackedData
 from raclora_dist.data.formats import IGNORE
@@ -88,19 +89,19 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict] = []
         # The built-in records and reports first, then the user's callbacks.
-        builtin: list[Callback] = [MetricsFile(self.run_dir) if self.is_main else Callback(), ProgressBar()]
+        builtin: list[Callback] = [MetricsFile(self.run_dir)] if self.is_main else []
+        builtin.append(ProgressBar())
         if startup is not None:
             builtin.append(StartupReport(startup))
+        if cfg.train.sample_prompts:
+            from raclora_dist.train.samples import SampleAnswers, Sampler
+
+            sampler = Sampler(cfg.train.sample_prompts, session.tokenizer, cfg.data, data.masked, cfg.train.sample_tokens)
+            builtin.append(SampleAnswers(sampler))
         self.callbacks = CallbackList([*builtin, *(callbacks or [])])
         self.saver = CheckpointWriter(cfg, session, backend, self.run_dir, self.callbacks, on_checkpoint)
         self.tokens_per_link = (cfg.train.batch_size * cfg.train.grad_accum * data.train.shape[1]
                                 * cfg.raclora.steps_per_link)
-        self.sampler = None
-        if cfg.train.sample_prompts:
-            from raclora_dist.train.samples import Sampler
-
-            self.sampler = Sampler(cfg.train.sample_prompts, session.tokenizer, cfg.data, data.masked,
-                                   cfg.train.sample_tokens)
 
     def write(self, record: dict) -> None:
         """Hands a metrics line to the callbacks (``on_record``; the built-in
@@ -148,7 +149,6 @@ class Trainer:
             t0 = time.perf_counter()
             loss = self.evaluate()
             self.write({"type": "eval", "step": 0, "eval_loss": loss, "eval_s": time.perf_counter() - t0})
-            self._sample(-1)
         self.callbacks.on_train_start(self)
         try:
             for link in range(start_link, rc.links):
@@ -179,7 +179,7 @@ class Trainer:
             if self.sync_every and (k + 1) % self.sync_every == 0 and k + 1 < rc.steps_per_link:
                 # a sync round inside the link (its bytes are this step's)
                 self.s.chain.sync_round(self.comm, self.backend.link_average(), self.outer,
-                                        getattr(torch, self.cfg.distributed.link_sync_dtype))
+                                        torch_dtype(self.cfg.distributed.link_sync_dtype))
             loss = step.loss
             sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
             self._link_bytes += sent
@@ -236,7 +236,7 @@ class Trainer:
         self.callbacks.before_boundary(self, link)
         sent, across = TRAFFIC.total, TRAFFIC.across
         record = chain.end_link(self.comm, average=self.backend.link_average(), outer=self.outer,
-                                payload=getattr(torch, self.cfg.distributed.link_sync_dtype))
+                                payload=torch_dtype(self.cfg.distributed.link_sync_dtype))
         sent, across = TRAFFIC.total - sent, TRAFFIC.across - across
         if rc.optimizer_state == "reset":
             # Adam moments describe the old sketch's coordinates; they mean nothing in the
@@ -258,28 +258,10 @@ class Trainer:
         warning = landed_warning(rec)
         if warning is not None:
             logger.info(warning)
-        self._sample(link)
         self.callbacks.on_boundary(self, rec)
         last = link + 1 == rc.links
         if last or (link + 1) % self.cfg.checkpoint.every_links == 0:
             self.saver.save(self, link + 1, 0, rec)
-
-    def _sample(self, link: int) -> None:
-        """Answers the sample prompts (every rank, in lockstep); rank 0 records them."""
-        if self.sampler is None:
-            return
-        model = self.backend.model
-        model.eval()
-        answers = self.sampler.answers(model, self.backend.info.device)
-        model.train()
-        self.write({"type": "samples", "link": link, "step": self.global_step,
-                     "prompts": self.sampler.prompts, "answers": answers})
-        if self.is_main:
-            from raclora_dist.train.samples import write_samples_md
-
-            write_samples_md(self.run_dir)
-            for prompt, answer in zip(self.sampler.prompts, answers, strict=False):
-                logger.info(f"  sample: {prompt!r} -> {answer!r}")
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,16 +1,18 @@
 """Sample answers along the chain: a few prompts generated greedily at each link end.
 
-``train.sample_prompts`` are rendered as a user turn with the data's chat template (for
-instruction/chat data) or used as they are (text data), and continued greedily for
-at most ``train.sample_tokens`` tokens by ``model.generate`` (with its KV cache). With several
-ranks it runs with ``synced_gpus``: a rank whose answer ended keeps taking part in the
-forwards until every rank's has (a sharded model needs all of them). The answer is cut at the
-end-of-turn marker or eos. Rank 0 writes a ``samples`` record to ``metrics.jsonl`` and
-rewrites ``samples.md`` from all of them.
+:class:`SampleAnswers` is the trainer's built-in callback that asks them, before the first
+link of a fresh run and after every link. ``train.sample_prompts`` are rendered as a user
+turn with the data's chat template (for instruction/chat data) or used as they are (text
+data), and continued greedily for at most ``train.sample_tokens`` tokens by
+``model.generate`` (with its KV cache). With several ranks it runs with ``synced_gpus``: a
+rank whose answer ended keeps taking part in the forwards until every rank's has (a sharded
+model needs all of them). The answer is cut at the end-of-turn marker or eos. Rank 0 writes a
+``samples`` record to ``metrics.jsonl`` and rewrites ``samples.md`` from all of them.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,9 @@ from raclora_dist.config import DataSection
 from raclora_dist.data.formats import chat_template
 from raclora_dist.files import write_atomic
 from raclora_dist.observe.metrics import read_metrics
+from raclora_dist.train.callbacks import Callback
+
+logger = logging.getLogger(__name__)
 
 MARK = "\u00a7\u00a7"  # stands in for an answer, to find what the template writes after one
 
@@ -76,6 +81,34 @@ class Sampler:
                 text = text.split(stop, 1)[0]
             out.append(text.strip())
         return out
+
+
+class SampleAnswers(Callback):
+    """Answers the sample prompts before the first link of a fresh run (``link`` -1) and after
+    every link's boundary, on every rank in lockstep; each answer set is a ``samples`` metrics
+    line, and rank 0 rewrites ``samples.md`` and logs them."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.global_step == 0:  # a fresh run (a resumed one has its answers so far)
+            self._answer(trainer, -1)
+
+    def on_boundary(self, trainer, record: dict) -> None:
+        self._answer(trainer, record["link"])
+
+    def _answer(self, trainer, link: int) -> None:
+        model = trainer.backend.model
+        model.eval()
+        answers = self.sampler.answers(model, trainer.backend.info.device)
+        model.train()
+        trainer.write({"type": "samples", "link": link, "step": trainer.global_step,
+                       "prompts": self.sampler.prompts, "answers": answers})
+        if trainer.is_main:
+            write_samples_md(trainer.run_dir)
+            for prompt, answer in zip(self.sampler.prompts, answers, strict=True):
+                logger.info(f"  sample: {prompt!r} -> {answer!r}")
 
 
 def write_samples_md(run_dir: Path) -> None:
