@@ -119,7 +119,6 @@ def peft_case(name: str, model: Path, args, tmp: Path) -> dict:
 
     from raclora_dist.backends.base import lm_inputs
     from raclora_dist.config import load_config
-    from raclora_dist.train.loop import _eval_inputs
     from raclora_dist.train.run import load_data
 
     cfg = load_config(ROOT / "configs" / "chat.yaml", [*overrides(model, args, tmp / name), *CASES[name]])
@@ -138,7 +137,7 @@ def peft_case(name: str, model: Path, args, tmp: Path) -> dict:
     def evaluate() -> float:
         net.eval()
         with torch.no_grad():
-            losses = [net(**lm_inputs(dev, **_eval_inputs(b))).loss.item() for b in data.eval_inputs(args.eval_batches)]
+            losses = [net(**lm_inputs(dev, **b)).loss.item() for b in data.eval_inputs(args.eval_batches)]
         net.train()
         return sum(losses) / len(losses)
 
