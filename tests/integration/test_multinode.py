@@ -132,8 +132,7 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
     for _ in range(2):
         pids += raylet_pids(c.add_node(num_cpus=2, resources={"slot": 2}))
     c.wait_for_nodes()
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True},
-                                                        raclora={"links": 6}))
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True}))
     single = tmp_path / "single"
     proc = run_cli("train", str(cfg), f"run.dir={single}", "ray.enabled=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,7 +157,7 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
     resizes = [(r["from_workers"], r["to_workers"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "resize"]
     assert resizes == [(4, 2), (2, 4)], resizes
     assert "workers: 4 -> 2, resumed at link 2" in out and "workers: 2 -> 4" in out, out[-3000:]
-    assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"] == list(range(6))
+    assert [r["link"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "link"] == [0, 1, 2]
     # the same global batches at every size: the one-process chain (fp32, up to summation order)
     a, b = chain(single), chain(run)
     assert a.keys() == b.keys()
