@@ -214,15 +214,12 @@ class RacLoraLinear(nn.Module):
             on for a dense bf16/fp16 base merged ``into_base`` without a master copy.
     """
 
-    # Declared for type checkers: nn.Module's __getattr__ types registered buffers and
-    # submodules as ``Tensor | Module``.
+    # For type checkers: nn.Module's __getattr__ types buffers and submodules Tensor | Module.
     base_layer: nn.Module
     sketch: torch.Tensor
     chain_B: torch.Tensor
     chain_A: torch.Tensor
     _master: torch.Tensor
-    out_features: int
-    in_features: int
 
     def __init__(
         self,
@@ -264,8 +261,7 @@ class RacLoraLinear(nn.Module):
         dev = self.base_weight.device
         sketch_shape = (rank, n) if side == "right" else (m, rank)
         factor_shape = (m, rank) if side == "right" else (rank, n)
-        # The sketch is a buffer: sharding engines must not shard, reduce or optimize it.
-        # Not persistent: it is regenerated from (seed, link, name), never stored.
+        # A buffer (never sharded, reduced or optimized), not persistent: regenerated from (seed, link, name).
         self.register_buffer(
             "sketch", torch.zeros(sketch_shape, dtype=factor_dtype, device=dev), persistent=False
         )
