@@ -54,7 +54,7 @@ def _whole_block(device_type: str, block_bytes: int) -> str:
 class Layout:
     """Where an engine keeps the run's tensors on each rank: what the loader and the memory
     estimate (``raclora validate``) ask of it, declared by the engine for a config and a
-    worker count (:meth:`Backend.layout`), so that neither re-derives it.
+    worker count (:meth:`Backend.plan`), so that neither re-derives it.
 
     Attributes:
         weight_ranks: the ranks the base weights are sharded over (1: a full replica per rank).
