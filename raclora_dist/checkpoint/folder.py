@@ -445,7 +445,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def _load(path: Path) -> Checkpoint:
     meta = json.loads((path / "meta.json").read_text())
-    factors: dict[int, Mapping[str, torch.Tensor]]
+    factors: Mapping[int, Mapping[str, torch.Tensor]]  # link -> tensors (format 1) or its file
     if meta["format"] == 1:
         factors, current = _read_chain_file(path / "chain.safetensors")
     else:
@@ -463,7 +463,7 @@ def _load(path: Path) -> Checkpoint:
     return Checkpoint(path, meta, chain, rng, current)
 
 
-def _read_chain_file(path: Path) -> tuple[dict[int, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def _read_chain_file(path: Path) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """A format-1 checkpoint's ``chain.safetensors``: every link's factors, and the current ones."""
     factors: dict[int, dict[str, torch.Tensor]] = {}
     current: dict[str, torch.Tensor] = {}
@@ -473,7 +473,7 @@ def _read_chain_file(path: Path) -> tuple[dict[int, Mapping[str, torch.Tensor]],
             continue
         _, link, name = key.split(".", 2)
         factors.setdefault(int(link), {})[name] = t
-    return {t: f for t, f in factors.items()}, current  # (as the Mapping the record holds)
+    return factors, current
 
 
 def chain_tensors(path: Path) -> dict[str, torch.Tensor]:

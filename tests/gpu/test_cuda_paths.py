@@ -35,21 +35,20 @@ def test_fsdp2_over_nccl_equals_one_cuda_process(tmp_path, small_data):
     NCCL's collectives) against one CUDA process. CPU counterpart:
     tests/distributed/test_backends.py (the engines over gloo against one process)."""
     workers = torch.cuda.device_count()
-    one = _train(tmp_path, small_data, "single")
+    batch = f"train.batch_size={4 * workers}"  # the same global batches for both
+    one = _train(tmp_path, small_data, "single", batch)
     sharded = _train(tmp_path, small_data, "fsdp2", "distributed.strategy=fsdp2", f"distributed.workers={workers}",
-                     "distributed.backend=nccl", f"train.batch_size={4 * workers}")
-    if workers == 1:
-        assert _losses(sharded) == pytest.approx(_losses(one), abs=1e-4)
+                     "distributed.backend=nccl", batch)
     assert all(math.isfinite(x) for x in _losses(sharded))
+    assert _losses(sharded) == pytest.approx(_losses(one), abs=1e-4)
 
 
 def test_nf4_on_cuda_kernels_trains_as_the_cpu_kernels_do(tmp_path, small_data):
     """An NF4 base quantized, dequantized in the forward and requantized at each merge by
     bitsandbytes' CUDA kernels, against the same run on its CPU kernels (``backend=gloo``
     keeps a worker on the CPU). CPU counterpart: tests/distributed/test_quantized.py."""
-    nf4 = {"quantization": "nf4", "config": tiny_config(small_data, tmp_path)["model"]["config"]}
-    cuda = _train(tmp_path, small_data, "nf4-cuda", model=nf4)
-    cpu = _train(tmp_path, small_data, "nf4-cpu", "distributed.backend=gloo", model=nf4)
+    cuda = _train(tmp_path, small_data, "nf4-cuda", "model.quantization=nf4")
+    cpu = _train(tmp_path, small_data, "nf4-cpu", "model.quantization=nf4", "distributed.backend=gloo")
     assert _losses(cuda) == pytest.approx(_losses(cpu), rel=2e-2)
     links = [r for r in cuda if r["type"] == "link"]
     assert all(r["merged"] for r in links)
