@@ -91,15 +91,28 @@ def resize_line(was: int, now: int, link: int) -> str:
             "(the same global batch, split over the new group)")
 
 
-def landed_warning(rec: dict, threshold: float = LANDED_WARNING) -> str | None:
+def landed_warning(rec: dict, before: dict | None = None, threshold: float = LANDED_WARNING) -> str | None:
     """The warning for a merge that kept less than ``threshold`` of its update, else None.
 
     None also when the layers keep a master copy (``rec["master_weights"]``): a merge then rounds
     the working weight afresh from the master, so what one link's rounding left out is carried
     to the next (the first link's fraction can read low while the run keeps every link), and
-    the advice below would be the setting already in use."""
+    the advice below would be the setting already in use.
+
+    A capped chain (``discarded_energy`` > 0: ``raclora.chain_budget`` recompressed it) keeps
+    less of each link as it goes, by design: it warns once, at the link where the fraction first
+    falls below ``threshold`` (``before``, the previous link's record, was above it or none was
+    given), and each link's line shows the fraction from then on."""
     if not rec["merged"] or rec["landed_fraction"] >= threshold or rec.get("master_weights"):
         return None
+    if rec.get("discarded_energy", 0.0) > 0:
+        if before is not None and before.get("merged") and before["landed_fraction"] < threshold:
+            return None
+        return (f"note: link {rec['link']}: the chain is at its cap (raclora.chain_budget); recompressing it kept "
+                f"{rec['landed_fraction']:.1%} of this link's update and dropped {rec['discarded_energy']:.1%} of the "
+                "chain's energy, and later links keep less (each link's landed fraction is logged). For more, raise "
+                "raclora.chain_budget (memory and step time), set it to null (the exact chain: both grow every link), "
+                "or use raclora.merge_mode=into_base with raclora.master_weights=cpu.")
     return (f"warning: link {rec['link']}: only {rec['landed_fraction']:.1%} of the intended update landed in the "
             f"weights (cosine {rec['landed_cosine']:.2f}); rounding the merged weight to the base's precision (4-bit, "
             "bf16) to nearest drops small updates. Keep them with raclora.merge_mode=into_base and "

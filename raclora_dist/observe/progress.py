@@ -33,6 +33,7 @@ class Follower(threading.Thread):
         self._seen_resumes: set[tuple[str, int, int]] = set()
         self._shown_startup = False
         self.records: list[dict] = []
+        self._last_link: dict | None = None  # the previous link record (a capped chain warns once)
         rc, tc = cfg.raclora, cfg.train
         self.total = rc.links * rc.steps_per_link
         self.tokens_per_link = tc.batch_size * tc.grad_accum * cfg.data.seq_len * rc.steps_per_link
@@ -79,7 +80,8 @@ class Follower(threading.Thread):
         elif kind == "link" and rec["link"] not in self._seen_links:
             self._seen_links.add(rec["link"])
             self._print(link_line(rec, self.cfg.raclora.links, self.tokens_per_link))
-            warning = landed_warning(rec)
+            warning = landed_warning(rec, self._last_link)
+            self._last_link = rec
             if warning is not None:
                 self._print(warning)
         elif kind == "resize" and ("resize", rec["link"], rec["step"]) not in self._seen_resumes:

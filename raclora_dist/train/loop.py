@@ -255,7 +255,7 @@ class Trainer:
         self.write(rec)
         self.history.append(rec)
         logger.info(link_line(rec, rc.links, self.tokens_per_link))
-        warning = landed_warning(rec)
+        warning = landed_warning(rec, self.history[-2] if len(self.history) > 1 else None)
         if warning is not None:
             logger.info(warning)
         self.callbacks.on_boundary(self, rec)

@@ -60,6 +60,16 @@ def test_no_landed_warning_when_the_layers_keep_a_master_copy():
     assert landed_warning({**link(0, landed=0.64), "master_weights": False}) is not None
 
 
+def test_a_capped_chain_notes_its_cap_once_and_names_the_budget():
+    """A recompression (discarded energy > 0) keeps less of each link by design: the note says so
+    once, names raclora.chain_budget, and does not blame rounding to the base's precision."""
+    capped = [{**link(t, landed=f), "discarded_energy": 0.1} for t, f in enumerate([0.95, 0.85, 0.8, 0.7])]
+    notes = [landed_warning(rec, capped[t - 1] if t else None) for t, rec in enumerate(capped)]
+    assert notes[0] is None and notes[2] is None and notes[3] is None
+    assert "raclora.chain_budget" in notes[1] and "85.0%" in notes[1] and "to nearest" not in notes[1]
+    assert "to nearest" in landed_warning(link(1, landed=0.85), link(0, landed=0.85))  # rounding: every link
+
+
 def test_follower_prints_a_resized_group_once(tmp_path):
     f, out = follower(tmp_path)
     rec = {"type": "resize", "link": 1, "step": 3, "from_workers": 2, "to_workers": 1}
