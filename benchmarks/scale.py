@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import proc_status_kb, write_json
+from raclora_dist.train.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,10 @@ ZERO3 = ["distributed.strategy=deepspeed", "distributed.deepspeed={zero_optimiza
 CASES = {
     "fsdp2": ["distributed.strategy=fsdp2"],
     "zero3": ZERO3,
+    # ZeRO-3 as it runs on GPUs: the next block prefetched and one block kept for reuse (the
+    # CPU default prefetches and keeps nothing; backends/deepspeed.fill_stage3_limits)
+    "zero3-prefetch": [ZERO3[0], "distributed.deepspeed={zero_optimization: {stage: 3, "
+                       "stage3_prefetch_bucket_size: 50000000, stage3_max_reuse_distance: 50600000}}"],
     "fsdp2-nf4": ["distributed.strategy=fsdp2", "model.quantization=nf4"],
     "fsdp2-linear": ["distributed.strategy=fsdp2", "distributed.fsdp_unit=linear"],
     "fsdp2-block": ["distributed.strategy=fsdp2", "distributed.fsdp_unit=block"],  # auto is sublayer here
@@ -66,6 +71,37 @@ CASES.update({f"{name}-ac": [*extra, "train.activation_checkpointing=true"] for 
 
 
 STEPS = 3  # the first step's peak is the issue's measure; later ones show the steady state (ZeRO-3 traces step 1)
+
+
+class PhasePeaks(Callback):
+    """Appends to ``out`` (JSON lines, every rank) the process's peak RSS so far (``VmHWM``, never
+    reset: the trainer's own records read the same peak) and its RSS now, after each step, before
+    and after the boundary, after the checkpoint and at the end: where the whole run's peak is
+    reached."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def _write(self, trainer, phase: str) -> None:
+        line = {"rank": trainer.backend.info.rank, "phase": phase, "step": trainer.global_step,
+                "peak_rss_mb": proc_status_kb("VmHWM") / 1024, "rss_mb": proc_status_kb("VmRSS") / 1024}
+        with open(self.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        self._write(trainer, "step")
+
+    def before_boundary(self, trainer, link: int) -> None:
+        self._write(trainer, "before boundary")
+
+    def on_boundary(self, trainer, record: dict) -> None:
+        self._write(trainer, "boundary")
+
+    def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
+        self._write(trainer, "checkpoint")
+
+    def on_train_end(self, trainer) -> None:
+        self._write(trainer, "end")
 
 
 def model_config(size: str, seq: int) -> dict:
@@ -95,7 +131,6 @@ def write_checkpoint(size: str, folder: Path, seq: int) -> dict:
 
 def run_config(folder: Path, run: Path, workers: int, seq: int, batch: int) -> dict:
     return {
-        "run": {"dir": str(run)},
         "model": {"name_or_path": str(folder), "dtype": "float32"},
         "data": {"path": str(ROOT / "data" / "stdlib_docstrings.jsonl"), "tokenizer": "bytes", "seq_len": seq,
                  "max_documents": 400, "eval_fraction": 0.05},
@@ -104,6 +139,8 @@ def run_config(folder: Path, run: Path, workers: int, seq: int, batch: int) -> d
         "train": {"batch_size": batch, "lr": 1e-3, "eval_batches": 0},
         "checkpoint": {"every_links": 1, "keep": 1},
         "distributed": {"strategy": "fsdp2", "workers": workers},
+        "run": {"dir": str(run), "callbacks": [{"class": "benchmarks.scale:PhasePeaks",
+                                                 "args": {"out": str(run / "phase_peaks.jsonl")}}]},
     }
 
 
@@ -121,7 +158,7 @@ def train(code: Path, cfg: dict, run: Path, extra: list[str]) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def load_case(name: str, records: list[dict], ckpt_mb: float) -> dict:
+def load_case(name: str, records: list[dict], ckpt_mb: float, phases: list[dict] | None = None) -> dict:
     st = next(r for r in records if r["type"] == "startup")
     above = [p - s for p, s in zip(st["peak_rss_mb_first_step"], st["rss_mb_start"], strict=False)]
     loaded = [p - s for p, s in zip(st["peak_rss_mb_loaded"], st["rss_mb_before_load"], strict=False)]
@@ -133,7 +170,28 @@ def load_case(name: str, records: list[dict], ckpt_mb: float) -> dict:
             "peak_above_start_mb": above, "x_checkpoint": [a / ckpt_mb for a in above],
             "load_growth_x_checkpoint": [a / ckpt_mb for a in loaded], "tokens_per_s": steps[0]["tokens_per_s"],
             "steps": len(steps), "x_checkpoint_through_last_step_rank0": later / ckpt_mb,
-            "tokens_per_s_later": [r["tokens_per_s"] for r in steps[1:]]}
+            "tokens_per_s_later": [r["tokens_per_s"] for r in steps[1:]],
+            **whole_run(phases or [], st["rss_mb_start"], ckpt_mb)}
+
+
+def whole_run(phases: list[dict], start_mb: list[float], ckpt_mb: float) -> dict:
+    """Each rank's peak over the whole run (steps, boundary, checkpoint) above its start RSS, as a
+    multiple of the checkpoint, and the phase in which that peak was reached."""
+    if not phases:
+        return {}
+    out: dict = {"x_checkpoint_whole_run": [], "whole_run_peak_phase": [], "phase_peaks": phases}
+    for rank, start in enumerate(start_mb):
+        mine = [p for p in phases if p["rank"] == rank]
+        peak = max(p["peak_rss_mb"] for p in mine)
+        out["x_checkpoint_whole_run"].append((peak - start) / ckpt_mb)
+        out["whole_run_peak_phase"].append(next(f"{p['phase']} (step {p['step']})" for p in mine
+                                                if p["peak_rss_mb"] == peak))
+    return out
+
+
+def read_phases(run: Path) -> list[dict]:
+    path = run / "phase_peaks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def before_case(name: str, records: list[dict], ckpt_mb: float, start_mb: float) -> dict:
@@ -294,13 +352,15 @@ def main(argv: list[str] | None = None) -> None:
                "workers": args.workers, "seq": args.seq, "after": [], "before": [], "activations": []}
         for name in cases:
             cfg = run_config(folder, tmp / f"after-{name}", args.workers, args.seq, args.workers)
-            out["after"].append(load_case(name, train(ROOT, cfg, tmp / f"after-{name}", CASES[name]), ckpt_mb))
+            recs = train(ROOT, cfg, tmp / f"after-{name}", CASES[name])
+            out["after"].append(load_case(name, recs, ckpt_mb, read_phases(tmp / f"after-{name}")))
         if args.before:
             code = worktree(args.before, tmp / "before-code")
             start = statistics.median(s for c in out["after"] for s in c["rss_mb_start"])
             try:
                 for name in cases:
                     cfg = run_config(folder, tmp / f"before-{name}", args.workers, args.seq, args.workers)
+                    cfg["run"].pop("callbacks")  # older code may not have the probe
                     recs = train(code, cfg, tmp / f"before-{name}", CASES[name])
                     out["before"].append(before_case(name, recs, ckpt_mb, start))
             finally:
@@ -317,7 +377,7 @@ def print_tables(out: dict) -> None:
     print(f"\nload + first step, {out['workers']} workers, seq {out['seq']}: peak RSS above after-imports, "
           f"as x checkpoint ({out['checkpoint']['bytes'] / 2**20:.0f} MiB)")
     print(f"{'case':10} {'code':7} {'x ckpt per rank':>18} {'MiB per rank':>16} {'load s':>7} {'1st step s':>10}"
-          f" {'x ckpt to step ' + str(STEPS):>16} {'tokens/s after':>14}")
+          f" {'x ckpt to step ' + str(STEPS):>16} {'x ckpt whole run':>16} {'tokens/s after':>14}")
     for code in ("before", "after"):
         for c in out[code]:
             xs = " ".join(f"{x:.2f}" for x in c["x_checkpoint"])
@@ -326,7 +386,10 @@ def print_tables(out: dict) -> None:
             first = f"{c['first_step_s']:.1f}" if "first_step_s" in c else "-"
             later = f"{c['x_checkpoint_through_last_step_rank0']:.2f}" if "steps" in c else "-"
             speed = " ".join(f"{t:.1f}" for t in c.get("tokens_per_s_later", [])) or "-"
-            print(f"{c['case']:10} {code:7} {xs:>18} {mb:>16} {load:>7} {first:>10} {later:>16} {speed:>14}")
+            whole = " ".join(f"{x:.2f}" for x in c.get("x_checkpoint_whole_run", [])) or "-"
+            print(f"{c['case']:10} {code:7} {xs:>18} {mb:>16} {load:>7} {first:>10} {later:>16} {whole:>16} {speed:>14}")
+            if "whole_run_peak_phase" in c:
+                print(f"{'':18} whole-run peak reached at: {'; '.join(c['whole_run_peak_phase'])}")
     if out["activations"]:
         a = {c["activation_checkpointing"]: c for c in out["activations"]}
         print(f"\nactivations, 1 process, seq {out['activations'][0]['seq']}, batch 1")

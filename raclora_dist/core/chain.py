@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -164,6 +164,12 @@ class RacLoraChain:
         on_nonfinite: ``skip_link`` discards a link whose factor is not finite on some rank;
             ``stop`` raises :class:`NonFiniteFactorError`.
         access: how factors and weights are reached (a backend sets it; dense by default).
+
+    Attributes:
+        after_merge: called after each layer's merge (None: nothing). A sharded run on CPUs
+            hands the C heap back there (``model.heap``): each merge gathers a weight, and the
+            holes its gather leaves would otherwise pile up over the boundary (measured on
+            ZeRO-3: +240 MiB of RSS per rank over 91 layers, its peak above the steps').
     """
 
     def __init__(self, layers: dict[str, RacLoraLinear], on_nonfinite: str = "skip_link",
@@ -175,6 +181,7 @@ class RacLoraChain:
         self.access: FactorAccess = access or DenseAccess()
         self.state = ChainState()
         self.link = -1
+        self.after_merge: Callable[[], object] | None = None
 
     # -- parameters ---------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -276,6 +283,8 @@ class RacLoraChain:
             with torch.no_grad(), self.access.merge_view(layer) as view:
                 res = layer.merge_link(full, view)  # the math, in one place, for every engine
             self.access.zero_factor(layer)
+            if self.after_merge is not None:
+                self.after_merge()
             sq += res.norm**2
             if res.rows_only or comm.rank == 0:  # whole-layer statistics: rank 0's count once
                 landed += res.landed

@@ -34,6 +34,17 @@ class MergeResult:
     rows_only: bool = False
 
 
+BLOCK_ELEMENTS = 1 << 19  # a row block's elements: 2 MiB in fp32, 4 MiB as the float64 of its statistics
+
+
+def block_rows(n: int) -> int:
+    """Rows of an (m, n) weight that a merge edits at a time: its temporaries (the block before
+    and after, the intended update, their float64 statistics) stay a few MiB each whatever the
+    width, so a boundary's peak is not a multiple of the widest layer's rows (1,024 rows of a
+    5,504-wide layer were 22 MiB per fp32 temporary and 45 MiB per float64 one)."""
+    return max(1, BLOCK_ELEMENTS // max(1, n))
+
+
 @torch.no_grad()
 def merge_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float) -> None:
     """``weight += scale * B @ A`` in place, rounding once to the weight's dtype.
@@ -50,10 +61,11 @@ def merge_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, sc
 
 @torch.no_grad()
 def merge_rows_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float,
-                           chunk_rows: int = 1024) -> torch.Tensor:
+                           chunk_rows: int | None = None) -> torch.Tensor:
     """``weight += scale * B @ A`` in place (see :func:`merge_into_weight`), measuring what landed.
 
-    Works on a block of rows at a time, so the extra memory is a few (chunk_rows, n) tensors.
+    Works on a block of rows at a time (``chunk_rows``, default :func:`block_rows`), so the extra
+    memory is a few (chunk_rows, n) tensors.
 
     Args:
         weight: (m, n) dense weight, or a row shard with ``B``'s matching rows.
@@ -63,6 +75,7 @@ def merge_rows_into_weight(weight: torch.Tensor, B: torch.Tensor, A: torch.Tenso
         float64 (3,): ``<dW_eff, dW>``, ``||dW_eff||^2``, ``||dW||^2`` (see :class:`MergeResult`).
     """
     out = torch.zeros(3, dtype=torch.float64)
+    chunk_rows = chunk_rows or block_rows(weight.shape[1])
     for i in range(0, weight.shape[0], chunk_rows):
         rows = weight[i : i + chunk_rows]
         before = rows.float().clone()

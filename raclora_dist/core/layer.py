@@ -23,12 +23,13 @@ from torch import nn
 
 from raclora_dist.core.landed import (
     MergeResult,
+    block_rows,
     landed_stats,
     lowrank_fro_norm,
     lowrank_landed,
     merge_rows_into_weight,
 )
-from raclora_dist.core.master import Gather, gather_rows, row_chunk, stochastic_round_rows
+from raclora_dist.core.master import ROUND_BLOCK, Gather, gather_rows, row_chunk, stochastic_round_rows
 from raclora_dist.core.sketch import sample_sketch, tensor_fingerprint
 
 Side = Literal["left", "right"]
@@ -101,9 +102,6 @@ def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: to
     chain_A.copy_(A_new)
     # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
     return cap, discarded, torch.cat([chain_B, -old_B], dim=1), torch.cat([chain_A, old_A], dim=0)
-
-
-_CHUNK_ROWS = 1024  # rows merged at a time: the extra memory is a few (1024, n) fp32 blocks
 
 
 def auto_merge_mode(*, packed: bool, rounds: bool, master_weights: str = "none",
@@ -370,8 +368,9 @@ class RacLoraLinear(nn.Module):
         """``master += s B A`` on this rank's rows of the master (in place), a row block at a time."""
         lo, hi = self.master_rows
         master = self._held_master()
-        for i in range(lo, hi, _CHUNK_ROWS):
-            j = min(hi, i + _CHUNK_ROWS)
+        step = block_rows(master.shape[1])
+        for i in range(lo, hi, step):
+            j = min(hi, i + step)
             block = master[i - lo : j - lo]
             block.addmm_(B[i:j].float().to(block.device), A.float().to(block.device), alpha=self.scale)
 
@@ -552,10 +551,11 @@ class RacLoraLinear(nn.Module):
 
         Returns the landed statistics of the change (:func:`landed_stats`)."""
         landed = torch.zeros(3, dtype=torch.float64)
-        for i in range(0, W.shape[0], _CHUNK_ROWS):
-            rows = W[i : i + _CHUNK_ROWS]
+        step = -(-block_rows(W.shape[1]) // ROUND_BLOCK) * ROUND_BLOCK  # whole rounding streams per block
+        for i in range(0, W.shape[0], step):
+            rows = W[i : i + step]
             before = rows.float()
-            intended = self.scale * (B[i : i + _CHUNK_ROWS].float() @ A.float()).to(before.device)
+            intended = self.scale * (B[i : i + step].float() @ A.float()).to(before.device)
             target = source[i : i + rows.shape[0]].to(before.device) if source is not None else before + intended
             if self.stochastic_rounding:
                 new = stochastic_round_rows(target, rows.dtype, row_start + i, seed=self.seed, link=self.sketch_link,

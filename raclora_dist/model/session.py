@@ -33,7 +33,7 @@ from raclora_dist.core import RacLoraChain, RacLoraLinear, RankError, TargetErro
 from raclora_dist.data.tokenizer import load_tokenizer, tokenizer_source
 from raclora_dist.model.build import build_meta_model, save_base, weight_source
 from raclora_dist.model.estimate import Estimate, estimate_memory
-from raclora_dist.model.heap import mapped_large_allocations, release_between_blocks, worth_releasing
+from raclora_dist.model.heap import mapped_large_allocations, release_between_blocks, release_freed, worth_releasing
 from raclora_dist.model.weights import (
     WeightSource,
     load_units,
@@ -182,6 +182,7 @@ def build_session(cfg: RunConfig, backend: Backend | None = None, source: Path |
         enable_activation_checkpointing(model)
     if backend is not None and worth_releasing(backend.info.device.type, backend.gathers_blocks, block_bytes):
         release_between_blocks(blocks)
+        chain.after_merge = release_freed
     return Session(model, tokenizer, layers, chain)
 
 

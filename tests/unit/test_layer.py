@@ -201,3 +201,30 @@ def test_the_outer_step_is_the_scaled_mean_once_and_moves_its_anchor_over_rounds
     assert torch.equal(f["w"], torch.tensor([3.0, -3.0, 0.75]))
     step.reset()
     assert not step.anchor
+
+
+@pytest.mark.parametrize("mode", ["into_base", "factored"])
+def test_the_chain_calls_after_merge_once_per_merged_layer(mode):
+    """A sharded CPU run trims the C heap there (model.session sets it): once per layer's merge."""
+    _, chain, layer = make(mode=mode)
+    calls = []
+    chain.after_merge = lambda: calls.append(layer.factor.abs().sum().item())
+    chain.start_link(0)
+    perturb(layer)
+    chain.end_link()
+    assert calls == [0.0]  # after the merge consumed (zeroed) the factor
+
+
+def test_a_merge_in_row_blocks_equals_one_block(monkeypatch):
+    """core.landed.block_rows bounds a merge's temporaries; the weight and the landed statistics
+    do not depend on the block beyond fp32 rounding (here one row at a time against the whole
+    weight; a replay uses the same blocks as training, so resumes stay bitwise)."""
+    from raclora_dist.core import landed
+
+    W, B, A = torch.randn(6, 10), torch.randn(6, 2), torch.randn(2, 10)
+    whole, rows = W.clone(), W.clone()
+    once = landed.merge_rows_into_weight(whole, B, A, 0.5, chunk_rows=6)
+    monkeypatch.setattr(landed, "BLOCK_ELEMENTS", 10)
+    assert landed.block_rows(10) == 1
+    blocked = landed.merge_rows_into_weight(rows, B, A, 0.5)
+    assert torch.allclose(whole, rows, rtol=1e-6, atol=1e-6) and torch.allclose(once, blocked, rtol=1e-5)
