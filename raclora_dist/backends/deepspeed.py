@@ -240,8 +240,8 @@ def fill_stage3_limits(ds_config: dict, block_params: int, on_cpu: bool = False)
     it has traced the model) ZeRO-3 keeps nearly every parameter gathered: a rank then holds
     more than the whole checkpoint, and runs slower than with one block live (measured:
     docs/benchmarks.md, "Large models"). On CPUs a prefetched or kept block is one more
-    block held beside the one computing: 0.78x the checkpoint per rank from the second step
-    with them, 0.70x without, for 9 % fewer tokens/s (0.79 B, 2 workers; GPUs overlap the
+    block held beside the one computing: 0.77x the checkpoint per rank from the second step
+    with them, 0.70x without, for 3-10 % fewer tokens/s (0.79 B, 2 workers; GPUs overlap the
     prefetch with compute and keep one block).
 
     Args:
