@@ -58,6 +58,8 @@ CASES = {
     # candidates beside the default, run on request (--cases): a larger budget, and the 4-bit
     # base's fp32 master copy (in CPU memory) that each link is merged into and requantized from
     "fp32-budget-0.25": ["raclora.merge_mode=factored", "raclora.chain_budget=0.25"],
+    # the budget at which `raclora validate` puts Llama-3-8B's NF4 chain (r 16, 100 links) under 10 % of the base
+    "nf4-budget-0.025": ["model.quantization=nf4", "raclora.chain_budget=0.025"],
     "nf4-master": ["model.quantization=nf4", "raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
 }
 DEFAULT_CASES = ["bf16", "bf16-exact", "nf4-budget", "nf4-exact", "peft-lora-bf16", "peft-qlora"]
