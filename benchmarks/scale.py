@@ -59,7 +59,8 @@ CASES = {
     "fsdp2": ["distributed.strategy=fsdp2"],
     "zero3": ZERO3,
     # ZeRO-3 as it runs on GPUs: the next block prefetched and one block kept for reuse (the
-    # CPU default prefetches and keeps nothing; backends/deepspeed.fill_stage3_limits)
+    # CPU default prefetches and keeps nothing; backends/deepspeed.fill_stage3_limits). The
+    # numbers are the 0.79 B model's block (50.6 M parameters; the bucket is DeepSpeed's 5e7 cap)
     "zero3-prefetch": [ZERO3[0], "distributed.deepspeed={zero_optimization: {stage: 3, "
                        "stage3_prefetch_bucket_size: 50000000, stage3_max_reuse_distance: 50600000}}"],
     "fsdp2-nf4": ["distributed.strategy=fsdp2", "model.quantization=nf4"],
