@@ -11,7 +11,8 @@ seven projections, ``links`` links of ``steps`` steps, a checkpoint after every 
   the weights by stochastic rounding (no chain); ``bf16-exact``: the exact factored chain over
   the same base (``merge_mode: factored``, ``chain_budget: null``), the quality reference;
 * ``nf4-exact`` / ``nf4-budget``: an NF4 base (QLoRA-style, fp32 compute), the exact chain and
-  the default (the chain capped by ``raclora.chain_budget``);
+  the default (the chain capped by ``raclora.chain_budget`` and ``raclora.chain_links``), and on
+  request ``nf4-links-2`` / ``nf4-links-4`` (one link's rank fewer or more);
 * ``peft-lora-bf16`` / ``peft-qlora``: PEFT LoRA at the same rank and targets, over the same bf16
   / NF4 base, trained for the same steps on the same batches (one adapter, never merged);
 * on request: the factored chain over an fp32-held base (``fp32-exact``, ``fp32-budget``,
@@ -60,6 +61,9 @@ CASES = {
     "fp32-budget-0.25": ["raclora.merge_mode=factored", "raclora.chain_budget=0.25"],
     # the budget at which `raclora validate` puts Llama-3-8B's NF4 chain (r 16, 100 links) under 10 % of the base
     "nf4-budget-0.025": ["model.quantization=nf4", "raclora.chain_budget=0.025"],
+    # the links cap beside the budget (raclora.chain_links, default 3): one link fewer, one more
+    "nf4-links-2": ["model.quantization=nf4", "raclora.chain_links=2"],
+    "nf4-links-4": ["model.quantization=nf4", "raclora.chain_links=4"],
     "nf4-master": ["model.quantization=nf4", "raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
 }
 DEFAULT_CASES = ["bf16", "bf16-exact", "nf4-budget", "nf4-exact", "peft-lora-bf16", "peft-qlora"]

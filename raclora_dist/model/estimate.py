@@ -230,20 +230,23 @@ def _merged_chain(cfg: RunConfig, layers: list[RacLoraLinear], est: Estimate, sp
         rule = f"raclora.max_chain_rank {rc.max_chain_rank}"
     elif rc.chain_budget:
         rule = f"raclora.chain_budget {rc.chain_budget:g}"
+        if rc.chain_links:
+            rule += f", raclora.chain_links {rc.chain_links}"
     else:
         rule = "exact: raclora.chain_budget null"
+    share = held / max(est.base_params_bytes, 1)
     est.chain_lines.append(
-        f"merged chain at link {rc.links}: {size(held // split)} per rank, {caps[0]}-{caps[-1]} columns per layer "
-        f"({rule}); {100 * cols / dense:.1f} % of the adapted layers' compute per token")
+        f"merged chain at link {rc.links}: {size(held // split)} per rank ({100 * share:.1f} % of the base weights), "
+        f"{caps[0]}-{caps[-1]} columns per layer ({rule}); {100 * cols / dense:.1f} % of the adapted layers' compute "
+        "per token")
     if exact > held:
         est.chain_lines.append(f"  recompressed by SVD once full; the exact chain would hold {size(exact // split)} "
                                f"per rank by then (energy dropped is logged per link: discarded_energy)")
-    share = held / max(est.base_params_bytes, 1)
     if share > CHAIN_WARN_SHARE:
         est.warnings.append(
             f"the merged chain reaches {size(held // split)} per rank by link {rc.links}, {100 * share:.0f} % of the base "
-            f"weights (more than {100 * CHAIN_WARN_SHARE:.0f} %); lower raclora.chain_budget or raclora.max_chain_rank "
-            "to cap it")
+            f"weights (more than {100 * CHAIN_WARN_SHARE:.0f} %); lower raclora.chain_budget, raclora.chain_links or "
+            "raclora.max_chain_rank to cap it")
 
 
 class _FusedAttention(torch.autograd.Function):

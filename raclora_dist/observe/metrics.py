@@ -99,7 +99,7 @@ def landed_warning(rec: dict, before: dict | None = None, threshold: float = LAN
     to the next (the first link's fraction can read low while the run keeps every link), and
     the advice below would be the setting already in use.
 
-    A capped chain (``discarded_energy`` > 0: ``raclora.chain_budget`` recompressed it) keeps
+    A capped chain (``discarded_energy`` > 0: ``raclora.chain_budget`` and ``chain_links`` recompressed it) keeps
     less of each link as it goes, by design: it warns once, at the link where the fraction first
     falls below ``threshold`` (``before``, the previous link's record, was above it or none was
     given), and each link's line shows the fraction from then on."""
@@ -108,11 +108,12 @@ def landed_warning(rec: dict, before: dict | None = None, threshold: float = LAN
     if rec.get("discarded_energy", 0.0) > 0:
         if before is not None and before.get("merged") and before["landed_fraction"] < threshold:
             return None
-        return (f"note: link {rec['link']}: the chain is at its cap (raclora.chain_budget); recompressing it kept "
-                f"{rec['landed_fraction']:.1%} of this link's update and dropped {rec['discarded_energy']:.1%} of the "
-                "chain's energy, and later links keep less (each link's landed fraction is logged). For more, raise "
-                "raclora.chain_budget (memory and step time), set it to null (the exact chain: both grow every link), "
-                "or use raclora.merge_mode=into_base with raclora.master_weights=cpu.")
+        return (f"note: link {rec['link']}: the chain is at its cap (raclora.chain_budget, raclora.chain_links); "
+                f"recompressing it kept {rec['landed_fraction']:.1%} of this link's update and dropped "
+                f"{rec['discarded_energy']:.1%} of the chain's energy, and later links keep less (each link's landed "
+                "fraction is logged). For more, raise raclora.chain_links or raclora.chain_budget (memory and step "
+                "time), set the budget to null (the exact chain: both grow every link), or use "
+                "raclora.merge_mode=into_base with raclora.master_weights=cpu.")
     return (f"warning: link {rec['link']}: only {rec['landed_fraction']:.1%} of the intended update landed in the "
             f"weights (cosine {rec['landed_cosine']:.2f}); rounding the merged weight to the base's precision (4-bit, "
             "bf16) to nearest drops small updates. Keep them with raclora.merge_mode=into_base and "

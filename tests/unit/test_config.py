@@ -168,9 +168,18 @@ def test_fsdp_unit_auto_is_the_sublayer_on_cpu_workers_for_real_blocks_and_the_b
 def test_the_chain_budget_is_on_by_default_and_old_run_configs_keep_their_exact_chain():
     from raclora_dist.core import RacLoraConfig
 
-    assert RacLoraConfig().chain_budget == 0.1
-    assert RacLoraConfig(rank=8, links=64).chain_capacity(4096, 4096) == 204  # 0.1 * 4096 * 4096 / 8192
+    assert RacLoraConfig().chain_budget == 0.1 and RacLoraConfig().chain_links == 3
+    assert RacLoraConfig(rank=8, links=64).chain_capacity(4096, 4096) == 24  # 3 links x r, under 0.1's 204
+    assert RacLoraConfig(rank=8, links=64).chain_capacity(576, 576) == 24  # 3 links, under 0.1's 28
+    assert RacLoraConfig(rank=8, links=64).chain_capacity(192, 576) == 14  # 0.1 * 192 * 576 / 768, under 3 links
+    assert RacLoraConfig(rank=8, links=64, chain_links=None).chain_capacity(4096, 4096) == 204  # 0.1 * 4096² / 8192
     assert RacLoraConfig(rank=8, links=64).chain_capacity(64, 64) == 8  # at least one link
+    assert RacLoraConfig(rank=8, links=2).chain_capacity(4096, 4096) == 16  # never more than the links
+    # a run config saved before chain_links existed (every field spelled out, chain_links not
+    # yet one) keeps the chain that budget alone capped: its resume, replay and export stay the same
+    assert RacLoraConfig.model_validate({"chain_budget": 0.1, "max_chain_rank": None}).chain_links is None
+    assert RacLoraConfig.model_validate({"chain_budget": 0.2}).chain_links == 3  # a user's own section
+    assert RacLoraConfig.model_validate({"chain_budget": 0.1, "chain_links": 2}).chain_capacity(4096, 4096) == 16
     assert RacLoraConfig(rank=8, links=64, chain_budget=None).chain_capacity(4096, 4096) == 512  # links x r
     assert RacLoraConfig(rank=8, links=64, max_chain_rank=32).chain_capacity(4096, 4096) == 32
     # a run config saved before chain_budget existed spells out max_chain_rank: null (the exact chain)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from raclora_dist.config import build_config
@@ -130,3 +132,9 @@ def test_the_merged_chain_at_the_last_link_follows_the_budget_and_warns_when_it_
     assert not capped.warnings
     assert exact.warnings and "% of the base weights" in exact.warnings[0]  # the exact chain outgrows the base
     assert "no chain held" in into.chain_lines[0] and not into.warnings
+    # the default also caps each layer at chain_links (3) links' rank, and says so with its share
+    _, default = plan_run(_config(small_data, tmp_path, raclora={**many, "rank": 2, "chain_budget": 0.9,
+                                                                 "chain_links": 3}))
+    assert "raclora.chain_budget 0.9, raclora.chain_links 3" in default.chain_lines[0]
+    assert "6-6 columns per layer" in default.chain_lines[0]  # 3 x r 2, under the 14-19 that 0.9 allows
+    assert re.search(r"\(\d+\.\d % of the base weights\)", default.chain_lines[0])
