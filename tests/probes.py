@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from raclora_dist.observe.metrics import current_rss_mb
 from raclora_dist.train.callbacks import Callback
 
 
@@ -139,7 +140,8 @@ class ChainSize(Callback):
         row = {"link": record["link"],
                "chain_elements": sum(layer.chain_B.numel() + layer.chain_A.numel() for layer in layers),
                "chain_ranks": [layer.chain_rank for layer in layers],
-               "in_ram": trainer.s.chain.state.factors.in_ram}
+               "in_ram": trainer.s.chain.state.factors.in_ram,
+               "rss_mb": current_rss_mb()}
         with open(self.out, "a") as f:
             f.write(json.dumps(row) + "\n")
 
