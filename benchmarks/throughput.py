@@ -92,7 +92,8 @@ def build(method: str, size: str, rank: int, alpha: float, device: str, quant: s
 
     ``prefill`` > 0 (RAC-LoRA on a bf16 or 4-bit base, whose merges are factored): the chain is
     set to what it holds at link ``prefill`` (random factors at that rank: ``prefill x r``
-    columns, at most the cap ``budget`` gives, ``raclora.chain_budget``), so that a step is
+    columns, at most the cap ``budget`` gives, ``raclora.chain_budget``, and the default
+    ``raclora.chain_links``), so that a step is
     timed with the chain of a long run without training the links first.
 
     On a GPU the model is built there (in ``dtype``) and quantized there; on a CPU it is built
