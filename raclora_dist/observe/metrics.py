@@ -99,9 +99,9 @@ def landed_warning(rec: dict, before: dict | None = None, threshold: float = LAN
     to the next (the first link's fraction can read low while the run keeps every link), and
     the advice below would be the setting already in use.
 
-    A capped chain (``discarded_energy`` > 0: ``raclora.chain_budget`` and ``chain_links`` recompressed it) keeps
-    less of each link as it goes, by design: it warns once, at the link where the fraction first
-    falls below ``threshold`` (``before``, the previous link's record, was above it or none was
+    A capped chain (``discarded_energy`` > 0: ``raclora.chain_budget`` and ``chain_links``
+    recompressed it) keeps less of each link as it goes, by design: it warns once, at the link
+    where the fraction first falls below ``threshold`` (``before``, the previous link's record, was above it or none was
     given), and each link's line shows the fraction from then on."""
     if not rec["merged"] or rec["landed_fraction"] >= threshold or rec.get("master_weights"):
         return None

@@ -20,7 +20,7 @@ def test_unset_limits_are_one_block_and_the_users_values_stay():
 
 
 def test_on_cpus_nothing_is_prefetched_or_kept_for_reuse():
-    """On CPUs a prefetched or kept block is one more gathered block per rank (0.78x against
+    """On CPUs a prefetched or kept block is one more gathered block per rank (0.77x against
     0.70x the checkpoint, docs/benchmarks.md): both are 0 unless the dict sets them."""
     ds = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 7}}
     fill_stage3_limits(ds, 1000, on_cpu=True)
