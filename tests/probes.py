@@ -216,3 +216,17 @@ class RecordLog(Callback):
 
     def on_checkpoint(self, trainer, folder: Path, record: dict) -> None:
         self._log(trainer, {"hook": "on_checkpoint", "folder": folder.name, "record": record})
+
+
+class Environment(Callback):
+    """When training starts, rank 0 writes the environment variables ``names`` of its process
+    (absent: null) to ``out`` as JSON: what a launcher passed down to the workers."""
+
+    def __init__(self, out: str, names: list[str]) -> None:
+        self.out, self.names = Path(out), names
+
+    def on_train_start(self, trainer) -> None:
+        import os
+
+        if trainer.backend.info.rank == 0:
+            self.out.write_text(json.dumps({name: os.environ.get(name) for name in self.names}))

@@ -10,6 +10,15 @@ from pathlib import Path
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+def polling_often(env: dict) -> dict:
+    """``env`` for the nodes of a test cluster, whose Ray Train controller then polls its
+    workers as an embedded Ray's does (``ray_train.poll_often_on_one_machine``; Ray's own
+    setting, which a cluster's operator sets on its nodes the same way)."""
+    from raclora_dist.orchestration.ray_train import EMBEDDED_POLL_S, POLL_ENV
+
+    return {POLL_ENV: EMBEDDED_POLL_S, **env}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,7 +37,7 @@ def start_head(env: dict, temp: Path, *args: str, dashboard: bool = True, tries:
               else ["--include-dashboard=false"])
         proc = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *ui,
                                "--disable-usage-stats", f"--temp-dir={temp}", *args],
-                              env=env, capture_output=True, text=True, timeout=180)
+                              env=polling_often(env), capture_output=True, text=True, timeout=180)
         if proc.returncode == 0:
             return port, dash
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -28,7 +28,7 @@ from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from tests.distributed.engines import chain
 from tests.faults import wait_for_marker
 from tests.helpers import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
-from tests.ray_head import RAY, start_head
+from tests.ray_head import RAY, polling_often, start_head
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +53,13 @@ def raylet_pids(node) -> list[int]:
 
 
 @pytest.fixture(params=[2])
-def cluster(request):
+def cluster(request, monkeypatch):
     """A head with no CPUs (the driver's node) and ``request.param`` worker nodes with one
     ``slot`` each; shut down (every raylet gone) after the test, even when it fails."""
     from ray.cluster_utils import Cluster
 
+    for key, value in polling_often({}).items():  # the nodes start with this process's environment
+        monkeypatch.setenv(key, value)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, connect=False)
     pids: list[int] = []
     try:
@@ -196,7 +198,7 @@ class PrivateDiskNodes:
         script = (f"mount --bind {disk} {self.run_dir} && exec {ray} start --address={self.address} --num-cpus=1 "
                   "--resources='{\"slot\": 1}' --object-store-memory=150000000 --disable-usage-stats")
         subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], check=True,
-                       capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                       capture_output=True, timeout=180, env=polling_often({**os.environ, "RAY_AUTH_MODE": "disabled"}))
         (ns,) = {mount_ns(p) for p in all_pids()} - before - {None}
         self.nodes[ns] = disk
         return ns

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from raclora_dist.checkpoint.folder import chain_tensors, find_latest
+from raclora_dist.orchestration.ray_train import EMBEDDED_POLL_S, POLL_ENV
 from tests.faults import wait_for_marker
 from tests.helpers import ROOT, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 from tests.ray_head import RAY, start_head
@@ -57,11 +58,14 @@ def setup(tmp_path_factory, small_data):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_ray_train_with_two_workers_equals_the_one_process_run(strategy, setup):
     d, cfg, single = setup
-    run = d / f"ray-{strategy}"
+    run, seen = d / f"ray-{strategy}", d / f"ray-{strategy}-env.json"
     spread = ["ray.placement_strategy=SPREAD"] if strategy == "fsdp2" else []  # one node: SPREAD is best effort
-    proc = run_cli("train", str(cfg), f"run.dir={run}", "distributed.workers=2", *STRATEGIES[strategy], *spread)
+    probe = f"run.callbacks=[{{class: 'tests.probes:Environment', args: {{out: '{seen}', names: [{POLL_ENV}]}}}}]"
+    proc = run_cli("train", str(cfg), f"run.dir={run}", "distributed.workers=2", *STRATEGIES[strategy], *spread, probe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_chain_equals(single, run)
+    # the embedded Ray's processes poll often (Ray's 2 s default: 6.4 s more at the end of a run)
+    assert json.loads(seen.read_text()) == {POLL_ENV: os.environ.get(POLL_ENV, EMBEDDED_POLL_S)}
     stored = storage_checkpoints(run / "ray")  # the default storage: <run.dir>/ray
     assert stored, "no checkpoint reached Ray storage"
     assert json.loads((stored[-1] / "meta.json").read_text())["merged"] == [0, 1, 2]
