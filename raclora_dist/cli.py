@@ -291,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as err:  # a Ray head that cannot be reached or takes no jobs
         print(f"raclora: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C, or torchrun's agent passing it on: no traceback per rank
+        from raclora_dist.orchestration.torchrun import under_launcher
+
+        if not under_launcher():  # under torchrun the launching command says it, once
+            print("raclora: stopped by SIGINT (--resume continues from the latest checkpoint)", file=sys.stderr)
+        return 130
     except Exception as err:
         from raclora_dist.orchestration.torchrun import under_launcher
 

@@ -36,6 +36,7 @@ def _quiet_torchrun(args: list[str]) -> int:
     """torchrun (its command-line ARGS) with its failure report silenced."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
@@ -50,4 +51,8 @@ def _quiet_torchrun(args: list[str]) -> int:
                 how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
                 print(f"raclora: error: rank {rank}: the worker died ({how}, pid {failure.pid})", file=sys.stderr)
         return 1
+    except SignalException as err:  # SIGINT/SIGTERM to this process: the agent has stopped the workers
+        print(f"raclora: stopped by {err.sigval.name}; the workers were stopped (--resume continues from the "
+              "latest checkpoint)", file=sys.stderr)
+        return 128 + int(err.sigval)
     return 0

@@ -10,8 +10,10 @@ compared at rtol 1e-4 / atol 1e-6 (measured differences are ~1e-8) and losses at
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -291,6 +293,30 @@ def test_an_error_in_a_worker_is_one_line_naming_the_rank(setup):
     log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
     assert "Traceback (most recent call last)" in log.read_text() and "injected failure" in log.read_text()
     log.unlink()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stopped_launch_stops_its_workers_in_one_line_and_resumes(sig, setup):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) to the `raclora train` that started the workers:
+    the workers stop with it, one line says so, and --resume ends where the whole run ends."""
+    d, cfg, single = setup
+    run = d / f"stopped-{sig.name}"
+    cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.workers=2",
+           *ENGINES["ddp"], faults(sleep_per_step=0.5)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(OMP_NUM_THREADS="1"))
+    metrics = run / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and '"type": "link"' in metrics.read_text()):
+        time.sleep(0.2)  # until the first link's checkpoint is written
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert f"raclora: stopped by {sig.name}; the workers were stopped" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert not processes_mentioning(str(run)), "workers outlived the launch"
+    assert train(cfg, run, *ENGINES["ddp"], resume=True).returncode == 0
+    assert meta(run)["merged"] == [0, 1, 2]
+    assert_chains_close(single, run)
 
 
 def test_torchrun_across_two_nodes_equals_one_process(setup):
