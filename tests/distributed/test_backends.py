@@ -305,9 +305,8 @@ def test_a_stopped_launch_stops_its_workers_in_one_line_and_resumes(sig, setup):
            *ENGINES["ddp"], faults(sleep_per_step=0.5)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=subprocess_env(OMP_NUM_THREADS="1"))
-    metrics = run / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.is_file() and '"type": "link"' in metrics.read_text()):
-        time.sleep(0.2)  # until the first link's checkpoint is written
+    while proc.poll() is None and find_latest(run) is None:
+        time.sleep(0.2)  # until the first link's checkpoint is complete
     proc.send_signal(sig)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-3000:]

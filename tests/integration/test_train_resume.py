@@ -1,5 +1,9 @@
 """Training through the real CLI; crash-and-resume ends bitwise equal to an uninterrupted run."""
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -8,7 +12,7 @@ import torch
 from raclora_dist.checkpoint.folder import chain_tensors as checkpoint_tensors
 from raclora_dist.checkpoint.folder import find_latest
 from raclora_dist.cli import main
-from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
+from tests.helpers import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 
 def chain_tensors(run_dir: Path) -> dict:
@@ -57,6 +61,25 @@ def test_crash_mid_link_then_resume_is_bitwise_equal(reference, tmp_path, small_
     a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert step_losses(tmp_path / "run") == step_losses(reference)  # steps 4-5 rewritten, not doubled
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_one_process_is_one_line_and_resumes_bitwise(reference, tmp_path, small_data):
+    """SIGINT to a one-process run (Ctrl-C): one line, exit 130, no traceback; --resume ends
+    bitwise where the uninterrupted run ends. (Launches with workers: test_backends.py.)"""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run"))
+    proc = subprocess.Popen([sys.executable, "-m", "raclora_dist", "train", str(cfg), faults(sleep_per_step=0.5)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    while proc.poll() is None and find_latest(tmp_path / "run") is None:
+        time.sleep(0.2)  # until the first link's checkpoint is complete
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "raclora: stopped by SIGINT (--resume continues from the latest checkpoint)" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert run_cli("train", str(cfg), "--resume").returncode == 0
+    a, b = chain_tensors(reference), chain_tensors(tmp_path / "run")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 @pytest.mark.slow
