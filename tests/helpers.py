@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,12 @@ def subprocess_env(**extra: str) -> dict:
     every worker (torchrun's and Ray's), so that ``tests.faults`` can be named as a callback."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
+
+
+def as_on_a_terminal() -> None:
+    """SIGINT at its default, as a terminal's Ctrl-C meets it: a shell running this suite in
+    the background (CI) ignores it, and a child would inherit that and never be interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def faults(**kwargs) -> str:

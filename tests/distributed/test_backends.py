@@ -32,7 +32,7 @@ from tests.distributed.engines import (
     train,
     two_nodes,
 )
-from tests.helpers import faults, read_jsonl, run_cli, subprocess_env
+from tests.helpers import as_on_a_terminal, faults, read_jsonl, run_cli, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -304,7 +304,7 @@ def test_a_stopped_launch_stops_its_workers_in_one_line_and_resumes(sig, setup):
     cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.workers=2",
            *ENGINES["ddp"], faults(sleep_per_step=0.5)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(OMP_NUM_THREADS="1"))
+                            env=subprocess_env(OMP_NUM_THREADS="1"), preexec_fn=as_on_a_terminal)
     while proc.poll() is None and find_latest(run) is None:
         time.sleep(0.2)  # until the first link's checkpoint is complete
     proc.send_signal(sig)

@@ -12,7 +12,7 @@ import torch
 from raclora_dist.checkpoint.folder import chain_tensors as checkpoint_tensors
 from raclora_dist.checkpoint.folder import find_latest
 from raclora_dist.cli import main
-from tests.helpers import faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
+from tests.helpers import as_on_a_terminal, faults, read_jsonl, run_cli, subprocess_env, tiny_config, write_config
 
 
 def chain_tensors(run_dir: Path) -> dict:
@@ -69,7 +69,8 @@ def test_ctrl_c_in_one_process_is_one_line_and_resumes_bitwise(reference, tmp_pa
     bitwise where the uninterrupted run ends. (Launches with workers: test_backends.py.)"""
     cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "run"))
     proc = subprocess.Popen([sys.executable, "-m", "raclora_dist", "train", str(cfg), faults(sleep_per_step=0.5)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            preexec_fn=as_on_a_terminal)
     while proc.poll() is None and find_latest(tmp_path / "run") is None:
         time.sleep(0.2)  # until the first link's checkpoint is complete
     proc.send_signal(signal.SIGINT)
