@@ -64,6 +64,8 @@ CASES = {
     # the links cap beside the budget (raclora.chain_links, default 3): one link fewer, one more
     "nf4-links-2": ["model.quantization=nf4", "raclora.chain_links=2"],
     "nf4-links-4": ["model.quantization=nf4", "raclora.chain_links=4"],
+    # the chain held in fp32 (the default before chain_dtype: auto holds a 4-bit base's chain in bf16)
+    "nf4-chain-fp32": ["model.quantization=nf4", "raclora.chain_dtype=float32"],
     "nf4-master": ["model.quantization=nf4", "raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
 }
 DEFAULT_CASES = ["bf16", "bf16-exact", "nf4-budget", "nf4-exact", "peft-lora-bf16", "peft-qlora"]

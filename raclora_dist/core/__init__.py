@@ -25,18 +25,18 @@ from raclora_dist.core.layer import (
     MergeView,
     RacLoraLinear,
     RankError,
-    append_to_chain,
     lora_scale,
     resolve_side,
 )
-from raclora_dist.core.lowrank import chain_of_links, compress_lora, concat_links
+from raclora_dist.core.lowrank import append_to_chain, chain_of_links, chain_product, compress_lora, concat_links
 from raclora_dist.core.sketch import sample_sketch, sketch_seed, tensor_fingerprint
 
 __all__ = [
     "ChainState", "Comm", "DenseAccess", "FactorAccess", "LayerSpec", "LinkRecord", "LocalComm", "MergeResult", "MergeView",
     "NonFiniteFactorError", "RacLoraChain",
     "RacLoraConfig", "RacLoraLinear", "RankError", "SketchMismatchError", "TargetError",
-    "append_to_chain", "chain_of_links", "compress_lora", "concat_links", "inject", "link_factors", "lora_scale", "match_targets",
+    "append_to_chain", "chain_of_links", "chain_product", "compress_lora", "concat_links",
+    "inject", "link_factors", "lora_scale", "match_targets",
     "merge_into_weight", "register_dispatcher", "replay_layer", "resolve_side", "sample_sketch", "sketch_seed",
     "tensor_fingerprint", "wrap_targets",
 ]

@@ -63,6 +63,12 @@ class RacLoraConfig(BaseModel):
         "shapes, NF4, r 16: 9 % at link 100). null: chain_budget alone (as in a run config saved before chain_links "
         "existed: one that names chain_budget and max_chain_rank but not chain_links).",
     )
+    chain_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="factored mode: the dtype the merged chain is held in. auto: bfloat16 on a base held below "
+        "fp32 (4-bit, bf16, fp16), half the chain's memory and traffic at a rounding far below the base's own "
+        "(docs/benchmarks.md, long chains); float32 on a fp32 base. Products and recompressions run in fp32 or the "
+        "compute dtype either way.",
+    )
     max_chain_rank: int | None = Field(
         None, ge=1, description="factored mode: a fixed cap on each layer's kept chain rank (recompressed by SVD past "
         "it); overrides chain_budget. A config that sets it to null and names no chain_budget (one written before "
@@ -78,7 +84,7 @@ class RacLoraConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _configs_from_before_the_budget_keep_their_exact_chain(cls, data: Any) -> Any:
+    def _saved_configs_keep_the_chain_they_trained(cls, data: Any) -> Any:
         # Before chain_budget existed, ``max_chain_rank: null`` meant the exact chain, and every
         # saved run config spells it out: such a config (a run folder's, resumed or exported after
         # an upgrade) must replay and export the chain it trained, not a capped one.
@@ -89,6 +95,9 @@ class RacLoraConfig(BaseModel):
         # budget and max_chain_rank among them) must replay the chain its budget alone capped.
         if isinstance(data, dict) and "chain_budget" in data and "max_chain_rank" in data and "chain_links" not in data:
             data = {**data, "chain_links": None}
+        # And one saved before chain_dtype existed held its chain in fp32.
+        if isinstance(data, dict) and "chain_budget" in data and "max_chain_rank" in data and "chain_dtype" not in data:
+            data = {**data, "chain_dtype": "float32"}
         return data
 
     @model_validator(mode="after")

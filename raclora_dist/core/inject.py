@@ -133,6 +133,7 @@ def wrap_targets(model: nn.Module, names: Sequence[str], cfg: RacLoraConfig) -> 
                 rslora=cfg.rslora,
                 merge_mode=cfg.merge_mode,
                 chain_capacity=cfg.chain_capacity(base.out_features, base.in_features),
+                chain_dtype=cfg.chain_dtype,
                 master_weights=cfg.master_weights,
                 stochastic_rounding=cfg.stochastic_rounding,
             )

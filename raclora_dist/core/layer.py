@@ -29,6 +29,7 @@ from raclora_dist.core.landed import (
     lowrank_landed,
     merge_rows_into_weight,
 )
+from raclora_dist.core.lowrank import append_to_chain, chain_product
 from raclora_dist.core.master import ROUND_BLOCK, Gather, gather_rows, row_chunk, stochastic_round_rows
 from raclora_dist.core.sketch import sample_sketch, tensor_fingerprint
 
@@ -69,41 +70,6 @@ class MergeView:
     owner: bool = True
 
 
-@torch.no_grad()
-def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: torch.Tensor,
-                    A: torch.Tensor) -> tuple[int, float, torch.Tensor, torch.Tensor]:
-    """Adds the link ``sB @ A`` to a chain whose first ``R`` columns are filled (in place).
-
-    While it fits, the link is appended (exact). Once ``R + r`` exceeds the capacity, the chain
-    and the link are recompressed together to the capacity: QR of both factors and an SVD of
-    the small core (:func:`~raclora_dist.core.lowrank.compress_lora`), the best approximation of
-    that rank, and the energy it drops is returned.
-
-    Args:
-        chain_B: (m, cap), chain_A: (cap, n): the chain, scale folded into ``chain_B``.
-        R: columns filled. sB: (m, r) the link's scaled B. A: (r, n).
-
-    Returns:
-        ``(new R, discarded energy share, dB (m, k), dA (k, n))`` where ``dB @ dA`` is the
-        change of ``chain_B @ chain_A`` (for the landed statistics).
-    """
-    r, cap = A.shape[0], chain_A.shape[0]
-    if R + r <= cap:
-        chain_B[:, R : R + r] = sB
-        chain_A[R : R + r] = A
-        # The effective weight changed by exactly s B A (up to the chain dtype's rounding).
-        return R + r, 0.0, chain_B[:, R : R + r], chain_A[R : R + r]
-    from raclora_dist.core.lowrank import compress_lora
-
-    old_B, old_A = chain_B[:, :R].clone(), chain_A[:R].clone()
-    B_new, A_new, discarded = compress_lora(torch.cat([old_B, sB.to(old_B)], dim=1),
-                                            torch.cat([old_A, A.to(old_A)], dim=0), cap)
-    chain_B.copy_(B_new)
-    chain_A.copy_(A_new)
-    # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
-    return cap, discarded, torch.cat([chain_B, -old_B], dim=1), torch.cat([chain_A, old_A], dim=0)
-
-
 def auto_merge_mode(*, packed: bool, rounds: bool, master_weights: str = "none",
                     stochastic_rounding: bool | str = "auto") -> MergeMode:
     """``merge_mode: auto`` for a base: ``factored`` on a packed 4-bit base (exact, the codes
@@ -118,6 +84,16 @@ def auto_merge_mode(*, packed: bool, rounds: bool, master_weights: str = "none",
     if packed or (rounds and master_weights == "none" and stochastic_rounding is False):
         return "factored"
     return "into_base"
+
+
+def resolve_chain_dtype(chain_dtype: torch.dtype | str, *, rounds: bool,
+                        factor_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """``raclora.chain_dtype`` for a base: ``auto`` is bf16 where merging into the base rounds
+    (a 4-bit, bf16 or fp16 base; the chain's rounding is far below the base's own), else the
+    factor's dtype. rounds: :meth:`RacLoraLinear.rounds_merges`."""
+    if chain_dtype == "auto":
+        return torch.bfloat16 if rounds else factor_dtype
+    return getattr(torch, chain_dtype) if isinstance(chain_dtype, str) else chain_dtype
 
 
 class RankError(ValueError):
@@ -205,7 +181,10 @@ class RacLoraLinear(nn.Module):
             :meth:`default_merge_mode`).
         chain_capacity: for ``factored``, the most chain columns kept (R_max, at most
             min(m, n)); merging past it recompresses the chain by SVD. Ignored for ``into_base``.
-        factor_dtype: dtype of the trainable factor, sketch and chain (fp32 by default).
+        factor_dtype: dtype of the trainable factor and sketch (fp32 by default).
+        chain_dtype: dtype the factored chain is held in: a dtype, ``float32``, ``bfloat16``, or
+            ``auto``: bf16 on a base held below fp32 (4-bit, bf16, fp16), where its rounding is
+            far below the base's own; else ``factor_dtype``.
         master_weights: ``into_base`` on a bf16/fp16 or 4-bit base: ``none``, or a fp32 master
             copy on the ``cpu`` or the ``device`` (core/master.py).
         stochastic_rounding: ``into_base`` on such a base: round merges stochastically; ``auto``:
@@ -233,6 +212,7 @@ class RacLoraLinear(nn.Module):
         merge_mode: str = "into_base",
         chain_capacity: int = 0,
         factor_dtype: torch.dtype = torch.float32,
+        chain_dtype: torch.dtype | str = "auto",
         master_weights: str = "none",
         stochastic_rounding: bool | str = "auto",
     ) -> None:
@@ -267,14 +247,15 @@ class RacLoraLinear(nn.Module):
         # A chain of rank min(m, n) already spans every (m, n) matrix: recompressing to it
         # loses nothing, and more columns would cost more than a dense copy.
         cap = min(chain_capacity, m, n) if self.merge_mode == "factored" else 0
+        cdt = resolve_chain_dtype(chain_dtype, rounds=self.rounds_merges(), factor_dtype=factor_dtype)
         if cap:
             # Frozen parameters, not buffers: sharding engines then shard them like the base
             # (chain_B's rows with W's rows) and gather them for the forward.
-            self.chain_B = nn.Parameter(torch.zeros(m, cap, dtype=factor_dtype, device=dev), requires_grad=False)
-            self.chain_A = nn.Parameter(torch.zeros(cap, n, dtype=factor_dtype, device=dev), requires_grad=False)
+            self.chain_B = nn.Parameter(torch.zeros(m, cap, dtype=cdt, device=dev), requires_grad=False)
+            self.chain_A = nn.Parameter(torch.zeros(cap, n, dtype=cdt, device=dev), requires_grad=False)
         else:
-            self.register_buffer("chain_B", torch.zeros(m, 0, dtype=factor_dtype, device=dev), persistent=False)
-            self.register_buffer("chain_A", torch.zeros(0, n, dtype=factor_dtype, device=dev), persistent=False)
+            self.register_buffer("chain_B", torch.zeros(m, 0, dtype=cdt, device=dev), persistent=False)
+            self.register_buffer("chain_A", torch.zeros(0, n, dtype=cdt, device=dev), persistent=False)
         self.chain_rank = 0
         self._init_master(master_weights, stochastic_rounding)
 
@@ -417,7 +398,7 @@ class RacLoraLinear(nn.Module):
         xa = x.to(dt)
         if self.chain_rank:
             R = self.chain_rank
-            y = y + ((xa @ self.chain_A[:R].T.to(dt)) @ self.chain_B[:, :R].T.to(dt)).to(y.dtype)
+            y = y + chain_product(xa, self.chain_A[:R], self.chain_B[:, :R]).to(y.dtype)
         # Through rank r: (..., n) -> (..., r) -> (..., m). For a right sketch the first
         # product involves no trainable tensor, so autograd keeps only the rank-r h (and the
         # frozen sketch) for the backward; a sketch group computes it once for all members.

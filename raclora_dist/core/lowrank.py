@@ -1,5 +1,6 @@
-"""Export math: T merged links of rank r are one LoRA of rank T*r.
+"""The chain's low-rank math: its product in the forward, appending a link, recompressing.
 
+Export: T merged links of rank r are one LoRA of rank T*r.
 ``B_cat = [s B_1 | ... | s B_T]`` (m, T r), ``A_cat = [A_1; ...; A_T]`` (T r, n), so
 ``B_cat @ A_cat = sum_t s B_t A_t``. The scale is folded into ``B_cat``; an exported PEFT
 adapter therefore uses ``lora_alpha = r_total`` (PEFT scale 1).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -78,8 +80,72 @@ def compress_lora(
     return B_k.to(dtype), A_k.to(dtype), discarded
 
 
+class _ChainProduct(torch.autograd.Function):
+    """``x A^T B^T`` through frozen chain factors held in any dtype, computed in ``x``'s.
+
+    Autograd would save the cast copies of a bf16 chain for the backward (an fp32 copy of the
+    whole chain per step); this saves the stored tensors and casts again in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(A, B)
+        return (x @ A.T.to(x.dtype)) @ B.T.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        A, B = ctx.saved_tensors
+        return (grad @ B.to(grad.dtype)) @ A.to(grad.dtype), None, None
+
+
+def chain_product(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``(x @ A^T) @ B^T`` in ``x``'s dtype, differentiable in ``x`` only.
+
+    Args:
+        x: (..., n). A: (R, n), B: (m, R): frozen, in any floating dtype (the chain's).
+
+    Returns:
+        (..., m) in ``x``'s dtype; the backward keeps ``A`` and ``B`` as stored, no cast copy.
+    """
+    return _ChainProduct.apply(x, A, B)
+
+
+@torch.no_grad()
+def append_to_chain(chain_B: torch.Tensor, chain_A: torch.Tensor, R: int, sB: torch.Tensor,
+                    A: torch.Tensor) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """Adds the link ``sB @ A`` to a chain whose first ``R`` columns are filled (in place).
+
+    While it fits, the link is appended (rounded to the chain's dtype). Once ``R + r`` exceeds
+    the capacity, the chain and the link are recompressed together to the capacity in fp32 or
+    better: QR of both factors and an SVD of the small core (:func:`compress_lora`), the best
+    approximation of that rank, rounded once into the chain; the energy it drops is returned.
+
+    Args:
+        chain_B: (m, cap), chain_A: (cap, n): the chain, scale folded into ``chain_B``.
+        R: columns filled. sB: (m, r) the link's scaled B. A: (r, n).
+
+    Returns:
+        ``(new R, discarded energy share, dB (m, k), dA (k, n))`` where ``dB @ dA`` is the
+        change of ``chain_B @ chain_A`` (for the landed statistics).
+    """
+    r, cap = A.shape[0], chain_A.shape[0]
+    if R + r <= cap:
+        chain_B[:, R : R + r] = sB
+        chain_A[R : R + r] = A
+        # The effective weight changed by exactly s B A, up to the chain dtype's rounding.
+        return R + r, 0.0, chain_B[:, R : R + r], chain_A[R : R + r]
+    old_B, old_A = chain_B[:, :R].clone(), chain_A[:R].clone()
+    # (the link is not rounded to a bf16 chain's dtype before the SVD: only its result is)
+    B_new, A_new, discarded = compress_lora(torch.cat([old_B.float(), sB.float()], dim=1),
+                                            torch.cat([old_A.float(), A.float()], dim=0), cap)
+    chain_B.copy_(B_new)
+    chain_A.copy_(A_new)
+    # dW_eff = new chain - old chain, as one low-rank product [B_new | -old_B] [A_new; old_A].
+    return cap, discarded, torch.cat([chain_B, -old_B], dim=1), torch.cat([chain_A, old_A], dim=0)
+
+
 def chain_of_links(
-    links: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float, capacity: int
+    links: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float, capacity: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The factored chain a layer of chain capacity ``capacity`` holds after merging ``links``
     in order (each recompression redone exactly as training did it, without the base).
@@ -87,20 +153,19 @@ def chain_of_links(
     Args:
         links: ``(B_t (m, r), A_t (r, n))`` per merged link, unscaled. scale: s.
         capacity: the layer's chain columns (``RacLoraConfig.chain_capacity``).
+        dtype: the dtype training held the chain in (``RacLoraLinear.chain_dtype``).
 
     Returns:
-        ``(B (m, R), A (R, n), discarded)``: the chain (scale folded into B), R <= capacity,
-        and the largest share of energy one recompression dropped.
+        ``(B (m, R), A (R, n), discarded)``: the chain (scale folded into B) in fp32, its
+        values those training held, R <= capacity, and the largest share of energy one
+        recompression dropped.
     """
-    from raclora_dist.core.layer import append_to_chain
-
     if not links:
         raise ValueError("the chain has no merged links to export")
     m, n = links[0][0].shape[0], links[0][1].shape[1]
-    dtype = links[0][1].dtype
     chain_B, chain_A = torch.zeros(m, capacity, dtype=dtype), torch.zeros(capacity, n, dtype=dtype)
     R, worst = 0, 0.0
     for B, A in links:
         R, discarded, _, _ = append_to_chain(chain_B, chain_A, R, scale * B, A)
         worst = max(worst, discarded)
-    return chain_B[:, :R].clone(), chain_A[:R].clone(), worst
+    return chain_B[:, :R].to(torch.float32, copy=True), chain_A[:R].to(torch.float32, copy=True), worst

@@ -21,7 +21,7 @@ from raclora_dist.checkpoint.folder import Checkpoint, damaged_checkpoints, find
 from raclora_dist.config import ConfigError, RunConfig, build_config, read_yaml
 from raclora_dist.core import chain_of_links, compress_lora, concat_links, link_factors
 from raclora_dist.core.dtypes import torch_dtype
-from raclora_dist.core.layer import auto_merge_mode
+from raclora_dist.core.layer import auto_merge_mode, resolve_chain_dtype
 from raclora_dist.model.session import base_folder
 
 
@@ -56,12 +56,14 @@ def chain_lora(ckpt: Checkpoint, cfg: RunConfig, rank: int | None = None) -> dic
     training recompressed it (R at most the cap); then compressed to ``rank`` if given, with the
     share of the update's energy that compression drops (0 without ``rank``)."""
     factored = merge_mode(cfg) == "factored"
+    rounds = cfg.model.quantization.enabled or cfg.model.dtype != "float32"  # as RacLoraLinear.rounds_merges
+    dtype = resolve_chain_dtype(cfg.raclora.chain_dtype, rounds=rounds)
     out = {}
     for spec in ckpt.layer_specs():
         links = link_factors(spec, ckpt.chain)
         cap = cfg.raclora.chain_capacity(spec.out_features, spec.in_features)
-        if factored and cap < sum(A.shape[0] for _, A in links):
-            B, A, _ = chain_of_links(links, spec.scale, cap)
+        if factored:  # the chain as training held it: recompressed past its cap, rounded to its dtype
+            B, A, _ = chain_of_links(links, spec.scale, min(cap, sum(A.shape[0] for _, A in links)), dtype)
         else:
             B, A = concat_links(links, spec.scale)
         out[spec.name] = compress_lora(B, A, rank) if rank else (B, A, 0.0)

@@ -19,8 +19,10 @@ from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 pytestmark = pytest.mark.slow
 
 MODES = {
-    "factored": ["raclora.merge_mode=factored", "raclora.chain_budget=null"],  # the exact chain
-    # the default budget: these layers keep one link's r columns, recompressed at every later merge
+    # the exact chain: uncapped, held in fp32
+    "factored": ["raclora.merge_mode=factored", "raclora.chain_budget=null", "raclora.chain_dtype=float32"],
+    # the default: these layers keep one link's r columns, recompressed at every later merge, in
+    # bf16 (chain_dtype auto on a 4-bit base): sharded and gathered in bf16 as one process holds it
     "capped": ["raclora.merge_mode=factored"],
     "master": ["raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
     # also the other storage: codes packed in float32 elements, sharded without casts in fp32

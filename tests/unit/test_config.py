@@ -179,6 +179,9 @@ def test_the_chain_budget_is_on_by_default_and_old_run_configs_keep_their_exact_
     # yet one) keeps the chain that budget alone capped: its resume, replay and export stay the same
     assert RacLoraConfig.model_validate({"chain_budget": 0.1, "max_chain_rank": None}).chain_links is None
     assert RacLoraConfig.model_validate({"chain_budget": 0.2}).chain_links == 3  # a user's own section
+    # and one saved before chain_dtype existed held its chain in fp32 (auto: bf16 on a 4-bit base)
+    assert RacLoraConfig.model_validate({"chain_budget": 0.1, "max_chain_rank": None}).chain_dtype == "float32"
+    assert RacLoraConfig.model_validate({"chain_budget": 0.2}).chain_dtype == "auto"
     assert RacLoraConfig.model_validate({"chain_budget": 0.1, "chain_links": 2}).chain_capacity(4096, 4096) == 16
     assert RacLoraConfig(rank=8, links=64, chain_budget=None).chain_capacity(4096, 4096) == 512  # links x r
     assert RacLoraConfig(rank=8, links=64, max_chain_rank=32).chain_capacity(4096, 4096) == 32

@@ -143,8 +143,9 @@ def test_the_merged_chain_at_the_last_link_follows_the_budget_and_warns_when_it_
 def test_an_8b_nf4_chain_of_100_links_stays_under_a_tenth_of_its_base_by_default(small_data, tmp_path):
     """Issue #27's target through ``raclora validate``'s estimate: Llama-3-8B shapes, NF4 with bf16
     embeddings, r 16, 100 links, the default cap (chain_budget 0.1, chain_links 3): the merged
-    chain holds 48 columns per layer, 480 MiB, under 10 % of the 5.31 GiB base (the budget alone:
-    2.59 GiB, 49 %)."""
+    chain holds 48 columns per layer in bf16 (chain_dtype auto), 240 MiB, and with the link in training
+    (its factor and sketch) 400 MiB, both under 10 % of the 5.31 GiB base (in fp32: 480 and 640 MiB,
+    the second 11.8 %; the budget alone: 1.30 GiB, 24 %)."""
     llama3_8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
                  "num_key_value_heads": 8, "vocab_size": 128256}
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -153,9 +154,15 @@ def test_an_8b_nf4_chain_of_100_links_stays_under_a_tenth_of_its_base_by_default
                      "quantization": "nf4"}
     data["data"]["seq_len"] = 64
     _, est = plan_run(build_config(data))
-    assert "48-48 columns per layer" in est.chain_lines[0] and "480.00 MiB per rank" in est.chain_lines[0]
+    assert "48-48 columns per layer" in est.chain_lines[0] and "240.00 MiB per rank" in est.chain_lines[0]
     share = float(re.search(r"\((\d+\.\d) % of the base weights\)", est.chain_lines[0]).group(1))
     assert share < 10 and not est.warnings
+    assert est.rows["chain"] == (240 + 160) * 2**20 and est.rows["chain"] < 0.10 * est.base_params_bytes
+    data["raclora"] = {**data["raclora"], "chain_dtype": "float32"}
+    _, fp32 = plan_run(build_config(data))
+    assert "480.00 MiB per rank" in fp32.chain_lines[0] and fp32.rows["chain"] > 0.10 * fp32.base_params_bytes
+    data["raclora"] = {**data["raclora"], "chain_dtype": "auto"}
     data["raclora"] = {**data["raclora"], "chain_links": None}
     _, budget_alone = plan_run(build_config(data))
-    assert "81-318 columns per layer" in budget_alone.chain_lines[0] and budget_alone.warnings
+    assert "81-318 columns per layer" in budget_alone.chain_lines[0]
+    assert "1.30 GiB per rank (24.4 % of the base weights)" in budget_alone.chain_lines[0]

@@ -98,6 +98,50 @@ def test_factored_cap_recompresses_to_the_best_approximation():
     assert torch.allclose(kept, best, atol=1e-4)
 
 
+def test_a_bf16_chain_holds_the_fp32_chain_rounded():
+    """chain_dtype bfloat16 on an fp32 base: appended links are the fp32 chain's values rounded to
+    bf16; past the cap, the recompressed chain is the fp32 one's within bf16 rounding."""
+    fp32, bf16 = make("right", "factored", cap=4, links=4), make("right", "factored", cap=4, links=4,
+                                                                   chain_dtype="bfloat16")
+    assert fp32[2].chain_A.dtype == torch.float32 and bf16[2].chain_A.dtype == torch.bfloat16
+    for link in range(2):  # appended: the link's factors rounded
+        for _, chain, layer in (fp32, bf16):
+            chain.start_link(link)
+            torch.manual_seed(link)
+            perturb(layer)
+            chain.end_link()
+        assert torch.equal(bf16[2].chain_A, fp32[2].chain_A.bfloat16())
+    for _, chain, layer in (fp32, bf16):  # past the cap: recompressed from the (rounded) chain in fp32
+        chain.start_link(2)
+        torch.manual_seed(2)
+        perturb(layer)
+        chain.end_link()
+    want = fp32[2].chain_B @ fp32[2].chain_A
+    got = bf16[2].chain_B.float() @ bf16[2].chain_A.float()
+    assert 0 < (got - want).norm() < 1e-2 * want.norm()
+
+
+def test_the_chain_product_keeps_the_stored_chain_for_the_backward_not_a_cast_copy():
+    """A bf16 chain applied to fp32 activations: the gradient is the fp32 product's, and what the
+    graph keeps for the backward is the bf16 chain itself (autograd's own casts would keep an
+    fp32 copy of the whole chain per layer until the backward)."""
+    from raclora_dist.core import chain_product
+
+    torch.manual_seed(0)
+    A, B = torch.randn(4, 10).bfloat16(), torch.randn(6, 4).bfloat16()
+    x = torch.randn(3, 10, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = chain_product(x, A, B)
+    assert y.dtype == torch.float32 and {t.dtype for t in saved} == {torch.bfloat16}
+    assert {t.data_ptr() for t in saved} == {A.data_ptr(), B.data_ptr()}
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    x2 = x.detach().requires_grad_()
+    want = (x2 @ A.float().T) @ B.float().T
+    (g2,) = torch.autograd.grad(want.square().sum(), x2)
+    assert torch.allclose(y, want, atol=1e-5) and torch.allclose(g, g2, atol=1e-4)
+
+
 def test_nonfinite_factor_is_never_merged():
     _model, chain, layer = make("right")
     chain.start_link(0)

@@ -64,11 +64,16 @@ def test_dispatch_wraps_linear4bit_and_auto_merge_mode_follows_the_base():
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
-def test_factored_on_4bit_equals_dequantized_base_plus_link_updates(method):
+@pytest.mark.parametrize("chain_dtype", ["float32", "auto"])
+def test_factored_on_4bit_equals_dequantized_base_plus_link_updates(method, chain_dtype):
+    """An fp32 chain applies base + sum of the links exactly; the default (auto: bf16 on a 4-bit
+    base) within bf16's rounding of the chain, and its landed statistics say so."""
     model = quantized_model(method)
     q0 = {n: (m.weight.data.clone(), dequantize(m.weight.data, m.quant_state)) for n, m in
           [("0", model[0]), ("2", model[2])]}
-    layers, chain, records = run_links(model, links=5, factor_std=0.05)
+    layers, chain, records = run_links(model, links=5, factor_std=0.05, chain_dtype=chain_dtype)
+    exact = chain_dtype == "float32"
+    assert {layer.chain_A.dtype for layer in layers.values()} == {torch.float32 if exact else torch.bfloat16}
     x = torch.randn(6, 256)
     with torch.no_grad():
         h = x
@@ -76,13 +81,22 @@ def test_factored_on_4bit_equals_dequantized_base_plus_link_updates(method):
             layer = layers[name]
             assert torch.equal(layer.base_layer.weight.data, q0[name][0])  # codes untouched
             W = q0[name][1] + sum(layer.scale * B @ A for B, A in link_factors(layer.spec, chain.state))
+            base = h @ q0[name][1].T + layer.base_layer.bias
             h = h @ W.T + layer.base_layer.bias
             if name == "0":
-                assert torch.allclose(layer(x), h, atol=1e-5)
+                got = layer(x)
+                if exact:
+                    assert torch.allclose(got, h, atol=1e-5)
+                else:  # the chain's contribution to within bf16's rounding of its factors (2^-8)
+                    assert 0 < (got - h).norm() < 4e-3 * (h - base).norm()
                 h = torch.relu(h)
-        assert torch.allclose(model(x), h, atol=1e-5)
-    assert all(r.landed_fraction == pytest.approx(1, abs=1e-5) for r in records)
-    assert all(r.landed_cosine == pytest.approx(1, abs=1e-5) for r in records)
+        if exact:
+            assert torch.allclose(model(x), h, atol=1e-5)
+    tol = 1e-5 if exact else 4e-3
+    assert all(r.landed_fraction == pytest.approx(1, abs=tol) for r in records)
+    assert all(r.landed_cosine == pytest.approx(1, abs=tol) for r in records)
+    if not exact:
+        assert any(r.landed_fraction != pytest.approx(1, abs=1e-6) for r in records)  # it really rounds
 
 
 def test_landed_fraction_is_one_for_factored_and_master_and_low_in_place():
@@ -90,7 +104,7 @@ def test_landed_fraction_is_one_for_factored_and_master_and_low_in_place():
     rounded back to the old codes; a master copy keeps it (unbiased: the projection of what
     landed onto the intended update is ~1, though each merge moves whole grid steps)."""
     small = 2e-3
-    _, _, fact = run_links(quantized_model(), 3, small, merge_mode="factored")
+    _, _, fact = run_links(quantized_model(), 3, small, merge_mode="factored", chain_dtype="float32")
     _, _, master = run_links(quantized_model(keep_source=True), 3, small, merge_mode="into_base", master_weights="cpu")
     _, _, inplace = run_links(quantized_model(), 3, small, merge_mode="into_base")
     _, _, rounded = run_links(quantized_model(), 3, small, merge_mode="into_base", stochastic_rounding=True)
