@@ -212,6 +212,11 @@ def estimate_memory(cfg: RunConfig, model: nn.Module, blocks: list[nn.Module]) -
     return est
 
 
+def _dtypes(layers: list[RacLoraLinear]) -> str:
+    """The chains' dtypes by name (``raclora.chain_dtype`` as the layers resolved it)."""
+    return "/".join(sorted({str(layer.chain_A.dtype).removeprefix("torch.") for layer in layers}))
+
+
 def _merged_chain(cfg: RunConfig, layers: list[RacLoraLinear], est: Estimate, split: int) -> None:
     """The merged chain at the last link (its tensors are preallocated at their cap, so the
     injected layers hold exactly that), what it costs per token, what the exact chain would
@@ -237,7 +242,8 @@ def _merged_chain(cfg: RunConfig, layers: list[RacLoraLinear], est: Estimate, sp
     share = held / max(est.base_params_bytes, 1)
     est.chain_lines.append(
         f"merged chain at link {rc.links}: {size(held // split)} per rank ({100 * share:.1f} % of the base weights), "
-        f"{caps[0]}-{caps[-1]} columns per layer ({rule}); {100 * cols / dense:.1f} % of the adapted layers' compute "
+        f"{caps[0]}-{caps[-1]} columns per layer in {_dtypes(layers)} ({rule}); {100 * cols / dense:.1f} % of the "
+        "adapted layers' compute "
         "per token")
     if exact > held:
         est.chain_lines.append(f"  recompressed by SVD once full; the exact chain would hold {size(exact // split)} "

@@ -154,13 +154,14 @@ def test_an_8b_nf4_chain_of_100_links_stays_under_a_tenth_of_its_base_by_default
                      "quantization": "nf4"}
     data["data"]["seq_len"] = 64
     _, est = plan_run(build_config(data))
-    assert "48-48 columns per layer" in est.chain_lines[0] and "240.00 MiB per rank" in est.chain_lines[0]
+    assert "48-48 columns per layer in bfloat16" in est.chain_lines[0] and "240.00 MiB per rank" in est.chain_lines[0]
     share = float(re.search(r"\((\d+\.\d) % of the base weights\)", est.chain_lines[0]).group(1))
     assert share < 10 and not est.warnings
     assert est.rows["chain"] == (240 + 160) * 2**20 and est.rows["chain"] < 0.10 * est.base_params_bytes
     data["raclora"] = {**data["raclora"], "chain_dtype": "float32"}
     _, fp32 = plan_run(build_config(data))
-    assert "480.00 MiB per rank" in fp32.chain_lines[0] and fp32.rows["chain"] > 0.10 * fp32.base_params_bytes
+    assert "480.00 MiB per rank" in fp32.chain_lines[0] and "columns per layer in float32" in fp32.chain_lines[0]
+    assert fp32.rows["chain"] > 0.10 * fp32.base_params_bytes
     data["raclora"] = {**data["raclora"], "chain_dtype": "auto"}
     data["raclora"] = {**data["raclora"], "chain_links": None}
     _, budget_alone = plan_run(build_config(data))
