@@ -18,7 +18,10 @@ seven projections, ``links`` links of ``steps`` steps, a checkpoint after every 
 * on request: the factored chain over an fp32-held base (``fp32-exact``, ``fp32-budget``,
   ``fp32-budget-0.25``: the chain math a bf16 base has under ``merge_mode: factored``),
   ``peft-lora`` over fp32, and ``nf4-master`` (``into_base`` into a fp32 master copy in CPU
-  memory, requantized every link: no chain at all).
+  memory, requantized every link: no chain at all);
+* on request, the chain's dtype: ``nf4-chain-fp32`` (the default chain held in fp32, as before
+  ``raclora.chain_dtype``), and ``nf4-seed1`` / ``nf4-chain-fp32-seed1`` (both under another
+  sketch seed: a difference in loss that changes sign with the seed is the path's, not the dtype's).
 
 Per case: tokens/s of the last 5 links against links 2-6; the peak RSS of each link (steps,
 boundary, eval and checkpoint; ``VmHWM`` reset as the link starts): the peak after link 5
@@ -66,6 +69,9 @@ CASES = {
     "nf4-links-4": ["model.quantization=nf4", "raclora.chain_links=4"],
     # the chain held in fp32 (the default before chain_dtype: auto holds a 4-bit base's chain in bf16)
     "nf4-chain-fp32": ["model.quantization=nf4", "raclora.chain_dtype=float32"],
+    # both chain dtypes under another sketch seed: whether a difference in loss is the dtype's or the path's
+    "nf4-seed1": ["model.quantization=nf4", "raclora.seed=1"],
+    "nf4-chain-fp32-seed1": ["model.quantization=nf4", "raclora.chain_dtype=float32", "raclora.seed=1"],
     "nf4-master": ["model.quantization=nf4", "raclora.merge_mode=into_base", "raclora.master_weights=cpu"],
 }
 DEFAULT_CASES = ["bf16", "bf16-exact", "nf4-budget", "nf4-exact", "peft-lora-bf16", "peft-qlora"]
@@ -143,6 +149,7 @@ def rac_case(name: str, model: Path, args, tmp: Path) -> dict:
             "peak_rss_mb_per_link": peaks,
             "rss_mb_after_checkpoint_per_link": [p["rss_mb"] for p in probed],
             "checkpoint_bytes": written, "final_eval_loss": links[-1]["eval_loss"],
+            "eval_loss_per_link": [r["eval_loss"] for r in links],
             "start_eval_loss": next(r["eval_loss"] for r in recs if r["type"] == "eval"),
             "max_discarded_energy": max(r["discarded_energy"] for r in links),
             "last_landed_fraction": links[-1]["landed_fraction"], "tokens_per_s_per_link": per_link}

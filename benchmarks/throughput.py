@@ -15,7 +15,9 @@ the same learning rate, rank and targets:
 * ``full``: full fine-tuning;
 * ``peft_lora``: PEFT LoRA (``get_peft_model``, dropout 0);
 * ``rac_right`` / ``rac_left``: RAC-LoRA with a right / left sketch on every target;
-* ``rac_shared``: right sketches with ``sketch_groups`` [[q,k,v], [gate,up]].
+* ``rac_shared``: right sketches with ``sketch_groups`` [[q,k,v], [gate,up]];
+* on request, ``rac_right_fp32chain``: ``rac_right`` with its chain held in fp32 (the default,
+  ``raclora.chain_dtype: auto``, holds a bf16 or 4-bit base's chain in bf16).
 
 Tokens/s is the median over ``rounds`` timed windows of ``window`` steps each, after a
 warm-up; the methods take turns window by window (so drifts of the machine hit all alike).
@@ -133,7 +135,7 @@ def build(method: str, size: str, rank: int, alpha: float, device: str, quant: s
         side = "left" if method == "rac_left" else "right"
         rc = RacLoraConfig(rank=rank, alpha=alpha, target_modules=TARGETS, sketch_side=side,
                            sketch_groups=GROUPS if method == "rac_shared" else [], links=max(4, prefill + 1),
-                           chain_budget=budget)
+                           chain_budget=budget, chain_dtype="float32" if method.endswith("_fp32chain") else "auto")
         chain = RacLoraChain(inject(model, rc))
     model.to(device).train()
     if chain is not None:

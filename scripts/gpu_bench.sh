@@ -9,7 +9,7 @@
 #  1. smoke: configs/qlora.yaml with the GPU settings its header names, on one GPU;
 #  2. QLoRA on a Llama-3-8B-shaped model: PEFT LoRA vs RAC-LoRA over the same NF4 base, bf16,
 #     activation checkpointing, one process (benchmarks.throughput);
-#  3. the same with the chain of link 64 (pre-filled to its cap: chain_budget 0.1, chain_links 3):
+#  3. the same with the chain of link 64 (pre-filled to its cap: chain_budget 0.1, chain_links 3, bf16):
 #     a long run's step against PEFT's (issue 27's target: >= 1.05x PEFT's tokens/s, <= 1.0x its peak);
 #  4. the same shapes through `raclora train`: built from config, NF4 on load, FSDP2
 #     (benchmarks.scale --device cuda).
