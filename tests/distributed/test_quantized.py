@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raclora_dist.checkpoint.folder import find_latest
+from raclora_dist.checkpoint.folder import chain_tensors, find_latest
 from tests.distributed.engines import ENGINES, assert_chains_close, losses, meta, train
 from tests.helpers import faults, read_jsonl, run_cli, tiny_config, write_config
 
@@ -87,6 +87,25 @@ def test_sharded_master_copy_run_resumes_after_a_crash(qsetup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_chains_close(singles["master"], run)
     assert losses(run) == pytest.approx(losses(singles["master"]), abs=1e-5)
+
+
+def test_the_default_bf16_chain_resumes_bitwise_after_a_crash(qsetup):
+    """NF4's default chain (capped, held in bf16): a one-process run that crashed mid link 2
+    rebuilds the recompressed bf16 chain by replaying links 0-1 and ends bitwise where the
+    uninterrupted run ends (any difference in the replayed chain changes every later loss)."""
+    d, cfg, singles = qsetup
+    run = d / "single-capped-crash"
+    args = (f"run.dir={run}", *MODES["capped"])
+    crashed = run_cli("train", str(cfg), *args, faults(crash_at_step=5))
+    assert crashed.returncode == 17, crashed.stderr[-3000:]
+    assert find_latest(run).name == "link-00001-step-0000003"
+    resumed = run_cli("train", str(cfg), *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = chain_tensors(find_latest(singles["capped"])), chain_tensors(find_latest(run))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert losses(run) == losses(singles["capped"])
+    assert [r["landed_fraction"] for r in records(run, "link")] == \
+        [r["landed_fraction"] for r in records(singles["capped"], "link")]
 
 
 def test_bf16_mixed_precision_leaves_the_packed_codes_alone(qsetup):
