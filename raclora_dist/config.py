@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raclora_dist.config_version import CONFIG_VERSION, as_saved_before_versions, read_version
 from raclora_dist.core.config import RacLoraConfig
 from raclora_dist.quant.config import QuantizationConfig
 
@@ -467,7 +468,8 @@ class RunConfig(_Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as a run folder saves it: every field, under the format's ``config_version``."""
+        return yaml.safe_dump({"config_version": CONFIG_VERSION, **self.model_dump(mode="json")}, sort_keys=False)
 
 
 CPU_OFFLOAD_NEEDS_GPU = ("it moves FSDP2 shards between GPU and CPU memory, and CPU workers hold them in CPU "
@@ -519,8 +521,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validates a config mapping; all problems are reported together, each naming its field."""
+def build_config(data: dict[str, Any], source: str = "config", *, saved: bool = False) -> RunConfig:
+    """Validates a config mapping; all problems are reported together, each naming its field.
+
+    Args:
+        saved: the mapping is a run folder's saved config: without a ``config_version`` it was
+            written before versions and reads as that release ran it (``config_version``).
+    """
+    try:
+        version = read_version(data, source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    data = {k: v for k, v in data.items() if k != "config_version"}
+    if saved and version is None:
+        data = as_saved_before_versions(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
@@ -539,12 +553,14 @@ def _expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Reads, merges overrides into, and validates a config; sets ``run.dir`` if unset."""
+    """Reads, merges overrides into, and validates a config; sets ``run.dir`` if unset. A run
+    folder's own ``config.yaml`` (one beside its ``checkpoints``) reads as saved (``build_config``)."""
     data = _deep_merge(_expand_shorthands(read_yaml(path)), parse_overrides(overrides or []))
     run = data.get("run")
     if not isinstance(run, dict) or run.get("dir") is None:
         data = _deep_merge(data, {"run": {"dir": str(Path("runs") / Path(path).stem)}})
-    return build_config(data, str(path))
+    saved = Path(path).name == "config.yaml" and (Path(path).parent / "checkpoints").is_dir()
+    return build_config(data, str(path), saved=saved)
 
 
 def with_values(cfg: RunConfig, changes: dict[str, Any], source: str = "config") -> RunConfig:

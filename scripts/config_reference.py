@@ -28,6 +28,11 @@ def render() -> str:
         "(a test fails when this file is stale). Every field can be overridden on the command line",
         "as `section.field=value` (YAML syntax for the value), e.g. `raclora train CFG train.lr=1e-4`.",
         "",
+        "A run folder's saved `config.yaml` also carries `config_version`, the format it was written in,",
+        "so that a later release resumes, replays and exports the run as it trained (a config saved",
+        "before versions reads with the defaults of its release). Your own configs need none: they",
+        "read with today's defaults.",
+        "",
     ]
     def table(prefix: str, model: type[BaseModel]) -> None:
         nested = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -60,8 +60,7 @@ class RacLoraConfig(BaseModel):
     chain_links: int | None = Field(
         3, ge=1, description="factored mode, with chain_budget: each layer's merged chain also keeps at most this many "
         "links' rank (chain_links r columns), so that it stays a small share of a 4-bit base at any width (Llama-3-8B "
-        "shapes, NF4, r 16: 9 % at link 100). null: chain_budget alone (as in a run config saved before chain_links "
-        "existed: one that names chain_budget and max_chain_rank but not chain_links).",
+        "shapes, NF4, r 16: 9 % at link 100). null: chain_budget alone.",
     )
     chain_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="factored mode: the dtype the merged chain is held in. auto: bfloat16 on a base held below "
@@ -71,8 +70,7 @@ class RacLoraConfig(BaseModel):
     )
     max_chain_rank: int | None = Field(
         None, ge=1, description="factored mode: a fixed cap on each layer's kept chain rank (recompressed by SVD past "
-        "it); overrides chain_budget. A config that sets it to null and names no chain_budget (one written before "
-        "chain_budget existed) keeps the exact chain.",
+        "it); overrides chain_budget.",
     )
     optimizer_state: Literal["reset", "keep"] = Field(
         "reset", description="At each link boundary, reset the optimizer state of the factor or keep it."
@@ -81,24 +79,6 @@ class RacLoraConfig(BaseModel):
         "skip_link", description="A non-finite factor at a boundary: discard the link, or stop the run."
     )
     seed: int = Field(0, description="Chain seed: sketches are a pure function of (seed, link, module name).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _saved_configs_keep_the_chain_they_trained(cls, data: Any) -> Any:
-        # Before chain_budget existed, ``max_chain_rank: null`` meant the exact chain, and every
-        # saved run config spells it out: such a config (a run folder's, resumed or exported after
-        # an upgrade) must replay and export the chain it trained, not a capped one.
-        if isinstance(data, dict) and "max_chain_rank" in data and data["max_chain_rank"] is None \
-                and "chain_budget" not in data:
-            data = {**data, "chain_budget": None}
-        # Likewise a run config saved before chain_links existed (it spells out every field, the
-        # budget and max_chain_rank among them) must replay the chain its budget alone capped.
-        if isinstance(data, dict) and "chain_budget" in data and "max_chain_rank" in data and "chain_links" not in data:
-            data = {**data, "chain_links": None}
-        # And one saved before chain_dtype existed held its chain in fp32.
-        if isinstance(data, dict) and "chain_budget" in data and "max_chain_rank" in data and "chain_dtype" not in data:
-            data = {**data, "chain_dtype": "float32"}
-        return data
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> RacLoraConfig:

@@ -29,7 +29,7 @@ def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{str(run_dir)!r} is not a run folder (no config.yaml)")
-    cfg = build_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    cfg = build_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"), saved=True)
     path = find_latest(run_dir)
     if path is None:
         damaged = damaged_checkpoints(run_dir)
@@ -41,12 +41,18 @@ def _load_run(run_dir: Path) -> tuple[Checkpoint, Path, RunConfig]:
     return ckpt, base_folder(cfg, run_dir).resolve(), cfg
 
 
+def base_rounds(cfg: RunConfig) -> bool:
+    """Whether a merge into the run's base rounds, as ``RacLoraLinear.rounds_merges`` judges a
+    layer: a 4-bit base, or one stored below fp32."""
+    return cfg.model.quantization.enabled or cfg.model.dtype != "float32"
+
+
 def merge_mode(cfg: RunConfig) -> str:
     """The run's merge mode with ``auto`` resolved as the layers resolve it (``auto_merge_mode``)."""
     rc = cfg.raclora
     if rc.merge_mode != "auto":
         return rc.merge_mode
-    return auto_merge_mode(packed=cfg.model.quantization.enabled, rounds=cfg.model.dtype != "float32",
+    return auto_merge_mode(packed=cfg.model.quantization.enabled, rounds=base_rounds(cfg),
                            master_weights=rc.master_weights, stochastic_rounding=rc.stochastic_rounding)
 
 
@@ -56,8 +62,7 @@ def chain_lora(ckpt: Checkpoint, cfg: RunConfig, rank: int | None = None) -> dic
     training recompressed it (R at most the cap); then compressed to ``rank`` if given, with the
     share of the update's energy that compression drops (0 without ``rank``)."""
     factored = merge_mode(cfg) == "factored"
-    rounds = cfg.model.quantization.enabled or cfg.model.dtype != "float32"  # as RacLoraLinear.rounds_merges
-    dtype = resolve_chain_dtype(cfg.raclora.chain_dtype, rounds=rounds)
+    dtype = resolve_chain_dtype(cfg.raclora.chain_dtype, rounds=base_rounds(cfg))
     out = {}
     for spec in ckpt.layer_specs():
         links = link_factors(spec, ckpt.chain)

@@ -62,7 +62,7 @@ def _check_resume(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
         for saved_path in (run_dir / "config.yaml", ckpt / "config.yaml"):  # the run's, and the checkpoint's own
             if not saved_path.is_file():
                 continue
-            saved = build_config(read_yaml(saved_path), str(saved_path))
+            saved = build_config(read_yaml(saved_path), str(saved_path), saved=True)
             diffs = diff_configs(saved, cfg)
             if diffs:
                 whose = "the run's" if saved_path.parent == run_dir else f"that of checkpoint {ckpt.name}"

@@ -165,7 +165,7 @@ def test_fsdp_unit_auto_is_the_sublayer_on_cpu_workers_for_real_blocks_and_the_b
     assert cfg.distributed.fsdp_unit_on("cuda", 100 * big) == "block"
 
 
-def test_the_chain_budget_is_on_by_default_and_old_run_configs_keep_their_exact_chain():
+def test_the_chain_budget_is_on_by_default():
     from raclora_dist.core import RacLoraConfig
 
     assert RacLoraConfig().chain_budget == 0.1 and RacLoraConfig().chain_links == 3
@@ -175,19 +175,53 @@ def test_the_chain_budget_is_on_by_default_and_old_run_configs_keep_their_exact_
     assert RacLoraConfig(rank=8, links=64, chain_links=None).chain_capacity(4096, 4096) == 204  # 0.1 * 4096² / 8192
     assert RacLoraConfig(rank=8, links=64).chain_capacity(64, 64) == 8  # at least one link
     assert RacLoraConfig(rank=8, links=2).chain_capacity(4096, 4096) == 16  # never more than the links
-    # a run config saved before chain_links existed (every field spelled out, chain_links not
-    # yet one) keeps the chain that budget alone capped: its resume, replay and export stay the same
-    assert RacLoraConfig.model_validate({"chain_budget": 0.1, "max_chain_rank": None}).chain_links is None
-    assert RacLoraConfig.model_validate({"chain_budget": 0.2}).chain_links == 3  # a user's own section
-    # and one saved before chain_dtype existed held its chain in fp32 (auto: bf16 on a 4-bit base)
-    assert RacLoraConfig.model_validate({"chain_budget": 0.1, "max_chain_rank": None}).chain_dtype == "float32"
-    assert RacLoraConfig.model_validate({"chain_budget": 0.2}).chain_dtype == "auto"
     assert RacLoraConfig.model_validate({"chain_budget": 0.1, "chain_links": 2}).chain_capacity(4096, 4096) == 16
     assert RacLoraConfig(rank=8, links=64, chain_budget=None).chain_capacity(4096, 4096) == 512  # links x r
     assert RacLoraConfig(rank=8, links=64, max_chain_rank=32).chain_capacity(4096, 4096) == 32
-    # a run config saved before chain_budget existed spells out max_chain_rank: null (the exact chain)
-    assert RacLoraConfig.model_validate({"max_chain_rank": None}).chain_budget is None
-    assert RacLoraConfig.model_validate({"max_chain_rank": None, "chain_budget": 0.2}).chain_budget == 0.2
+
+
+def test_a_run_folders_config_reads_as_its_release_wrote_it_and_a_users_config_with_todays_defaults(
+        cfg_file, tmp_path):
+    """Saved run configs carry config_version; one saved before versions spells out every field
+    its release had, and the fields it lacks pin the chain it trained (resume, replay, export).
+    A user's own config naming the same fields is read with today's defaults."""
+    import yaml
+
+    from raclora_dist.config import build_config
+    from raclora_dist.config_version import CONFIG_VERSION
+
+    cfg = load_config(cfg_file)
+    saved = yaml.safe_load(cfg.to_yaml())
+    assert saved["config_version"] == CONFIG_VERSION
+    assert build_config(saved, saved=True) == cfg  # a versioned one reads as written
+
+    def era(**raclora):
+        data = yaml.safe_load(cfg_file.read_text())
+        data["raclora"] = {**data.get("raclora", {}), **raclora}
+        return data
+
+    # the release before chain_dtype: the chain in fp32, capped by budget and links as named
+    before_dtype = era(chain_budget=0.1, chain_links=3, max_chain_rank=None)
+    assert build_config(before_dtype, saved=True).raclora.chain_dtype == "float32"
+    assert build_config(before_dtype, saved=True).raclora.chain_links == 3
+    # before chain_links: the budget alone; before chain_budget: max_chain_rank null was exact
+    assert build_config(era(chain_budget=0.1, max_chain_rank=None), saved=True).raclora.chain_links is None
+    assert build_config(era(max_chain_rank=None), saved=True).raclora.chain_budget is None
+    assert build_config(era(max_chain_rank=32), saved=True).raclora.chain_budget == 0.1  # capped: as named
+    # a user's config naming those fields is not a saved one: today's defaults fill the rest
+    user = build_config(before_dtype)
+    assert user.raclora.chain_dtype == "auto" and user.raclora.chain_links == 3
+    assert build_config(era(max_chain_rank=None)).raclora.chain_budget == 0.1
+    # load_config knows a run folder's own config.yaml (beside its checkpoints)
+    run = tmp_path / "old_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(before_dtype))
+    assert load_config(run / "config.yaml").raclora.chain_dtype == "float32"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(before_dtype))  # a user's file of that name
+    assert load_config(tmp_path / "config.yaml").raclora.chain_dtype == "auto"
+    # a version from a newer release is refused by name
+    with pytest.raises(ConfigError, match=rf"config_version 99: this release reads versions 1 to {CONFIG_VERSION}"):
+        build_config({**saved, "config_version": 99}, "runs/x/config.yaml", saved=True)
 
 
 @pytest.mark.parametrize("section", ["checkpoint: {load_universal: true}", "datastates: {enabled: true}"])

@@ -30,7 +30,7 @@ def test_only_the_quant_package_imports_bitsandbytes():
 
 
 # Each package imports only packages below it (docs/design.md's map); logs.py is stdlib only.
-LAYERS = [{"logs", "files", "core"}, {"quant"}, {"config"}, {"backends", "data"}, {"checkpoint"}, {"observe"}, {"model"},
+LAYERS = [{"logs", "files", "core", "config_version"}, {"quant"}, {"config"}, {"backends", "data"}, {"checkpoint"}, {"observe"}, {"model"},
           {"train"}, {"orchestration"}, {"cli"}, {"__main__"}]
 
 
