@@ -108,13 +108,15 @@ class CountHeapReleases(Callback):
 
 class DescribeOptimizer(Callback):
     """After each link, rank 0 writes to ``out`` (JSON) the class of the optimizer a DeepSpeed
-    engine steps, whether the engine offloads optimizer state and parameters, and ZeRO-3's
-    limit on live gathered parameters."""
+    engine steps, whether the engine offloads optimizer state and parameters, ZeRO-3's
+    limit on live gathered parameters, and whether its gathers go by broadcasts."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
 
     def on_boundary(self, trainer, record: dict) -> None:
+        import deepspeed.comm.comm
+
         engine = trainer.backend.engine
         if trainer.backend.info.is_main:
             self.out.write_text(json.dumps({
@@ -122,6 +124,8 @@ class DescribeOptimizer(Callback):
                 "offload_optimizer": bool(engine.zero_offload_optimizer()),
                 "offload_param": bool(engine.zero_offload_param()),
                 "max_live_parameters": engine.zero_max_live_parameters(),
+                # ZeRO-3 gathers by in-place broadcasts on gloo (backends/deepspeed.py)
+                "gathers_by_broadcasts": bool(getattr(deepspeed.comm.comm.cdb, "raclora_gathers_by_broadcasts", False)),
             }))
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from raclora_dist.backends.base import Backend, Layout, decoder_layers, lm_inputs, shard_masters
-from raclora_dist.backends.dist import DistComm
+from raclora_dist.backends.dist import DistComm, gather_by_broadcasts
 from raclora_dist.backends.tensor_files import DEEPSPEED_DATA_CLASSES, load_tensors
 from raclora_dist.config import ConfigError
 from raclora_dist.core import RacLoraLinear
@@ -137,6 +137,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=self.comm_backend(), dist_init_required=False)
+        gather_in_place_on_gloo()
         shard_masters(module, self.info.rank, self.info.world_size)
         deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
 
@@ -160,6 +161,7 @@ class DeepSpeedBackend(Backend):
             model=model, optimizer=self._make_optimizer(params), config=self.ds_config,
             dist_init_required=False,
         )
+        gather_in_place_on_gloo()
         engine.checkpoint_engine = tensors_only_checkpoint_engine(engine.checkpoint_engine)
         self.model, self.optimizer, self.engine = engine, optimizer, engine
 
@@ -220,6 +222,34 @@ def tensors_only_checkpoint_engine(engine):
     safe = TensorsOnly.__new__(TensorsOnly)
     safe.__dict__.update(engine.__dict__)  # same serialization settings, no second init log
     return safe
+
+
+def gather_in_place_on_gloo() -> bool:
+    """On gloo (CPU workers), makes DeepSpeed's all-gathers one in-place broadcast per rank
+    (:func:`~raclora_dist.backends.dist.gather_by_broadcasts`), in place on its comm backend.
+
+    ZeRO-3 gathers each weight for its compute through ``all_gather_into_tensor``, which gloo
+    stages in a second buffer as large as the weight: a rank held the largest weight it gathers
+    twice, the last block's beside every activation of the forward (measured:
+    docs/benchmarks.md, "Large models"). The same bytes arrive; NCCL gathers in place already.
+    Idempotent.
+
+    Returns:
+        Whether DeepSpeed's gathers go this way (False: not gloo, or DeepSpeed's comm is not set up).
+    """
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    cdb = ds_comm.cdb
+    if cdb is None or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return False
+    if not getattr(cdb, "raclora_gathers_by_broadcasts", False):
+        def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+            return gather_by_broadcasts(output_tensor, input_tensor, group, async_op=async_op)
+
+        cdb.all_gather_into_tensor = all_gather_into_tensor
+        cdb.raclora_gathers_by_broadcasts = True
+    return True
 
 
 def offloads(ds_config: dict, what: str) -> bool:

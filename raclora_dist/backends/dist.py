@@ -159,6 +159,33 @@ class DistComm:
         return torch.cat(parts)[:total].to(local.device)
 
 
+def gather_by_broadcasts(output: torch.Tensor, input: torch.Tensor, group: dist.ProcessGroup | None = None,
+                         async_op: bool = False) -> dist.Work | None:
+    """``all_gather_into_tensor(output, input, group)`` as one in-place broadcast per rank into
+    its slice of ``output`` (in place on ``output``).
+
+    gloo's own all-gather receives into a temporary flat tensor as large as ``output`` and then
+    copies it over: a gather held twice. gloo broadcasts in place, and each rank receives the
+    same bytes (measured: docs/benchmarks.md). The broadcasts before the last one are waited
+    for; the last one's work handle is returned when ``async_op`` (else it is waited for too).
+
+    Args:
+        output: flat (world * n,), contiguous; rank r's slice at r * n.
+        input: (n,) this rank's part (may already be a view of its slice of ``output``).
+    """
+    def src(r: int) -> int:  # group rank -> global rank, as broadcast's src is
+        return r if group is None else dist.get_global_rank(group, r)
+
+    chunks = output.view(-1).split(input.numel())
+    rank = dist.get_rank(group)
+    if chunks[rank].data_ptr() != input.data_ptr():
+        chunks[rank].copy_(input.reshape(-1))
+    for r, chunk in enumerate(chunks[:-1]):
+        dist.broadcast(chunk, src=src(r), group=group)
+    work = dist.broadcast(chunks[-1], src=src(len(chunks) - 1), group=group, async_op=async_op)
+    return work if async_op else None
+
+
 def contiguous_groups(groups: int) -> dist.ProcessGroup:
     """Splits the ranks into ``groups`` groups of consecutive ranks (0..g-1, g..2g-1, ...: one
     per node when workers are packed) and returns this rank's. Collective: every rank calls it."""

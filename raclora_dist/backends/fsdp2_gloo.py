@@ -5,10 +5,10 @@ output and then copies it into the output (as much again as the gathered bytes a
 buffers). FSDP2 all-gathers a whole unit (a decoder block) at once and
 copies it out into its parameters, so on CPU workers a block is held three times while it
 is gathered. :class:`BroadcastAllGather` fills the same output with one broadcast per rank
-into that rank's slice, which gloo does in place (measured: docs/benchmarks.md); the bytes each
-rank receives are the same. It also lets FSDP2 free the gathered output right after its
-copy-out (see the class). NCCL gathers in place already and keeps FSDP2's default, whose
-deferred free overlaps a GPU's copy-out with the next gather.
+into that rank's slice, which gloo does in place (``dist.gather_by_broadcasts``; measured:
+docs/benchmarks.md); the bytes each rank receives are the same. It also lets FSDP2 free the
+gathered output right after its copy-out (see the class). NCCL gathers in place already and
+keeps FSDP2's default, whose deferred free overlaps a GPU's copy-out with the next gather.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raclora_dist.backends.dist import TRAFFIC
+from raclora_dist.backends.dist import TRAFFIC, gather_by_broadcasts
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -63,16 +63,8 @@ def broadcast_all_gather():
                     copied this rank's input there already: ``input_tensor`` is then a view).
                 input_tensor: flat (n,), this rank's shard.
             """
-            n = input_tensor.numel()
             TRAFFIC.add(input_tensor, group)  # this rank's shard, as a gather counts it
-            chunks = output_tensor.view(-1).split(n)
-            rank = dist.get_rank(group)
-            if chunks[rank].data_ptr() != input_tensor.data_ptr():
-                chunks[rank].copy_(input_tensor.view(-1))
-            for r, chunk in enumerate(chunks[:-1]):
-                dist.broadcast(chunk, src=dist.get_global_rank(group, r), group=group)
-            return dist.broadcast(chunks[-1], src=dist.get_global_rank(group, len(chunks) - 1), group=group,
-                                  async_op=True)
+            return cast(dist.Work, gather_by_broadcasts(output_tensor, input_tensor, group, async_op=True))
 
     return BroadcastAllGather()
 

@@ -242,7 +242,8 @@ def test_deepspeed_zero3_offload_matches_one_process_and_resumes(setup):
     # ... and ZeRO-3 keeps at most one decoder block gathered (in the tiny model 9,216
     # projection and 64 norm weights, and 384 factor elements; fill_stage3_limits)
     assert json.loads(described.read_text()) == {"optimizer": "DeepSpeedCPUAdam", "offload_optimizer": True,
-                                                 "offload_param": True, "max_live_parameters": 9664}
+                                                 "offload_param": True, "max_live_parameters": 9664,
+                                                 "gathers_by_broadcasts": True}
     assert meta(run)["merged"] == [0, 1, 2]
     assert_chains_close(single, run)
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)

@@ -1,9 +1,11 @@
-"""FSDP2's all-gather by in-place broadcasts on gloo (``backends/fsdp2_gloo.py``), on 2 gloo
-processes: the same bytes as gloo's all-gather without its staging copy, and FSDP2 units
-built by the backend use it."""
+"""All-gathers by in-place broadcasts on gloo (``backends/dist.gather_by_broadcasts``), on 2
+gloo processes: the same bytes as gloo's all-gather without its staging copy; FSDP2 units
+built by the backend (``backends/fsdp2_gloo.py``) and DeepSpeed's ZeRO-3 gathers
+(``backends/deepspeed.gather_in_place_on_gloo``) use it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -73,3 +75,51 @@ def test_fsdp2_gathers_in_place_on_gloo(tmp_path):
         assert out[f"comms{rank}"] == ["BroadcastAllGather"]
         assert out[f"out_err{rank}"] < 1e-6
         assert out[f"held{rank}"] == [False]
+
+
+def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
+    import deepspeed
+    import deepspeed.comm as ds_dist
+
+    from raclora_dist.backends.deepspeed import gather_in_place_on_gloo
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun sets them
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+        out[f"on{rank}"] = gather_in_place_on_gloo() and gather_in_place_on_gloo()  # idempotent
+        shard = torch.arange(N, dtype=torch.float32) + rank * N
+        got = torch.zeros(world * N)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_mib("VmRSS")
+        ds_dist.allgather_fn(got, shard, async_op=True).wait()  # as ZeRO-3 gathers a parameter
+        out[f"peak_above{rank}"] = _status_mib("VmHWM") - before
+        want = torch.empty(world * N)
+        dist.all_gather_into_tensor(want, shard)
+        out[f"equal{rank}"] = torch.equal(got, want)
+        del got, want, shard
+
+        # a module partitioned as the backend partitions one gathers its weights whole
+        torch.manual_seed(0)
+        whole = nn.Linear(64, 48)
+        model = nn.Linear(64, 48)
+        model.load_state_dict(whole.state_dict())
+        deepspeed.zero.Init(module=model, config_dict_or_path={"zero_optimization": {"stage": 3},
+                                                                "train_batch_size": world})
+        out[f"partitioned{rank}"] = model.weight.numel() == 0
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            out[f"whole{rank}"] = torch.equal(model.weight, whole.weight) and torch.equal(model.bias, whole.bias)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_deepspeed_gathers_in_place_on_gloo(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(_deepspeed_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    output_mib = 2 * N * 4 / 2**20
+    for rank in range(2):
+        assert out[f"on{rank}"]
+        assert out[f"equal{rank}"]
+        # gloo's own all-gather, which DeepSpeed called, stages the whole output again
+        assert out[f"peak_above{rank}"] < 0.5 * output_mib, out[f"peak_above{rank}"]
+        assert out[f"partitioned{rank}"] and out[f"whole{rank}"]
