@@ -21,6 +21,20 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
+def _measure_gather(gather, rank: int, world: int, out: dict) -> None:
+    """Runs ``gather(output, shard)`` on a 128 MiB shard per rank: the peak RSS it adds above
+    the buffers (``peak_above``) and whether it equals gloo's all-gather (``equal``)."""
+    shard = torch.arange(N, dtype=torch.float32) + rank * N
+    got = torch.zeros(world * N)  # touched: only what the gather adds is measured
+    Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) := current RSS
+    before = _status_mib("VmRSS")
+    gather(got, shard)
+    out[f"peak_above{rank}"] = _status_mib("VmHWM") - before
+    want = torch.empty(world * N)
+    dist.all_gather_into_tensor(want, shard)
+    out[f"equal{rank}"] = torch.equal(got, want)
+
+
 def _worker(rank: int, world: int, store: str, out: dict) -> None:
     from raclora_dist.backends.fsdp2 import _fully_shard
     from raclora_dist.backends.fsdp2_gloo import broadcast_all_gather
@@ -28,16 +42,8 @@ def _worker(rank: int, world: int, store: str, out: dict) -> None:
     # a file rendezvous: no free port to find (and race for)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        shard = torch.arange(N, dtype=torch.float32) + rank * N
-        got = torch.zeros(world * N)  # touched: only what the gather adds is measured
-        Path("/proc/self/clear_refs").write_text("5")  # peak (VmHWM) := current RSS
-        before = _status_mib("VmRSS")
-        broadcast_all_gather()(got, shard, dist.group.WORLD).wait()
-        out[f"peak_above{rank}"] = _status_mib("VmHWM") - before
-        want = torch.empty(world * N)
-        dist.all_gather_into_tensor(want, shard)
-        out[f"equal{rank}"] = torch.equal(got, want)
-        del got, want, shard
+        _measure_gather(lambda got, shard: broadcast_all_gather()(got, shard, dist.group.WORLD).wait(),
+                        rank, world, out)
 
         # FSDP2 units built by the backend's fully_shard gather this way, and compute as the
         # unsharded model does
@@ -63,15 +69,22 @@ def _worker(rank: int, world: int, store: str, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_gathers_in_place_on_gloo(tmp_path):
+def _run_on_two_ranks(worker, tmp_path) -> dict:
+    """Runs ``worker`` on 2 gloo processes; its results, with each rank's gather checked:
+    the same bytes as gloo's all_gather_into_tensor, in place (gloo's own all-gather stages a
+    second output: measured 258 MiB above the buffers for this 256 MiB output; the broadcasts
+    add a few tens of MiB)."""
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
-    output_mib = 2 * N * 4 / 2**20
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     for rank in range(2):
-        assert out[f"equal{rank}"]  # the same bytes as gloo's all_gather_into_tensor
-        # in place: gloo's own all-gather stages a second output (measured 258 MiB above the
-        # buffers for this 256 MiB output); the broadcasts add a few tens of MiB
-        assert out[f"peak_above{rank}"] < 0.5 * output_mib, out[f"peak_above{rank}"]
+        assert out[f"equal{rank}"]
+        assert out[f"peak_above{rank}"] < 0.5 * (2 * N * 4 / 2**20), out[f"peak_above{rank}"]
+    return dict(out)
+
+
+def test_fsdp2_gathers_in_place_on_gloo(tmp_path):
+    out = _run_on_two_ranks(_worker, tmp_path)
+    for rank in range(2):
         assert out[f"comms{rank}"] == ["BroadcastAllGather"]
         assert out[f"out_err{rank}"] < 1e-6
         assert out[f"held{rank}"] == [False]
@@ -88,16 +101,8 @@ def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
     try:
         deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
         out[f"on{rank}"] = gather_in_place_on_gloo() and gather_in_place_on_gloo()  # idempotent
-        shard = torch.arange(N, dtype=torch.float32) + rank * N
-        got = torch.zeros(world * N)
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_mib("VmRSS")
-        ds_dist.allgather_fn(got, shard, async_op=True).wait()  # as ZeRO-3 gathers a parameter
-        out[f"peak_above{rank}"] = _status_mib("VmHWM") - before
-        want = torch.empty(world * N)
-        dist.all_gather_into_tensor(want, shard)
-        out[f"equal{rank}"] = torch.equal(got, want)
-        del got, want, shard
+        # as ZeRO-3 gathers a parameter
+        _measure_gather(lambda got, shard: ds_dist.allgather_fn(got, shard, async_op=True).wait(), rank, world, out)
 
         # a module partitioned as the backend partitions one gathers its weights whole
         torch.manual_seed(0)
@@ -114,12 +119,7 @@ def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
 
 
 def test_deepspeed_gathers_in_place_on_gloo(tmp_path):
-    out = mp.Manager().dict()
-    mp.spawn(_deepspeed_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
-    output_mib = 2 * N * 4 / 2**20
+    out = _run_on_two_ranks(_deepspeed_worker, tmp_path)  # (without it DeepSpeed calls gloo's all-gather)
     for rank in range(2):
         assert out[f"on{rank}"]
-        assert out[f"equal{rank}"]
-        # gloo's own all-gather, which DeepSpeed called, stages the whole output again
-        assert out[f"peak_above{rank}"] < 0.5 * output_mib, out[f"peak_above{rank}"]
         assert out[f"partitioned{rank}"] and out[f"whole{rank}"]
