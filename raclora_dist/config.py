@@ -2,18 +2,19 @@
 
 Each layer of the system owns its section (``raclora`` comes from ``core``); this module
 composes them and turns every validation failure into a :class:`ConfigError` that names
-the field, the bad value and what is allowed.
+the field, the bad value and what is allowed. Reading the file and merging overrides is
+``config_files``; how a saved config's version reads is ``config_version``.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raclora_dist.config_files import ConfigError, deep_merge, expand_shorthands, parse_overrides, read_yaml
 from raclora_dist.config_version import CONFIG_VERSION, as_saved_before_versions, read_version
 from raclora_dist.core.config import RacLoraConfig
 from raclora_dist.quant.config import QuantizationConfig
@@ -21,10 +22,6 @@ from raclora_dist.quant.config import QuantizationConfig
 # fsdp_unit auto: the block size from which CPU workers gather sublayers (a block this large is
 # gathered into maps of its own, model.heap.STEADY_MMAP_THRESHOLD; smaller ones are toys)
 AUTO_SUBLAYER_BYTES = 8 << 20
-
-
-class ConfigError(ValueError):
-    """An invalid config; the message names the field(s), the value(s) and what is allowed."""
 
 
 class _Section(BaseModel):
@@ -475,52 +472,6 @@ class RunConfig(_Section):
 CPU_OFFLOAD_NEEDS_GPU = ("it moves FSDP2 shards between GPU and CPU memory, and CPU workers hold them in CPU "
                          "memory already; set it false")
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "raclora.target_modules=[q_proj]"]`` -> nested dict (YAML values)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r}: expected section.field=value")
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = value
-    return out
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML mapping; a missing file or broken YAML is a :class:`ConfigError`."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
 def build_config(data: dict[str, Any], source: str = "config", *, saved: bool = False) -> RunConfig:
     """Validates a config mapping; all problems are reported together, each naming its field.
 
@@ -542,23 +493,13 @@ def build_config(data: dict[str, Any], source: str = "config", *, saved: bool = 
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def _expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
-    """``model.quantization: nf4`` -> ``{method: nf4}``, so that a dotted override such as
-    ``model.quantization.double_quant=false`` merges into it instead of replacing it."""
-    model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("quantization"), str):
-        data = copy.deepcopy(data)
-        data["model"]["quantization"] = {"method": model["quantization"]}
-    return data
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Reads, merges overrides into, and validates a config; sets ``run.dir`` if unset. A run
     folder's own ``config.yaml`` (one beside its ``checkpoints``) reads as saved (``build_config``)."""
-    data = _deep_merge(_expand_shorthands(read_yaml(path)), parse_overrides(overrides or []))
+    data = deep_merge(expand_shorthands(read_yaml(path)), parse_overrides(overrides or []))
     run = data.get("run")
     if not isinstance(run, dict) or run.get("dir") is None:
-        data = _deep_merge(data, {"run": {"dir": str(Path("runs") / Path(path).stem)}})
+        data = deep_merge(data, {"run": {"dir": str(Path("runs") / Path(path).stem)}})
     saved = Path(path).name == "config.yaml" and (Path(path).parent / "checkpoints").is_dir()
     return build_config(data, str(path), saved=saved)
 
