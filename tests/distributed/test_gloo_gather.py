@@ -103,6 +103,10 @@ def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
         out[f"on{rank}"] = gather_in_place_on_gloo() and gather_in_place_on_gloo()  # idempotent
         # as ZeRO-3 gathers a parameter
         _measure_gather(lambda got, shard: ds_dist.allgather_fn(got, shard, async_op=True).wait(), rank, world, out)
+        small = torch.full((1000,), float(rank))  # below IN_PLACE_GATHER_BYTES: gloo's own gather
+        got = torch.empty(world * 1000)
+        ds_dist.allgather_fn(got, small, async_op=True).wait()
+        out[f"small{rank}"] = torch.equal(got, torch.arange(world).repeat_interleave(1000).float())
 
         # a module partitioned as the backend partitions one gathers its weights whole
         torch.manual_seed(0)
@@ -121,5 +125,5 @@ def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
 def test_deepspeed_gathers_in_place_on_gloo(tmp_path):
     out = _run_on_two_ranks(_deepspeed_worker, tmp_path)  # (without it DeepSpeed calls gloo's all-gather)
     for rank in range(2):
-        assert out[f"on{rank}"]
+        assert out[f"on{rank}"] and out[f"small{rank}"]
         assert out[f"partitioned{rank}"] and out[f"whole{rank}"]
