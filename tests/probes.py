@@ -109,7 +109,8 @@ class CountHeapReleases(Callback):
 class DescribeOptimizer(Callback):
     """After each link, rank 0 writes to ``out`` (JSON) the class of the optimizer a DeepSpeed
     engine steps, whether the engine offloads optimizer state and parameters, ZeRO-3's
-    limit on live gathered parameters, and whether its gathers go by broadcasts."""
+    limit on live gathered parameters, whether its gathers go by broadcasts, and whether its comm
+    built the shared-memory op of inference's all-reduce."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -126,6 +127,7 @@ class DescribeOptimizer(Callback):
                 "max_live_parameters": engine.zero_max_live_parameters(),
                 # ZeRO-3 gathers by in-place broadcasts on gloo (backends/deepspeed.py)
                 "gathers_by_broadcasts": bool(getattr(deepspeed.comm.comm.cdb, "raclora_gathers_by_broadcasts", False)),
+                "shm_op": deepspeed.comm.comm.cdb.shm_comm_op is not None,
             }))
 
 

@@ -136,6 +136,7 @@ class DeepSpeedBackend(Backend):
             return
         import deepspeed
 
+        skip_inference_shm_op()
         deepspeed.init_distributed(dist_backend=self.comm_backend(), dist_init_required=False)
         gather_in_place_on_gloo()
         shard_masters(module, self.info.rank, self.info.world_size)
@@ -157,6 +158,7 @@ class DeepSpeedBackend(Backend):
         else:
             model = model.to(self.info.device)
         params = [p for p in model.parameters() if p.requires_grad]
+        skip_inference_shm_op()
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self._make_optimizer(params), config=self.ds_config,
             dist_init_required=False,
@@ -228,6 +230,25 @@ IN_PLACE_GATHER_BYTES = 1 << 20
 """DeepSpeed gathers this large and larger go by broadcasts on gloo; below it the staging copy is
 small, and gloo's one collective beats a broadcast per rank (the tests' tiny model, whose
 ZeRO-3 gathers are all small: a run took 70 s with every gather broadcast, 42 s without)."""
+
+
+def skip_inference_shm_op() -> None:
+    """Stops DeepSpeed's comm backend from building its shared-memory all-reduce op; call before
+    DeepSpeed's comm is set up (``init_distributed``, ``initialize``).
+
+    On CPU workers DeepSpeed compiles that C++ op (about 30 s on 2 cores, and a compiler on the
+    worker) the first time a machine sets its comm up, and opens shared-memory files each run,
+    for ``inference_all_reduce`` alone: tensor-parallel inference, which training never calls.
+    Without it every collective is torch.distributed's, as before. Idempotent.
+    """
+    import importlib
+
+    # by module name: the package's attribute ``deepspeed.comm.torch`` is torch itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shm_op
+
+
+def _no_shm_op() -> None:
+    return None
 
 
 def gather_in_place_on_gloo() -> bool:

@@ -189,7 +189,10 @@ class RacLoraChain:
         return [layer.factor for layer in self.layers.values()]
 
     def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+        """Elements trained per link over the whole model, from the layers' shapes: the same on
+        every rank whatever holds the factors (a ZeRO-3 rank's own partition may be empty)."""
+        return sum(layer.rank * (layer.out_features if layer.side == "right" else layer.in_features)
+                   for layer in self.layers.values())
 
     # -- boundary, second half: resample + verify ---------------------------------------
     def start_link(self, link: int, comm: Comm | None = None) -> None:

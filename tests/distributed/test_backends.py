@@ -54,6 +54,9 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     # the sharding engines keep the untied embedding and head split by vocabulary rows
     split = "split model.embed_tokens and lm_head by vocabulary rows across 2 ranks" in proc.stdout
     assert split == (engine in ("fsdp2", "zero3")), proc.stdout[-2000:]
+    # the whole model's count on every engine (rank 2 on q, v, up, down of 2 blocks), though a
+    # ZeRO-3 rank holds none of it whole
+    assert "training 8 layers, 768 trainable parameters per link" in proc.stdout + proc.stderr
     # the trained chain equals the one-process chain, link by link (3 links merged)
     assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == 2
     assert_chains_close(single, run)
@@ -243,7 +246,7 @@ def test_deepspeed_zero3_offload_matches_one_process_and_resumes(setup):
     # projection and 64 norm weights, and 384 factor elements; fill_stage3_limits)
     assert json.loads(described.read_text()) == {"optimizer": "DeepSpeedCPUAdam", "offload_optimizer": True,
                                                  "offload_param": True, "max_live_parameters": 9664,
-                                                 "gathers_by_broadcasts": True}
+                                                 "gathers_by_broadcasts": True, "shm_op": False}
     assert meta(run)["merged"] == [0, 1, 2]
     assert_chains_close(single, run)
     assert torch.allclose(torch.tensor(losses(run)), torch.tensor(losses(single)), atol=1e-5)

@@ -94,12 +94,14 @@ def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
     import deepspeed
     import deepspeed.comm as ds_dist
 
-    from raclora_dist.backends.deepspeed import gather_in_place_on_gloo
+    from raclora_dist.backends.deepspeed import gather_in_place_on_gloo, skip_inference_shm_op
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun sets them
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
+        skip_inference_shm_op()  # as the backend does: no C++ op built for inference's all-reduce
         deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+        out[f"no_shm_op{rank}"] = ds_dist.comm.cdb.shm_comm_op is None
         out[f"on{rank}"] = gather_in_place_on_gloo() and gather_in_place_on_gloo()  # idempotent
         # as ZeRO-3 gathers a parameter
         _measure_gather(lambda got, shard: ds_dist.allgather_fn(got, shard, async_op=True).wait(), rank, world, out)
@@ -125,5 +127,5 @@ def _deepspeed_worker(rank: int, world: int, store: str, out: dict) -> None:
 def test_deepspeed_gathers_in_place_on_gloo(tmp_path):
     out = _run_on_two_ranks(_deepspeed_worker, tmp_path)  # (without it DeepSpeed calls gloo's all-gather)
     for rank in range(2):
-        assert out[f"on{rank}"] and out[f"small{rank}"]
+        assert out[f"on{rank}"] and out[f"small{rank}"] and out[f"no_shm_op{rank}"]
         assert out[f"partitioned{rank}"] and out[f"whole{rank}"]
