@@ -244,7 +244,7 @@ def skip_inference_shm_op() -> None:
     import importlib
 
     # by module name: the package's attribute ``deepspeed.comm.torch`` is torch itself
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shm_op
+    setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", _no_shm_op)
 
 
 def _no_shm_op() -> None:
