@@ -15,6 +15,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -244,7 +245,8 @@ def skip_inference_shm_op() -> None:
     import importlib
 
     # by module name: the package's attribute ``deepspeed.comm.torch`` is torch itself
-    setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", _no_shm_op)
+    comm_torch: Any = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = _no_shm_op
 
 
 def _no_shm_op() -> None:
