@@ -123,13 +123,15 @@ class _Head(torch.autograd.Function):
         # my vocabulary slice of everyone's logits, block q for rank q -> the blocks of my tokens
         mine = _all_to_all(every @ w.t(), group)  # (world * n, per): rank r's slice of my n tokens
         logits = mine.view(world, n, -1).transpose(0, 1).reshape(n, -1)[:, :vocab]
-        ctx.save_for_backward(every, w)
+        # only the weight: it is frozen, so the backward needs no input (world * n rows of H,
+        # held from the forward to the backward for nothing before)
+        ctx.save_for_backward(w)
         ctx.vocab, ctx.shape, ctx.group = vocab, hidden.shape, group
         return logits.reshape(*hidden.shape[:-1], vocab)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        _every, w = ctx.saved_tensors
+        (w,) = ctx.saved_tensors
         world, per = dist.get_world_size(ctx.group), w.shape[0]
         g = grad.reshape(-1, ctx.vocab).to(w.dtype)
         n = g.shape[0]

@@ -29,7 +29,11 @@ def _worker(rank: int, world: int, store: str, out: dict) -> None:
         got_emb = VocabParallelEmbedding(emb, rank, world)(ids)
         out[f"emb_equal{rank}"] = torch.equal(got_emb, F.embedding(ids, emb))
 
-        logits = VocabParallelHead(head, rank, world)(hidden)
+        split = VocabParallelHead(head, rank, world)
+        saved: list[tuple[int, ...]] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            logits = split(hidden)
+        out[f"saved{rank}"] = saved
         (logits * upstream).sum().backward()
         got_grad = hidden.grad.clone()
         hidden.grad = None
@@ -49,5 +53,7 @@ def test_embedding_and_head_split_by_rows_equal_the_whole_ones(tmp_path):
     for rank in range(2):
         assert out[f"emb_equal{rank}"]  # one rank's row plus zeros: exact
         assert out[f"shape{rank}"] == (B, T, V)
+        # the forward keeps only this rank's rows of the weight for the backward (no activation)
+        assert out[f"saved{rank}"] == [(19, H)]
         assert out[f"logits_err{rank}"] == pytest.approx(0, abs=1e-5)
         assert out[f"grad_err{rank}"] == pytest.approx(0, abs=1e-5)
