@@ -12,6 +12,7 @@ every rank's own (``rank<r>.pt``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,9 +59,13 @@ class DDPBackend(Backend):
         else:
             # broadcast_buffers=False: every rank draws the sketches itself; broadcasting rank
             # 0's would hide a desynchronised rank from the fingerprint check (and cost a
-            # broadcast per forward).
-            ddp = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
-                      broadcast_buffers=False, process_group=group)
+            # broadcast per forward). torch 2.13 deprecates it for forward_sync_buffers, which
+            # still broadcasts the buffers at init, and says to keep it until init_sync_buffers
+            # exists: its FutureWarning is silenced here, where the choice is made.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                ddp = DDP(model, device_ids=[self.info.local_rank] if self.info.device.type == "cuda" else None,
+                          broadcast_buffers=False, process_group=group)
             ddp.register_comm_hook(group, _counting_allreduce)
             self.model = ddp
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         skip_inference_shm_op()
+        quiet_deprecated_collectives()
         deepspeed.init_distributed(dist_backend=self.comm_backend(), dist_init_required=False)
         gather_in_place_on_gloo()
         shard_masters(module, self.info.rank, self.info.world_size)
@@ -160,6 +162,7 @@ class DeepSpeedBackend(Backend):
             model = model.to(self.info.device)
         params = [p for p in model.parameters() if p.requires_grad]
         skip_inference_shm_op()
+        quiet_deprecated_collectives()
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self._make_optimizer(params), config=self.ds_config,
             dist_init_required=False,
@@ -251,6 +254,14 @@ def skip_inference_shm_op() -> None:
 
 def _no_shm_op() -> None:
     return None
+
+
+def quiet_deprecated_collectives() -> None:
+    """Ignores torch's FutureWarning on the two collectives DeepSpeed's comm calls by their
+    names deprecated in torch 2.13 (a user can do nothing about them; with offload they repeat
+    every few steps, as something resets the warnings' once-per-place registry)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            "is deprecated", category=FutureWarning)
 
 
 def gather_in_place_on_gloo() -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -256,6 +257,10 @@ class FSDP2Backend(Backend):
                 shard_masters(block, self.shard_rank, self.shards)
                 self._shard_block(block)
         _fully_shard(model, **kwargs)
+        # The root returns its logits as a view (transformers slices them), and FSDP2 warns
+        # once per process that an in-place op on it would skip the backward's all-gather. The
+        # loss is computed inside the forward and nothing writes to the logits after it.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
         self.model = model
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
 

@@ -57,6 +57,9 @@ def test_engine_matches_one_process_and_resumes_after_a_crash(engine, setup):
     # the whole model's count on every engine (rank 2 on q, v, up, down of 2 blocks), though a
     # ZeRO-3 rank holds none of it whole
     assert "training 8 layers, 768 trainable parameters per link" in proc.stdout + proc.stderr
+    # torch's warnings that a user can do nothing about stay off the console (FSDP2's on a
+    # view returned by the root; DeepSpeed's calls of collectives deprecated in torch 2.13)
+    assert "returned a view tensor" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
     # the trained chain equals the one-process chain, link by link (3 links merged)
     assert meta(run)["merged"] == [0, 1, 2] and meta(run)["world_size"] == 2
     assert_chains_close(single, run)
