@@ -133,12 +133,20 @@ class _Head(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (w,) = ctx.saved_tensors
         world, per = dist.get_world_size(ctx.group), w.shape[0]
-        g = grad.reshape(-1, ctx.vocab).to(w.dtype)
+        g = grad.reshape(-1, ctx.vocab)
         n = g.shape[0]
-        g = F.pad(g, (0, world * per - ctx.vocab))  # the padded rows' logits were dropped
+        # block q: the gradient of rank q's vocabulary slice for my tokens, (n, per), written
+        # in one copy (cast to the weight's dtype on the way): a padded and a transposed copy
+        # of the whole (n, V) gradient before, both held through the all-to-all
+        send = g.new_empty((world, n, per), dtype=w.dtype)
+        for q in range(world):
+            lo, hi = min(q * per, ctx.vocab), min((q + 1) * per, ctx.vocab)
+            send[q, :, : hi - lo] = g[:, lo:hi]
+            send[q, :, hi - lo:] = 0  # the padded rows' logits were dropped
         # rank r gets the gradient of its slice for every rank's tokens
-        g = _all_to_all(g.view(n, world, per).transpose(0, 1).reshape(world * n, per), ctx.group)
-        return _sum_own_rows(g @ w, ctx.group).reshape(ctx.shape), None, None, None
+        mine = _all_to_all(send.view(world * n, per), ctx.group)
+        del send
+        return _sum_own_rows(mine @ w, ctx.group).reshape(ctx.shape), None, None, None
 
 
 class VocabParallelHead(_VocabRows):
