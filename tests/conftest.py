@@ -41,3 +41,14 @@ def small_data(corpus: Path, tmp_path_factory) -> Path:
     lines = corpus.read_text().splitlines()[:60]
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def one_process_run(small_data: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """``(config, run)``: the tiny model's config and its one-process run, the reference every
+    engine, HSDP and Ray Train run is held to; made once (10 s) for every module that needs
+    it. Read only: a test writes its own runs in a folder of its own."""
+    from tests.distributed.engines import one_process_reference
+
+    _, cfg, single = one_process_reference(tmp_path_factory.mktemp("one-process"), small_data)
+    return cfg, single

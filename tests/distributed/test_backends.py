@@ -26,7 +26,6 @@ from tests.distributed.engines import (
     eval_losses,
     losses,
     meta,
-    one_process_reference,
     processes_mentioning,
     shm_files,
     train,
@@ -38,8 +37,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, small_data):
-    return one_process_reference(tmp_path_factory.mktemp("dist"), small_data)
+def setup(tmp_path_factory, one_process_run):
+    return tmp_path_factory.mktemp("dist"), *one_process_run
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

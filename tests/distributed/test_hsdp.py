@@ -16,7 +16,6 @@ from tests.distributed.engines import (
     eval_losses,
     losses,
     meta,
-    one_process_reference,
     train,
     two_nodes,
 )
@@ -29,8 +28,8 @@ HSDP = [*MESH, "distributed.workers=4"]
 
 
 @pytest.fixture(scope="module")
-def hsetup(tmp_path_factory, small_data):
-    return one_process_reference(tmp_path_factory.mktemp("hsdp"), small_data)
+def hsetup(tmp_path_factory, one_process_run):
+    return tmp_path_factory.mktemp("hsdp"), *one_process_run
 
 
 def landed(run) -> list[float]:

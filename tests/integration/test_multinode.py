@@ -123,7 +123,7 @@ def test_losing_the_node_of_rank_0_and_its_disk_resumes_from_storage_on_a_new_no
 
 @pytest.mark.parametrize("cluster", [0], indirect=True)  # the head only: nodes of 2 slots are added below
 def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_returns(cluster, small_data,
-                                                                                       tmp_path):
+                                                                                       tmp_path, one_process_run):
     """HSDP over 2 nodes x 2 workers (a replica group per node) with ``ray.min_workers: 2``: the
     node of rank 2 is lost for good one step into link 1; Ray Train restarts the group at once
     on the node left, as one group of 2 (full shard), which resumes from the link-0 checkpoint
@@ -135,9 +135,7 @@ def test_an_elastic_hsdp_run_goes_on_without_a_lost_node_and_grows_back_when_it_
         pids += raylet_pids(c.add_node(num_cpus=2, resources={"slot": 2}))
     c.wait_for_nodes()
     cfg = write_config(tmp_path / "c.yaml", tiny_config(small_data, tmp_path / "unused", ray={"enabled": True}))
-    single = tmp_path / "single"
-    proc = run_cli("train", str(cfg), f"run.dir={single}", "ray.enabled=false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = one_process_run[1]  # the same config, Ray off
 
     run, storage, pid_dir = tmp_path / "run", tmp_path / "storage", tmp_path / "pids"
     cmd = [sys.executable, "-m", "raclora_dist", "train", str(cfg), f"run.dir={run}", "distributed.strategy=fsdp2",

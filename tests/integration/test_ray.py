@@ -46,13 +46,11 @@ def storage_checkpoints(storage: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, small_data):
+def setup(tmp_path_factory, small_data, one_process_run):
+    """The tiny model's config with Ray on, and the one-process run of the same config."""
     d = tmp_path_factory.mktemp("ray")
     cfg = write_config(d / "c.yaml", tiny_config(small_data, d / "unused", ray={"enabled": True}))
-    single = d / "single"
-    proc = run_cli("train", str(cfg), f"run.dir={single}", "ray.enabled=false")
-    assert proc.returncode == 0, proc.stderr
-    return d, cfg, single
+    return d, cfg, one_process_run[1]
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
